@@ -1,0 +1,105 @@
+"""Configuration of the look-back temporal modules.
+
+Symbols of the paper ("Implicit Semi-Auto-Regressive Image-to-Video Diffusion"), used throughout
+``lookback_core``:
+
+- ``f``: number of frames in a clip; frame 0 is the given image.
+- ``d`` (``depth``): look-back depth. Frame ``i`` is updated from its own input and the
+  already-updated outputs of the ``d - 1`` frames before it.
+- ``k`` (``kernel``): spatial kernel of the look-back Conv2d (``d*n -> n``, ``k x k``).
+- ``n``: channels of the UNet hidden state at a site.
+- adapter: a depth-wise 3D conv (``adapter_kernel`` in time, height and width) after the
+  look-back conv and the 1x1 channel mix.
+
+The config is saved in the header of every temporal weights file, so a file fully describes the
+modules it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+FORMAT_VERSION = 1
+
+# Site names in the original LDM layout of SD1.5 (see sites.py for the mapping onto diffusers).
+SD15_INPUT_SITES = tuple(f"input.{k}" for k in (1, 2, 4, 5, 7, 8, 10, 11))
+SD15_OUTPUT_SITES = tuple(f"output.{k}" for k in range(12))
+SD15_SITES = SD15_INPUT_SITES + ("middle",) + SD15_OUTPUT_SITES
+
+
+@dataclass(frozen=True)
+class LookBackConfig:
+    """Hyper-parameters of the look-back modules and the sites that carry one.
+
+    ``channels`` maps each site to its channel count ``n``; it is filled from the UNet by
+    :func:`lookback_core.sites.site_channels` when the modules are created, and checked against
+    the UNet when weights are loaded.
+    """
+
+    depth: int = 5
+    kernel: int = 5
+    adapter_kernel: int = 3
+    sites: tuple[str, ...] = SD15_SITES
+    channels: dict[str, int] = field(default_factory=dict)
+    padding_mode: str = "zeros"
+    channel_mix: bool = True
+    adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"look-back depth d must be >= 1, got {self.depth}")
+        for name in ("kernel", "adapter_kernel"):
+            value = getattr(self, name)
+            if value < 1 or value % 2 == 0:
+                raise ValueError(f"{name} must be a positive odd number, got {value}")
+        if self.padding_mode not in ("zeros", "reflect", "replicate"):
+            raise ValueError(
+                f"padding_mode must be 'zeros', 'reflect' or 'replicate', got {self.padding_mode!r}"
+            )
+        if not self.sites:
+            raise ValueError("a look-back config needs at least one site")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"duplicate sites in {self.sites}")
+        object.__setattr__(self, "sites", tuple(self.sites))
+
+    def with_channels(self, channels: dict[str, int]) -> LookBackConfig:
+        """Return a copy whose ``channels`` holds the channel count of every configured site."""
+        missing = [s for s in self.sites if s not in channels]
+        if missing:
+            raise ValueError(f"the UNet has no site(s) {missing}; it has {sorted(channels)}")
+        return replace(self, channels={s: int(channels[s]) for s in self.sites})
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["sites"] = list(self.sites)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LookBackConfig:
+        data: dict[str, Any] = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown look-back config field(s) {unknown}")
+        data["sites"] = tuple(data.get("sites", SD15_SITES))
+        return cls(**data)
+
+
+PRESETS: dict[str, LookBackConfig] = {
+    # The paper's figures: d=5, 5x5 look-back conv, 3x3x3 adapter after all 21 layers.
+    "paper": LookBackConfig(depth=5, kernel=5),
+    # Same sites, d=3 and 3x3: about a fifth of the paper preset's cost.
+    "light": LookBackConfig(depth=3, kernel=3),
+    # d=3, 3x3 only on the middle block and the decoder (13 sites).
+    "light-decoder": LookBackConfig(depth=3, kernel=3, sites=("middle",) + SD15_OUTPUT_SITES),
+}
+
+
+def preset(name: str) -> LookBackConfig:
+    """Return the named preset (``paper``, ``light``, ``light-decoder``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown look-back preset {name!r}; choose one of {sorted(PRESETS)}") from None

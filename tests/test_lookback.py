@@ -1,0 +1,94 @@
+"""The look-back module: identity at init, fast recurrence == literal loop, causality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lookback_core.config import LookBackConfig
+from lookback_core.lookback import LookBackModule, lookback_recurrence, lookback_reference
+
+from .conftest import randomize
+
+
+def _module(n: int = 6, **kw) -> LookBackModule:
+    module = LookBackModule(n, LookBackConfig(**kw))
+    randomize(module, scale=0.1)
+    return module
+
+
+def test_new_module_is_identity() -> None:
+    module = LookBackModule(6, LookBackConfig())
+    x = torch.randn(2 * 7, 6, 9, 9)
+    assert torch.equal(module(x, 7), x)
+
+
+@pytest.mark.parametrize(
+    ("depth", "kernel", "frames", "padding"),
+    [(5, 5, 9, "zeros"), (3, 3, 4, "zeros"), (1, 3, 5, "zeros"), (5, 3, 2, "zeros"), (3, 3, 7, "reflect")],
+)
+def test_fast_recurrence_matches_reference(depth: int, kernel: int, frames: int, padding: str) -> None:
+    module = _module(depth=depth, kernel=kernel, padding_mode=padding)
+    x = torch.randn(3 * frames, 6, 8, 8, dtype=torch.float64)
+    module = module.double()
+    fast = module(x, frames)
+    ref = module.forward_reference(x, frames)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    # and the recurrence alone, without mix/adapter
+    frames_x = x.reshape(3, frames, 6, 8, 8)
+    torch.testing.assert_close(
+        lookback_recurrence(frames_x, module.lookback.weight, module.lookback.bias, padding),
+        lookback_reference(frames_x, module.lookback, depth),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+def test_fast_recurrence_gradients_match_reference() -> None:
+    module = _module(depth=3, kernel=3).double()
+    x = torch.randn(2 * 5, 6, 6, 6, dtype=torch.float64, requires_grad=True)
+    module(x, 5).square().sum().backward()
+    fast = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    x.grad = None
+    module.zero_grad()
+    module.forward_reference(x, 5).square().sum().backward()
+    ref = [x.grad] + [p.grad for p in module.parameters()]
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_lookback_conv_is_causal() -> None:
+    module = _module(depth=3, kernel=3)
+    frames = torch.randn(2, 8, 6, 8, 8)
+    base = lookback_recurrence(frames, module.lookback.weight, module.lookback.bias)
+    for j in range(8):
+        changed = frames.clone()
+        changed[:, j] += torch.randn_like(changed[:, j])
+        out = lookback_recurrence(changed, module.lookback.weight, module.lookback.bias)
+        assert torch.equal(out[:, :j], base[:, :j]), f"changing frame {j} changed an earlier frame"
+        assert not torch.equal(out[:, j:], base[:, j:])
+
+
+def test_recurrence_reaches_beyond_depth_in_one_layer() -> None:
+    # out[i-1] is the updated state, so frame 0 influences the last frame even when f > d.
+    module = _module(depth=2, kernel=3)
+    frames = torch.randn(1, 6, 6, 8, 8)
+    base = lookback_recurrence(frames, module.lookback.weight, module.lookback.bias)
+    changed = frames.clone()
+    changed[:, 0] += 1.0
+    out = lookback_recurrence(changed, module.lookback.weight, module.lookback.bias)
+    assert not torch.allclose(out[:, -1], base[:, -1])
+
+
+def test_samples_never_mix() -> None:
+    module = _module(depth=3, kernel=3)
+    x = torch.randn(3, 5, 6, 8, 8)
+    together = module(x.reshape(15, 6, 8, 8), 5).reshape(3, 5, 6, 8, 8)
+    for s in range(3):
+        alone = module(x[s], 5)
+        torch.testing.assert_close(together[s], alone)
+
+
+def test_frame_count_must_divide_batch() -> None:
+    with pytest.raises(ValueError, match="cannot hold 4 frames"):
+        _module()(torch.randn(6, 6, 8, 8), 4)
