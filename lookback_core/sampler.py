@@ -1,0 +1,110 @@
+"""Hybrid-initialised DDIM sampling.
+
+``x = [z0, noise_1, ..., noise_{f-1}]``. Before every UNet call frame 0 is set to the clean
+image latent ``z0``; the DDIM update (diffusers' :class:`~diffusers.DDIMScheduler`) moves
+frames ``1..f-1`` only, and the returned frame 0 is ``z0`` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+
+from .temporal_unet import LookBackUNet
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class SamplingCancelled(RuntimeError):
+    """Raised between steps when the host asked to stop."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a DDIM run takes besides the model and its inputs."""
+
+    steps: int = 25
+    cfg_scale: float = 7.5
+    eta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+def initial_noise(
+    shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Noise drawn on the CPU from ``seed``: the same video for the same seed on any device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def sample_video(
+    model: LookBackUNet,
+    image_latent: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    num_frames: int,
+    settings: SamplerSettings,
+    scheduler_config: dict[str, Any],
+    *,
+    on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample ``num_frames`` latent frames whose frame 0 is ``image_latent``.
+
+    ``image_latent``: ``[b, c, h, w]`` (VAE mean times the scaling factor); ``positive`` and
+    ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be ``None`` for no
+    guidance). ``on_step(step, total, latents)`` is called after every step; ``should_cancel``
+    before every step, and a true answer raises :class:`SamplingCancelled`.
+    Returns ``[b, c, f, h, w]``.
+    """
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2 (the image and at least one new frame), got {num_frames}")
+    if image_latent.ndim != 4:
+        raise ValueError(f"image_latent must be [b, c, h, w], got shape {tuple(image_latent.shape)}")
+    b, c, h, w = image_latent.shape
+    guided = negative is not None and settings.cfg_scale != 1.0
+    context = torch.cat([negative, positive]) if guided else positive
+    if positive.shape[0] != b or (negative is not None and negative.shape != positive.shape):
+        raise ValueError(
+            f"prompt embeddings must be [{b}, tokens, dim] like the image latent's batch; got "
+            f"positive {tuple(positive.shape)} and negative "
+            f"{None if negative is None else tuple(negative.shape)}"
+        )
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(settings.steps, device=image_latent.device)
+    noise = initial_noise(
+        (b, c, num_frames - 1, h, w), settings.seed, image_latent.device, image_latent.dtype
+    )
+    generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
+    z0 = image_latent.unsqueeze(2)
+    moving = noise * scheduler.init_noise_sigma
+    total = len(scheduler.timesteps)
+    for step, t in enumerate(scheduler.timesteps):
+        if should_cancel is not None and should_cancel():
+            raise SamplingCancelled(f"sampling cancelled before step {step + 1} of {total}")
+        x = torch.cat([z0, moving], dim=2)
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        with torch.no_grad():
+            eps = model(x_in, t, context)
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + settings.cfg_scale * (eps_cond - eps_uncond)
+        step_noise = None
+        if settings.eta > 0:
+            step_noise = torch.randn(moving.shape, generator=generator, dtype=torch.float32).to(moving)
+        moving = scheduler.step(
+            eps[:, :, 1:], t, moving, eta=settings.eta, variance_noise=step_noise
+        ).prev_sample
+        if on_step is not None:
+            on_step(step + 1, total, torch.cat([z0, moving], dim=2))
+    return torch.cat([z0, moving], dim=2)

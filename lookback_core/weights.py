@@ -1,0 +1,161 @@
+"""Temporal weights files: the look-back modules only, as ``.safetensors`` with metadata.
+
+Header metadata (all strings, as safetensors requires):
+
+- ``format``: :data:`FORMAT_TAG`; ``format_version``: an integer;
+- ``config``: the full :class:`~lookback_core.config.LookBackConfig` as JSON (d, kernels, sites
+  and their channels, padding, variants);
+- ``base_family``: the base model family the modules were trained on (``sd15``);
+- ``training``: JSON of training facts (frames, stride, resolution, steps, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import FORMAT_VERSION, LookBackConfig
+from .sites import site_channels
+from .temporal_unet import LookBackUNet, TemporalModules
+
+FORMAT_TAG = "lookback-i2v-temporal"
+BASE_FAMILY = "sd15"
+_MAX_LISTED = 5
+
+
+class TemporalWeightsError(ValueError):
+    """A temporal weights file that cannot be used; the message names the file and why."""
+
+    def __init__(self, path: str | os.PathLike, problems: str | list[str]) -> None:
+        problems = [problems] if isinstance(problems, str) else problems
+        shown = problems[:_MAX_LISTED]
+        more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
+        super().__init__(f"temporal weights file {os.fspath(path)!r}: " + "; ".join(shown) + more)
+        self.path = Path(path)
+        self.problems = problems
+
+
+def save_temporal_weights(
+    path: str | os.PathLike,
+    temporal: TemporalModules | LookBackUNet,
+    *,
+    training: dict[str, Any] | None = None,
+    base_family: str = BASE_FAMILY,
+) -> Path:
+    """Write the look-back modules to ``path`` atomically (temporary file, then rename)."""
+    if isinstance(temporal, LookBackUNet):
+        temporal = temporal.temporal
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in temporal.site_state_dict().items()}
+    metadata = {
+        "format": FORMAT_TAG,
+        "format_version": str(FORMAT_VERSION),
+        "config": temporal.config.to_json(),
+        "base_family": base_family,
+        "training": json.dumps(training or {}, sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_temporal_header(path: str | os.PathLike) -> tuple[LookBackConfig, dict[str, Any], str]:
+    """Read and check a file's metadata: returns (config, training facts, base family)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TemporalWeightsError(path, "no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TemporalWeightsError(path, f"not a readable .safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT_TAG:
+        raise TemporalWeightsError(
+            path,
+            f"not a look-back temporal weights file (format tag {metadata.get('format')!r}, "
+            f"expected {FORMAT_TAG!r}); base-model checkpoints and other motion modules are not accepted here",
+        )
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise TemporalWeightsError(
+            path, f"format version {version!r} is not supported (this code reads up to {FORMAT_VERSION})"
+        )
+    try:
+        config = LookBackConfig.from_json(metadata["config"])
+        training = json.loads(metadata.get("training", "{}"))
+    except (KeyError, ValueError, TypeError) as err:
+        raise TemporalWeightsError(path, f"its config metadata is invalid ({err})") from None
+    return config, training, metadata.get("base_family", "")
+
+
+def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: nn.Module) -> None:
+    if family != BASE_FAMILY:
+        raise TemporalWeightsError(
+            path, f"it was trained for base family {family!r}, but this UNet is {BASE_FAMILY!r}"
+        )
+    channels = site_channels(unet)
+    problems = [f"site {s!r} does not exist in this UNet" for s in config.sites if s not in channels]
+    problems += [
+        f"site {s!r} has {channels[s]} channels in this UNet but {config.channels.get(s)} in the file"
+        for s in config.sites
+        if s in channels and channels[s] != config.channels.get(s)
+    ]
+    if problems:
+        raise TemporalWeightsError(path, problems)
+
+
+def _read_tensors(path: Path, temporal: TemporalModules) -> dict[str, torch.Tensor]:
+    expected = {k: v.shape for k, v in temporal.site_state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            problems = [f"missing tensor {k!r}" for k in expected if k not in keys]
+            problems += [f"unexpected tensor {k!r}" for k in sorted(keys - set(expected))]
+            for k in expected:
+                if k in keys:
+                    tensor = f.get_tensor(k)
+                    if tensor.shape != expected[k]:
+                        problems.append(
+                            f"tensor {k!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[k])}"
+                        )
+                    tensors[k] = tensor
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TemporalWeightsError(path, f"its tensors cannot be read ({err})") from None
+    if problems:
+        raise TemporalWeightsError(path, problems)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TemporalWeightsError(path, [f"tensor {k!r} holds NaN or infinite values" for k in bad])
+    return tensors
+
+
+def load_temporal_modules(path: str | os.PathLike, unet: nn.Module) -> TemporalModules:
+    """Build the modules described by the file, check them against ``unet`` and load them."""
+    path = Path(path)
+    config, _, family = read_temporal_header(path)
+    _check_against_unet(path, config, family, unet)
+    temporal = TemporalModules(config)
+    temporal.load_site_state_dict(_read_tensors(path, temporal))
+    param = next(unet.parameters())
+    return temporal.to(device=param.device, dtype=param.dtype)
+
+
+def load_lookback_unet(path: str | os.PathLike, unet: nn.Module) -> LookBackUNet:
+    """``unet`` with the look-back modules of the temporal weights file at ``path`` attached."""
+    return LookBackUNet(unet, load_temporal_modules(path, unet))
