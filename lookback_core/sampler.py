@@ -72,14 +72,14 @@ def sample_video(
     if image_latent.ndim != 4:
         raise ValueError(f"image_latent must be [b, c, h, w], got shape {tuple(image_latent.shape)}")
     b, c, h, w = image_latent.shape
-    guided = negative is not None and settings.cfg_scale != 1.0
-    context = torch.cat([negative, positive]) if guided else positive
     if positive.shape[0] != b or (negative is not None and negative.shape != positive.shape):
         raise ValueError(
             f"prompt embeddings must be [{b}, tokens, dim] like the image latent's batch; got "
             f"positive {tuple(positive.shape)} and negative "
             f"{None if negative is None else tuple(negative.shape)}"
         )
+    guided = negative is not None and settings.cfg_scale != 1.0
+    context = torch.cat([negative, positive]) if guided else positive
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(settings.steps, device=image_latent.device)
     noise = initial_noise(

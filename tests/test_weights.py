@@ -1,0 +1,174 @@
+"""Temporal weights files: round trip, metadata, and named errors for every kind of bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lookback_core.config import LookBackConfig, preset
+from lookback_core.temporal_unet import create_lookback_unet
+from lookback_core.weights import (
+    FORMAT_TAG,
+    TemporalWeightsError,
+    load_lookback_unet,
+    read_temporal_header,
+    save_temporal_weights,
+)
+
+from .conftest import TINY_UNET_CONFIG, make_tiny_unet, randomize
+
+
+@pytest.fixture
+def trained(tiny_unet):
+    model = create_lookback_unet(tiny_unet, preset("light"))
+    randomize(model.temporal)
+    return model
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
+
+
+def _rewrite(path: Path, tensors: dict, metadata: dict) -> None:
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_round_trip_restores_modules_and_output(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained, training={"frames": 32, "stride": 4})
+    loaded = load_lookback_unet(path, make_tiny_unet())
+    assert loaded.config == trained.config
+    for key, value in trained.temporal.site_state_dict().items():
+        assert torch.equal(loaded.temporal.site_state_dict()[key], value), key
+    x = torch.randn(1, 4, 3, 16, 16)
+    ctx = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 50, ctx), trained(x, 50, ctx))
+
+
+def test_file_holds_only_temporal_tensors_keyed_by_site(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    keys = set(load_file(path))
+    assert "output.5.lookback.weight" in keys and "middle.adapter.weight" in keys
+    assert all(k.split(".")[0] in ("input", "middle", "output") for k in keys)
+    assert len({k.rsplit(".", 2)[0] for k in keys}) == 21
+
+
+def test_metadata_describes_config_family_and_training(trained, tmp_path) -> None:
+    facts = {"frames": 32, "stride": 4, "resolution": 256, "steps": 10}
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained, training=facts)
+    meta = _metadata(path)
+    assert meta["format"] == FORMAT_TAG and meta["format_version"] == "1"
+    assert meta["base_family"] == "sd15"
+    assert json.loads(meta["training"]) == facts
+    config, training, family = read_temporal_header(path)
+    assert config.depth == 3 and config.kernel == 3 and config.channels["input.1"] == 32
+    assert training == facts and family == "sd15"
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(trained, tmp_path, monkeypatch) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    before = path.read_bytes()
+
+    def dies_half_way(tensors, filename, metadata):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lookback_core.weights.save_file", dies_half_way)
+    randomize(trained.temporal, seed=7)
+    with pytest.raises(KeyboardInterrupt):
+        save_temporal_weights(path, trained)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_missing_file_is_named(tmp_path) -> None:
+    with pytest.raises(TemporalWeightsError, match=r"nope\.safetensors.*no such file"):
+        load_lookback_unet(tmp_path / "nope.safetensors", make_tiny_unet())
+
+
+def test_corrupt_file_is_named(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TemporalWeightsError, match=r"w\.safetensors"):
+        load_lookback_unet(path, make_tiny_unet())
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not safetensors")
+    with pytest.raises(TemporalWeightsError, match="not a readable .safetensors"):
+        load_lookback_unet(garbage, make_tiny_unet())
+
+
+def test_base_checkpoint_is_not_taken_for_temporal_weights(tmp_path) -> None:
+    path = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(TemporalWeightsError, match="not a look-back temporal weights file"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_wrong_family_is_named(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained, base_family="sdxl")
+    with pytest.raises(TemporalWeightsError, match="'sdxl'.*'sd15'"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_newer_format_version_is_refused(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    _rewrite(path, load_file(path), {**_metadata(path), "format_version": "99"})
+    with pytest.raises(TemporalWeightsError, match="format version '99'"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_missing_and_extra_tensors_are_listed(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    tensors = load_file(path)
+    del tensors["output.3.mix.weight"]
+    tensors["output.3.extra"] = torch.zeros(1)
+    _rewrite(path, tensors, _metadata(path))
+    with pytest.raises(TemporalWeightsError) as err:
+        load_lookback_unet(path, make_tiny_unet())
+    assert "missing tensor 'output.3.mix.weight'" in str(err.value)
+    assert "unexpected tensor 'output.3.extra'" in str(err.value)
+
+
+def test_shape_mismatch_is_named(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    tensors = load_file(path)
+    tensors["input.4.lookback.weight"] = tensors["input.4.lookback.weight"][:, :-1].contiguous()
+    _rewrite(path, tensors, _metadata(path))
+    with pytest.raises(TemporalWeightsError, match=r"'input.4.lookback.weight' has shape"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_weights_for_another_unet_width_are_refused(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    from diffusers import UNet2DConditionModel
+
+    wider = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": (48, 64, 64, 64)})
+    with pytest.raises(TemporalWeightsError, match=r"site 'input.1' has 48 channels in this UNet but 32"):
+        load_lookback_unet(path, wider)
+
+
+def test_site_absent_from_unet_is_named(tmp_path) -> None:
+    unet = make_tiny_unet()
+    model = create_lookback_unet(unet, LookBackConfig(depth=2, kernel=3, sites=("middle",)))
+    path = save_temporal_weights(tmp_path / "w.safetensors", model)
+    meta = _metadata(path)
+    config = json.loads(meta["config"])
+    config["sites"] = ["input.3"]
+    config["channels"] = {"input.3": 64}
+    tensors = {k.replace("middle", "input.3"): v for k, v in load_file(path).items()}
+    _rewrite(path, tensors, {**meta, "config": json.dumps(config)})
+    with pytest.raises(TemporalWeightsError, match="site 'input.3' does not exist"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_non_finite_weights_are_refused(trained, tmp_path) -> None:
+    trained.temporal["middle"].mix.weight.data[0, 0] = float("nan")
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    with pytest.raises(TemporalWeightsError, match="'middle.mix.weight' holds NaN"):
+        load_lookback_unet(path, make_tiny_unet())
