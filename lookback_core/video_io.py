@@ -405,7 +405,7 @@ def _kind_of_file(path: str | os.PathLike[str]) -> str:
 def _av_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
-    except (av.FFmpegError, OSError) as error:
+    except (av.error.FFmpegError, OSError) as error:
         raise VideoReadError(path, str(error)) from error
 
 
