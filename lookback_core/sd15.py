@@ -1,0 +1,380 @@
+"""Offline loading of Stable Diffusion 1.5 single-file checkpoints (the original LDM layout).
+
+A single-file checkpoint (``.safetensors``, or a ``.ckpt`` read with ``weights_only=True``) holds
+the UNet under ``model.diffusion_model.``, the VAE under ``first_stage_model.`` and the CLIP
+ViT-L/14 text encoder under ``cond_stage_model.transformer.``. The diffusers-format configs the
+weights are loaded into ship with this package (``configs/sd15``), so nothing is ever fetched
+from the Hugging Face hub.
+
+The file is read once. Other model families are refused by name before any conversion, and
+after conversion every UNet, VAE and text-encoder weight must come from the file with the shape
+the config asks for: a checkpoint that does not fit the config is an error that names the file
+and the first mismatches, never a model left partly at random initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+# Buffers that CLIP checkpoints may or may not carry; transformers rebuilds them itself.
+_OPTIONAL_TEXT_KEYS = {"embeddings.position_ids"}
+_MAX_HEADER_BYTES = 100_000_000
+_SHOWN = 3  # mismatches named in one message
+
+_FAMILY_NAMES = {
+    "sdxl": "an SDXL checkpoint",
+    "sd2": "an SD2.x checkpoint",
+    "sd3": "an SD3 checkpoint",
+    "flux": "a FLUX checkpoint",
+    "svd": "a Stable Video Diffusion checkpoint",
+    "lora": "a LoRA, not a full checkpoint",
+    "diffusers": "a diffusers-format model file, not a single-file checkpoint",
+    "vae": "a standalone VAE, not a full checkpoint",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded as SD1.5; the message names the file and what was expected."""
+
+
+@dataclass
+class SD15Components:
+    """The parts of an SD1.5 checkpoint, as diffusers and transformers models."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    path: Path
+    family: str = "sd15"
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def detect_family(state_dict_keys_and_shapes: Mapping[str, Any]) -> str:
+    """Name the model family of a single-file checkpoint from its key names (and a few shapes).
+
+    Values may be tensors or shapes. Returns one of ``"sd15"``, ``"sd2"``, ``"sdxl"``, ``"sd3"``,
+    ``"flux"``, ``"svd"``, ``"lora"``, ``"diffusers"``, ``"vae"`` or ``"unknown"``. SD1.x is
+    decided structurally (an LDM UNet and a CLIP-L style text encoder, no SDXL conditioner), so
+    checkpoints of the SD1.5 architecture with any channel counts count as ``"sd15"``; whether
+    the sizes fit a config is checked when loading.
+    """
+    keys = list(state_dict_keys_and_shapes)
+
+    def has(pattern: str) -> bool:
+        regex = re.compile(pattern)
+        return any(regex.search(k) for k in keys)
+
+    ldm_unet = has(r"^model\.diffusion_model\.input_blocks\.")
+    if has(r"lora_(up|down|A|B)\b|^lora_(unet|te)_") and not ldm_unet:
+        return "lora"
+    if has(r"(^|\.)double_blocks\.\d+\.") and has(r"(^|\.)single_blocks\.\d+\."):
+        return "flux"
+    if has(r"(^|\.)joint_blocks\.\d+\."):
+        return "sd3"
+    if ldm_unet and has(r"^model\.diffusion_model\..*\.time_(stack|mixer)"):
+        return "svd"
+    if has(r"^conditioner\.embedders\."):
+        return "sdxl"
+    context_dims = {
+        _shape(v)[-1]
+        for k, v in state_dict_keys_and_shapes.items()
+        if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")
+    }
+    if has(r"^cond_stage_model\.model\.") or 1024 in context_dims:  # OpenCLIP ViT-H (SD2, SD2 unCLIP)
+        return "sd2"
+    if has(r"^model\.diffusion_model\.label_emb\.") or 2048 in context_dims:
+        return "sdxl"
+    if ldm_unet and has(r"^cond_stage_model\.transformer\.(text_model\.)?encoder\.layers\."):
+        return "sd15"
+    if has(
+        r"^(unet\.)?(down_blocks|mid_block|up_blocks)\.|^(encoder|decoder)\.(down|up)_blocks\.|^text_model\.encoder\.layers\."
+    ):
+        return "diffusers"
+    if not ldm_unet and has(r"^(first_stage_model\.|vae\.)?encoder\.down\.") and has(r"decoder\.up\."):
+        return "vae"
+    return "unknown"
+
+
+def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Validate a safetensors header (and that the file holds all the data it announces)."""
+    size = path.stat().st_size
+    expected = "a .safetensors file (an 8-byte header length, a JSON header, then the tensor data)"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < length <= min(size - 8, _MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: not a readable safetensors file; expected {expected}")
+            header = json.loads(f.read(length))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+        data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(
+            f"{path}: the safetensors header is corrupt ({err}); expected {expected}"
+        ) from err
+    if data_end > size - 8 - length:
+        raise CheckpointError(
+            f"{path}: the file is truncated: its header describes {data_end} bytes of tensor data, "
+            f"the file holds {size - 8 - length}"
+        )
+    return shapes
+
+
+def _refuse_other_families(path: Path, shapes: Mapping[str, Any]) -> None:
+    """Refuse another model family by name, and an SD1.5 file that lacks one of its three parts."""
+    family = detect_family(shapes)
+    if family in _FAMILY_NAMES:
+        raise CheckpointError(f"{path} is {_FAMILY_NAMES[family]}; this node pack needs an SD1.5 checkpoint")
+    parts = {"UNet": UNET_PREFIX, "VAE": VAE_PREFIX, "CLIP text encoder": TEXT_PREFIX}
+    missing = [
+        f"{name} ({prefix}*)"
+        for name, prefix in parts.items()
+        if not any(k.startswith(prefix) for k in shapes)
+    ]
+    if missing or family != "sd15":
+        detail = (
+            f"it has no {' and no '.join(missing)} weights" if missing else "its key layout is not recognised"
+        )
+        raise CheckpointError(
+            f"{path} is not a complete SD1.5 single-file checkpoint: {detail}; expected the UNet, VAE and "
+            "CLIP text encoder in the original LDM layout"
+        )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint once, refusing other model families before its tensors are loaded when possible."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no such checkpoint file (expected an SD1.5 .safetensors or .ckpt file)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        _refuse_other_families(path, _read_safetensors_header(path))
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: could not read the safetensors data ({err})") from err
+    if suffix not in (".ckpt", ".pt", ".pth"):
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses both damaged pickles and pickled Python objects; name which one.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+            detail = reason.group(1).strip() if reason else str(err).splitlines()[0]
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from err
+        raise CheckpointError(
+            f"{path}: holds Python objects other than tensors (it pickles {found.group(1)}), so it is "
+            "refused: .ckpt files are only read with torch.load(weights_only=True), which never runs "
+            "code from the file. Use a .safetensors version of this checkpoint."
+        ) from err
+    except Exception as err:  # torch.load reports a damaged file with many exception types
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    state = (
+        {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if isinstance(obj, Mapping)
+        else {}
+    )
+    if not state:
+        raise CheckpointError(
+            f"{path}: holds no tensors; expected an SD1.5 state dict (optionally under 'state_dict')"
+        )
+    _refuse_other_families(path, state)
+    return state
+
+
+def _check_fits(
+    path: Path,
+    what: str,
+    config_file: Path,
+    converted: Mapping[str, torch.Tensor],
+    expected: Mapping[str, Any],
+) -> None:
+    """Fail unless ``converted`` has exactly the keys of ``expected``, with the same shapes."""
+    missing = [k for k in expected if k not in converted]
+    extra = [k for k in converted if k not in expected]
+    wrong = [
+        f"{k} is {list(converted[k].shape)} in the file, the config expects {list(_shape(v))}"
+        for k, v in expected.items()
+        if k in converted and tuple(converted[k].shape) != _shape(v)
+    ]
+    problems = []
+    if wrong:
+        problems.append(
+            "; ".join(wrong[:_SHOWN]) + (f" (and {len(wrong) - _SHOWN} more)" if len(wrong) > _SHOWN else "")
+        )
+    if missing:
+        problems.append(
+            f"{len(missing)} weights the config needs are missing, e.g. {', '.join(missing[:_SHOWN])}"
+        )
+    if extra:
+        problems.append(f"{len(extra)} weights have no place in the config, e.g. {', '.join(extra[:_SHOWN])}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: the {what} does not match {config_file} (weights named as diffusers names them): "
+            + "; ".join(problems)
+        )
+
+
+def _check_unet_dims(
+    path: Path, unet_state: Mapping[str, torch.Tensor], config: Mapping[str, Any], config_file: Path
+) -> None:
+    """Name the two SD1.5 sizes that most often differ, before the key-by-key check."""
+    conv_in = unet_state.get("input_blocks.0.0.weight")
+    channels = config["block_out_channels"][0]
+    if conv_in is not None and tuple(conv_in.shape[:2]) != (channels, config["in_channels"]):
+        raise CheckpointError(
+            f"{path}: the UNet's first conv (model.diffusion_model.input_blocks.0.0.weight) has "
+            f"{conv_in.shape[0]} output and {conv_in.shape[1]} input channels; {config_file} expects "
+            f"block_out_channels[0]={channels} and in_channels={config['in_channels']}"
+        )
+    context = {int(v.shape[-1]) for k, v in unet_state.items() if k.endswith("attn2.to_k.weight")}
+    if context and context != {config["cross_attention_dim"]}:
+        raise CheckpointError(
+            f"{path}: the UNet's cross-attention context dim is {sorted(context)} in the file; {config_file} "
+            f"expects cross_attention_dim={config['cross_attention_dim']}"
+        )
+
+
+def _load_diffusers_model(
+    path: Path,
+    cls: type[UNet2DConditionModel] | type[AutoencoderKL],
+    config_dir: Path,
+    subfolder: str,
+    state: Mapping[str, torch.Tensor],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> UNet2DConditionModel | AutoencoderKL:
+    """Convert the LDM weights with diffusers' own converter and load them, every key accounted for."""
+    config = cls.load_config(str(config_dir), subfolder=subfolder, local_files_only=True)
+    config_file = config_dir / subfolder / "config.json"
+    if cls is UNet2DConditionModel:
+        _check_unet_dims(
+            path,
+            {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)},
+            config,
+            config_file,
+        )
+        converted = convert_ldm_unet_checkpoint(state, config)
+    else:
+        converted = convert_ldm_vae_checkpoint(state, config)
+    with torch.device("meta"):  # no random initialisation: every weight is assigned from the file
+        model = cls.from_config(config)
+    _check_fits(path, cls.__name__, config_file, converted, model.state_dict())
+    # Cast before assigning: diffusers' Module.to(dtype) warns about fp32-pinned modules it has none of.
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in converted.items()}, strict=True, assign=True
+    )
+    return model.eval()
+
+
+def _load_text_encoder(path: Path, config_dir: Path, state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
+    """Load ``cond_stage_model.transformer.*`` into CLIPTextModel, with or without ``text_model.`` in the names."""
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True))
+    # transformers 4 names CLIPTextModel's weights "text_model.*", transformers 5 drops the prefix.
+    own = {k.removeprefix("text_model."): k for k in model.state_dict()}
+    given = {
+        k.removeprefix(TEXT_PREFIX).removeprefix("text_model."): v
+        for k, v in state.items()
+        if k.startswith(TEXT_PREFIX)
+    }
+    for key in _OPTIONAL_TEXT_KEYS:
+        given.pop(key, None)
+    expected = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.removeprefix("text_model.") not in _OPTIONAL_TEXT_KEYS
+    }
+    renamed = {own.get(k, k): v for k, v in given.items()}
+    _check_fits(path, "CLIP text encoder", config_dir / "text_encoder" / "config.json", renamed, expected)
+    model.load_state_dict(renamed, strict=False)  # complete but for the optional buffers: checked above
+    return model
+
+
+def load_sd15(
+    path: str | Path,
+    *,
+    config_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SD15Components:
+    """Load an SD1.5 single-file checkpoint into diffusers/transformers models, fully offline.
+
+    ``config_dir`` is a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``, ``scheduler/``); it defaults to the SD1.5 configs shipped in
+    ``lookback_core/configs/sd15``. The hub is never contacted (``local_files_only`` everywhere).
+    Raises :class:`CheckpointError` for a missing, unreadable or truncated file, for another
+    model family (named), and for any weight that does not fit the config.
+    """
+    path = Path(path)
+    config_dir = Path(config_dir) if config_dir is not None else SHIPPED_CONFIG_DIR
+    for part in (
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "scheduler/scheduler_config.json",
+    ):
+        if not (config_dir / part).exists():
+            raise FileNotFoundError(f"{config_dir / part}: missing from the SD1.5 config folder {config_dir}")
+    state = _read_state_dict(path)
+    unet = _load_diffusers_model(path, UNet2DConditionModel, config_dir, "unet", state, device, dtype)
+    vae = _load_diffusers_model(path, AutoencoderKL, config_dir, "vae", state, device, dtype)
+    text_encoder = _load_text_encoder(path, config_dir, state)
+    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
+    scheduler_config = json.loads(
+        (config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
+    )
+    return SD15Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder.to(device=device, dtype=dtype).eval(),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        path=path,
+    )
+
+
+def encode_prompt(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], device: torch.device | str
+) -> torch.Tensor:
+    """Encode prompts the SD1.5 way: pad/truncate to 77 tokens, return the last hidden state ``[n, 77, dim]``."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"encode_prompt needs a non-empty list of prompts, got {prompts!r}")
+    max_length = text_encoder.config.max_position_embeddings
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return text_encoder(ids.to(device)).last_hidden_state
