@@ -1,0 +1,247 @@
+"""SD1.5 single-file checkpoints: exact round trips, refusals by name, offline loading, configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lookback_core.sd15 import (
+    SHIPPED_CONFIG_DIR,
+    CheckpointError,
+    SD15Components,
+    detect_family,
+    encode_prompt,
+    load_sd15,
+)
+
+from .ldm_checkpoint import (
+    fake_sd2_state_dict,
+    fake_sdxl_state_dict,
+    tiny_config_dir,
+    tiny_sd15_models,
+    unet_to_ldm,
+    vae_to_ldm,
+    write_tiny_sd15_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sd15")
+    config_dir = tiny_config_dir(root)
+    return {
+        "config_dir": config_dir,
+        "safetensors": write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir, seed=4),
+        "ckpt": write_tiny_sd15_checkpoint(root / "tiny.ckpt", config_dir=config_dir, seed=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(files) -> SD15Components:
+    return load_sd15(files["safetensors"], config_dir=files["config_dir"])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_round_trip_is_exact(files, fmt) -> None:
+    components = load_sd15(files[fmt], config_dir=files["config_dir"])
+    originals = tiny_sd15_models(files["config_dir"], seed=4)
+    for model, original in zip((components.unet, components.vae, components.text_encoder), originals):
+        got, want = model.state_dict(), original.state_dict()
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value), key
+        assert not any(p.is_meta or p.dtype != torch.float32 for p in model.parameters())
+        assert not model.training
+    assert components.family == "sd15" and components.path == files[fmt]
+    assert components.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert detect_family(torch.load(files["ckpt"], weights_only=True)["state_dict"]) == "sd15"
+
+
+def test_loaded_models_run(loaded) -> None:
+    sample = torch.randn(1, 4, 8, 8)
+    context = encode_prompt(loaded.tokenizer, loaded.text_encoder, ["a photo of a cat"], "cpu")
+    with torch.no_grad():
+        assert loaded.unet(sample, 10, encoder_hidden_states=context).sample.shape == sample.shape
+        image = loaded.vae.decode(sample).sample
+    assert image.shape == (1, 3, 64, 64)  # the real 8x factor
+
+
+@pytest.mark.parametrize(
+    ("make", "family", "name"),
+    [
+        (fake_sdxl_state_dict, "sdxl", "an SDXL checkpoint"),
+        (fake_sd2_state_dict, "sd2", "an SD2.x checkpoint"),
+    ],
+)
+def test_other_families_refused_by_name(tmp_path, make, family, name) -> None:
+    state = make()
+    assert detect_family(state) == family
+    assert detect_family({k: tuple(v.shape) for k, v in state.items()}) == family
+    for path in (tmp_path / f"{family}_model.safetensors", tmp_path / f"{family}_model.ckpt"):
+        if path.suffix == ".ckpt":
+            torch.save({"state_dict": state}, path)
+        else:
+            save_file(state, path)
+        with pytest.raises(CheckpointError, match=f"{path.name} is {name}; this node pack needs an SD1.5"):
+            load_sd15(path)
+
+
+def test_family_detection_beyond_sd() -> None:
+    assert (
+        detect_family(
+            {"double_blocks.0.img_attn.qkv.weight": (9, 3), "single_blocks.0.linear1.weight": (9, 3)}
+        )
+        == "flux"
+    )
+    assert detect_family({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (9, 3)}) == "sd3"
+    assert (
+        detect_family({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}) == "lora"
+    )
+    assert detect_family({"down_blocks.0.resnets.0.conv1.weight": (3, 3)}) == "diffusers"
+    assert (
+        detect_family(
+            {"encoder.down.0.block.0.conv1.weight": (3,), "decoder.up.0.block.0.conv1.weight": (3,)}
+        )
+        == "vae"
+    )
+    assert detect_family({"something.else": (1,)}) == "unknown"
+
+
+def test_incomplete_checkpoint_names_the_missing_part(files, tmp_path) -> None:
+    state = torch.load(files["ckpt"], weights_only=True)["state_dict"]
+    path = tmp_path / "no_vae.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, path)
+    with pytest.raises(
+        CheckpointError, match=r"no_vae\.safetensors .*no VAE \(first_stage_model\.\*\) weights"
+    ):
+        load_sd15(path, config_dir=files["config_dir"])
+
+
+@pytest.mark.parametrize("cut", ["header", "data", "garbage"])
+def test_corrupt_safetensors_named(files, tmp_path, cut) -> None:
+    data = files["safetensors"].read_bytes()
+    path = tmp_path / f"broken_{cut}.safetensors"
+    path.write_bytes({"header": data[:100], "data": data[: len(data) // 2], "garbage": b"\x00\xff" * 64}[cut])
+    with pytest.raises(CheckpointError, match=f"broken_{cut}.safetensors"):
+        load_sd15(path, config_dir=files["config_dir"])
+
+
+def test_corrupt_or_unsafe_ckpt_named(files, tmp_path) -> None:
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(CheckpointError, match="junk.ckpt: not a readable PyTorch checkpoint"):
+        load_sd15(junk, config_dir=files["config_dir"])
+    unsafe = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=1)}, unsafe)
+    with pytest.raises(
+        CheckpointError, match=r"pickled.ckpt: holds Python objects .*argparse.Namespace.*weights_only"
+    ):
+        load_sd15(unsafe, config_dir=files["config_dir"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="nowhere.safetensors: no such checkpoint file"):
+        load_sd15(tmp_path / "nowhere.safetensors")
+
+
+def _mismatched_config(root: Path, part: str, **changes) -> Path:
+    config_dir = tiny_config_dir(root)
+    config_file = config_dir / part / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+    return config_dir
+
+
+@pytest.mark.parametrize(
+    ("part", "changes", "message"),
+    [
+        (
+            "unet",
+            {"block_out_channels": [16, 32, 32, 32]},
+            r"32 output and 4 input channels; .* block_out_channels\[0\]=16",
+        ),
+        (
+            "unet",
+            {"cross_attention_dim": 48},
+            r"context dim is \[32\] in the file; .* cross_attention_dim=48",
+        ),
+        ("unet", {"layers_per_block": 1}, r"UNet2DConditionModel does not match .*weights"),
+        (
+            "vae",
+            {"block_out_channels": [8, 8, 16, 32]},
+            r"AutoencoderKL does not match .* is \[16, .*the config expects \[32",
+        ),
+        (
+            "text_encoder",
+            {"intermediate_size": 48},
+            r"CLIP text encoder does not match .*mlp\.fc1\.weight is \[64, 32\]",
+        ),
+    ],
+)
+def test_config_mismatch_is_named(files, tmp_path, part, changes, message) -> None:
+    config_dir = _mismatched_config(tmp_path, part, **changes)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_sd15(files["safetensors"], config_dir=config_dir)
+    assert "tiny.safetensors" in str(err.value) and f"{part}/config.json" in str(err.value)
+
+
+def test_tokenizer_ids_and_prompt_encoding(loaded) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_CONFIG_DIR / "tokenizer", local_files_only=True)
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tokenizer) == 49408
+    embeddings = encode_prompt(
+        loaded.tokenizer, loaded.text_encoder, ["a photo of a cat", "word " * 200], "cpu"
+    )
+    assert embeddings.shape == (2, 77, 32) and embeddings.dtype == torch.float32
+    # Padding never changes the tokens before it: the causal text encoder sees the same prefix.
+    alone = encode_prompt(loaded.tokenizer, loaded.text_encoder, ["a photo of a cat"], "cpu")
+    assert torch.allclose(alone[0], embeddings[0])
+
+
+def test_loads_with_no_network(files, monkeypatch) -> None:
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access during an offline load")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    # local_files_only is what keeps the hub away, not the environment: switch offline mode off.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    components = load_sd15(files["ckpt"], config_dir=files["config_dir"])
+    encode_prompt(components.tokenizer, components.text_encoder, ["offline"], "cpu")
+    assert attempts == []
+
+
+def test_shipped_configs_are_sd15() -> None:
+    """The shipped configs build SD1.5's published parameter counts; the LDM key layout fits them."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SHIPPED_CONFIG_DIR, subfolder="unet", local_files_only=True)
+        )
+        vae = AutoencoderKL.from_config(
+            AutoencoderKL.load_config(SHIPPED_CONFIG_DIR, subfolder="vae", local_files_only=True)
+        )
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(SHIPPED_CONFIG_DIR / "text_encoder"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    # The test helper's diffusers->LDM renaming, undone by diffusers' converter, at full size.
+    ldm_unet = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), 2).items()}
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in ldm_unet  # 1st up block: no attention
+    assert convert_ldm_unet_checkpoint(ldm_unet, unet.config).keys() == unet.state_dict().keys()
+    ldm_vae = {"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 4).items()}
+    assert ldm_vae["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert convert_ldm_vae_checkpoint(ldm_vae, vae.config).keys() == vae.state_dict().keys()
+    scheduler = json.loads((SHIPPED_CONFIG_DIR / "scheduler/scheduler_config.json").read_text())
+    assert scheduler | {"beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1} == scheduler
