@@ -1,0 +1,132 @@
+"""``python -m lookback_core``: a tiny real-format checkpoint and weights file, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from lookback_core.cli import main
+from lookback_core.config import preset
+from lookback_core.image_prep import fit_to_multiple, load_image
+from lookback_core.pipeline import decode_latents, encode_image_latent
+from lookback_core.sd15 import load_sd15
+from lookback_core.temporal_unet import create_lookback_unet
+from lookback_core.video_io import read_video
+from lookback_core.weights import save_temporal_weights
+
+from .conftest import randomize
+from .ldm_checkpoint import tiny_config_dir, write_tiny_sd15_checkpoint
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config_dir = tiny_config_dir(root)
+    checkpoint = write_tiny_sd15_checkpoint(root / "tiny_sd15.safetensors", config_dir=config_dir)
+    components = load_sd15(checkpoint, config_dir=config_dir)
+    model = create_lookback_unet(components.unet, preset("light"))
+    randomize(model.temporal, scale=0.02)
+    weights = save_temporal_weights(root / "lookback.safetensors", model, training={"frames": 4})
+    rng = np.random.default_rng(0)
+    image = root / "start.png"
+    iio.imwrite(image, rng.integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
+    return {
+        "root": root,
+        "config_dir": config_dir,
+        "checkpoint": checkpoint,
+        "weights": weights,
+        "image": image,
+    }
+
+
+def _args(assets, out: Path, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--checkpoint", str(assets["checkpoint"]),
+        "--weights", str(assets["weights"]),
+        "--image", str(assets["image"]),
+        "--prompt", "a red ball rolls",
+        "--frames", "5",
+        "--steps", "2",
+        "--out", str(out),
+        "--config-dir", str(assets["config_dir"]),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_generate_writes_video_whose_first_frame_is_the_image(assets, tmp_path, capsys, monkeypatch) -> None:
+    import lookback_core.video_io as video_io
+
+    written = {}
+    real_write = video_io.write_video
+
+    def spy(frames, path, **kwargs):
+        written["frames"] = frames.clone()
+        return real_write(frames, path, **kwargs)
+
+    monkeypatch.setattr(video_io, "write_video", spy)
+    out = tmp_path / "video.mp4"
+    assert main(_args(assets, out, "--fps", "6")) == 0
+    err = capsys.readouterr().err
+    assert "not a multiple of 8" in err  # 70x90 was cropped, with a message
+    video = read_video(out)
+    assert video.shape == (5, 64, 88, 3)
+    # Frame 0 is the pinned image latent, decoded: the VAE round trip of the image.
+    components = load_sd15(assets["checkpoint"], config_dir=assets["config_dir"])
+    image, _ = fit_to_multiple(load_image(assets["image"]), width=None, height=None)
+    expected = decode_latents(components.vae, encode_image_latent(components.vae, image).unsqueeze(2))[0, 0]
+    torch.testing.assert_close(written["frames"][0], expected.permute(1, 2, 0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(written["frames"][1], written["frames"][0], atol=1e-2)
+
+
+def test_same_seed_same_gif(assets, tmp_path) -> None:
+    a, b = tmp_path / "a.gif", tmp_path / "b.gif"
+    assert main(_args(assets, a, "--seed", "3")) == 0
+    assert main(_args(assets, b, "--seed", "3")) == 0
+    assert np.array_equal(read_video(a), read_video(b))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("--weights", "missing.safetensors"), "--weights: no such file"),
+        (("--image", "nowhere.png"), "--image: no such file"),
+        (("--out", "video.avi"), "--out: the file name must end in"),
+        (("--frames", "1"), "--frames must be at least 2"),
+    ],
+)
+def test_bad_input_is_a_clear_error(assets, tmp_path, capsys, change, message) -> None:
+    args = _args(assets, tmp_path / "v.mp4")
+    i = args.index(change[0])
+    args[i + 1] = change[1]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_passed_as_weights_is_named(assets, tmp_path, capsys) -> None:
+    args = _args(assets, tmp_path / "v.mp4")
+    args[args.index("--weights") + 1] = str(assets["checkpoint"])
+    assert main(args) == 2
+    assert "not a look-back temporal weights file" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_info(assets) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lookback_core", "info", str(assets["weights"])],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["base_family"] == "sd15" and info["config"]["depth"] == 3
+    assert info["training"] == {"frames": 4}
