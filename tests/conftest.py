@@ -8,22 +8,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from lookback_core.tiny import TINY_UNET_CONFIG
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-# SD1.5's block structure (3 cross-attention down blocks + 1 plain, mirrored up), tiny widths.
-TINY_UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64, 64),
-    layers_per_block=2,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 
 
 def make_tiny_unet(seed: int = 0) -> UNet2DConditionModel:
