@@ -1,4 +1,4 @@
-"""Command line: ``python -m lookback_core generate|info ...``."""
+"""Command line: ``python -m lookback_core generate|info|demo ...``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    video = run_demo(Path(args.out), steps=args.steps)
+    print(f"demo done: the trained weights, the checkpoint and {video.name} are in {video.parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lookback_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the config and training facts of a temporal weights file")
     info.add_argument("weights")
     info.set_defaults(func=_info)
+
+    demo = commands.add_parser("demo", help="train and generate offline with a generated tiny model")
+    demo.add_argument("--out", default="outputs/demo", help="folder for everything the demo writes")
+    demo.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    demo.set_defaults(func=_demo)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""Command-line options of the trainer, named as in the diffusers training examples.
+
+Defaults follow the paper's recipe: SD1.5 frozen, 256x256 centre crop, 32 frames at stride 4,
+lr 1e-4, batch 4 with 4 gradient-accumulation steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from lookback_core.config import PRESETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python training/train.py",
+        description="Train look-back temporal modules on a frozen SD1.5 (accelerate launch for multi-GPU).",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model", required=True, help="SD1.5 single-file checkpoint (.safetensors or .ckpt)"
+    )
+    model.add_argument(
+        "--config_dir", default=None, help="diffusers config folder (default: the shipped SD1.5 configs)"
+    )
+    model.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="look-back module preset")
+    model.add_argument(
+        "--train_backbone", action="store_true", help="also train the SD1.5 UNet (default: frozen)"
+    )
+
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--train_data_dir",
+        required=True,
+        help="folder of videos (+ .txt captions) or of frame folders; WebVid root with --csv",
+    )
+    data.add_argument("--csv", default=None, help="WebVid-style CSV with columns videoid,name,page_dir")
+    data.add_argument("--video_extension", default=".mp4", help="file extension of WebVid videos")
+    data.add_argument("--resolution", type=int, default=256, help="square training size (centre crop)")
+    data.add_argument(
+        "--num_frames", type=int, default=32, help="frames per clip, including the conditioning frame"
+    )
+    data.add_argument("--frame_stride", type=int, default=4, help="take every N-th frame")
+    data.add_argument(
+        "--reference_fps", type=float, default=None,
+        help="if set, --frame_stride is meant at this fps and is scaled to each video's fps",
+    )  # fmt: skip
+    data.add_argument(
+        "--cache_dir", default=None, help="cache VAE latents and text embeddings here (one clip per video)"
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--train_batch_size", type=int, default=4, help="clips per device per step")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=4)
+    opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument(
+        "--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes"
+    )
+    opt.add_argument(
+        "--lr_scheduler", default="constant", help="constant, linear, cosine, constant_with_warmup, ..."
+    )
+    opt.add_argument("--lr_warmup_steps", type=int, default=0)
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit, if installed")
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    opt.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs"
+    )
+    opt.add_argument("--num_train_epochs", type=int, default=1)
+    opt.add_argument(
+        "--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate config"
+    )
+    opt.add_argument(
+        "--gradient_checkpointing", default="none", choices=("none", "sites", "unet", "all"),
+        help="recompute look-back modules (sites), UNet blocks (unet), or both in the backward pass",
+    )  # fmt: skip
+    opt.add_argument(
+        "--use_ema", action="store_true", help="keep an EMA of the trained weights and deploy it"
+    )
+    opt.add_argument("--ema_decay", type=float, default=0.9999)
+    opt.add_argument(
+        "--text_dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)"
+    )
+    opt.add_argument("--seed", type=int, default=0)
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", required=True)
+    out.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps"
+    )
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument(
+        "--report_to", default="tensorboard", choices=("tensorboard", "none"), help="JSONL is always written"
+    )
+    out.add_argument("--validation_image", default=None)
+    out.add_argument("--validation_prompt", default="")
+    out.add_argument("--validation_steps", type=int, default=500)
+    out.add_argument("--validation_frames", type=int, default=16)
+    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument(
+        "--isim_clip_model", default=None, help="local CLIP vision model folder for the paper's ISIM"
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_frames < 2:
+        parser.error(
+            f"--num_frames must be >= 2 (the clean first frame and a frame to learn), got {args.num_frames}"
+        )
+    if args.resolution % 8:
+        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if not 0 <= args.text_dropout <= 1:
+        parser.error(f"--text_dropout must be in [0, 1], got {args.text_dropout}")
+    for flag in ("pretrained_model", "validation_image", "csv"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_file():
+            parser.error(f"--{flag}: no such file: {value}")
+    if not Path(args.train_data_dir).is_dir():
+        parser.error(f"--train_data_dir: no such folder: {args.train_data_dir}")
+    return args

@@ -1,0 +1,44 @@
+"""The training objective of the paper, with hybrid image-noise initialisation.
+
+Frame 0 of every clip is the clean latent of its first frame; frames ``1..L-1`` are noised by the
+DDPM forward process at one timestep per clip; the UNet with look-back modules predicts the
+noise (or v), and the MSE is taken over frames ``1..L-1`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from lookback_core.temporal_unet import LookBackUNet
+
+
+def hybrid_noisy_latents(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler
+) -> torch.Tensor:
+    """``latents`` ``[b, c, f, h, w]`` noised at ``timesteps`` ``[b]``, frame 0 left clean."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return torch.cat([latents[:, :, :1], noisy[:, :, 1:]], dim=2)
+
+
+def lookback_loss(
+    model: LookBackUNet,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+    )
+    noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
+    prediction = model(noisy, timesteps, text)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction[:, :, 1:].float(), target[:, :, 1:].float())

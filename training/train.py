@@ -1,0 +1,351 @@
+"""Train look-back temporal modules on a frozen Stable Diffusion 1.5.
+
+    python training/train.py --pretrained_model v1-5.safetensors --train_data_dir videos/ --output_dir runs/lb
+    accelerate launch training/train.py ...          # multi-GPU / multi-node / DeepSpeed / FSDP
+
+The model code is ``lookback_core``'s, the same as the CLI's and the nodes', so the weights file
+written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+# Run as a script from a checkout: make the repository root (lookback_core, training) importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from lookback_core.config import preset  # noqa: E402
+from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
+from lookback_core.temporal_unet import LookBackUNet, create_lookback_unet  # noqa: E402
+from lookback_core.weights import save_temporal_weights  # noqa: E402
+from training import checkpoints  # noqa: E402
+from training.args import parse_args  # noqa: E402
+from training.cache import LatentCache  # noqa: E402
+from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
+from training.objective import lookback_loss  # noqa: E402
+from training.validation import run_validation  # noqa: E402
+
+logger = logging.getLogger("lookback.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class MetricsLog:
+    """Loss, lr and throughput as JSON lines (always), and through accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, path: Path) -> None:
+        self.accelerator = accelerator
+        self.path = path
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, values: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+
+def _make_optimizer(args, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    kwargs = dict(
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except ImportError:
+            logger.warning("--use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _encode_batch(
+    batch: dict, components, model: LookBackUNet, cache: LatentCache | None, device, weight_dtype
+):
+    """VAE latents ``[b, c, f, h, w]`` and caption embeddings, from the cache where possible."""
+    latents, texts = [], []
+    for pixels, caption, key in zip(batch["pixels"], batch["captions"], batch["keys"], strict=True):
+        entry = cache.get(key) if cache is not None else None
+        if entry is None:
+            with torch.no_grad():
+                z = components.vae.encode(pixels.to(device, weight_dtype)).latent_dist.mean
+                z = (z * components.vae.config.scaling_factor).permute(1, 0, 2, 3)
+                t = encode_prompt(components.tokenizer, components.text_encoder, [caption], device)[0]
+            entry = {"latents": z.float(), "text": t.float()}
+            if cache is not None:
+                cache.put(key, entry)
+        latents.append(entry["latents"].to(device))
+        texts.append(entry["text"].to(device))
+    return torch.stack(latents), torch.stack(texts)
+
+
+def _save_only_trainable_weights(accelerator: Accelerator) -> None:
+    """Keep the frozen SD1.5 UNet out of resumable checkpoints: they hold the temporal modules only."""
+
+    def keep_temporal(models, weights, _output_dir) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k.startswith("temporal.")}
+
+    def load_temporal(models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        for i in range(len(models)):
+            model = accelerator.unwrap_model(models.pop())
+            suffix = f"_{i}" if i else ""
+            state = load_file(Path(input_dir) / f"model{suffix}.safetensors")
+            model.temporal.load_state_dict({k.removeprefix("temporal."): v for k, v in state.items()})
+
+    accelerator.register_save_state_pre_hook(keep_temporal)
+    accelerator.register_load_state_pre_hook(load_temporal)
+
+
+def train(args) -> Path:
+    output_dir = Path(args.output_dir)
+    log_with = "tensorboard" if args.report_to == "tensorboard" and _tensorboard_available() else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.report_to == "tensorboard" and log_with is None:
+        logger.info("tensorboard is not installed; logging to JSONL only")
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in checkpoints.remove_incomplete(output_dir):
+            logger.warning("removed incomplete checkpoint %s (a run was stopped while saving it)", leftover)
+    accelerator.wait_for_everyone()
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
+    model = create_lookback_unet(components.unet, preset(args.preset))
+    components.vae.requires_grad_(False)
+    components.text_encoder.requires_grad_(False)
+    model.unet.requires_grad_(args.train_backbone)
+    if weight_dtype != torch.float32:
+        components.vae.to(dtype=weight_dtype)
+        components.text_encoder.to(dtype=weight_dtype)
+        if not args.train_backbone:
+            model.unet.to(dtype=weight_dtype)
+    if args.gradient_checkpointing in ("unet", "all"):
+        model.unet.enable_gradient_checkpointing()
+    if args.gradient_checkpointing in ("sites", "all"):
+        model.checkpoint_sites = set(model.config.sites)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    ema = EMAModel(model.temporal.parameters(), decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
+    dataset = VideoClipDataset(
+        samples,
+        num_frames=args.num_frames,
+        stride=args.frame_stride,
+        resolution=args.resolution,
+        reference_fps=args.reference_fps,
+        seed=args.seed,
+        fixed_clips=args.cache_dir is not None,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )  # fmt: skip
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    epochs = math.ceil(max_steps / updates_per_epoch)
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = _make_optimizer(args, trainable, lr)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    if not args.train_backbone:
+        _save_only_trainable_weights(accelerator)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    lookback = accelerator.unwrap_model(model)
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
+    cache = LatentCache(args.cache_dir) if args.cache_dir else None
+    empty_text = encode_prompt(components.tokenizer, components.text_encoder, [""], accelerator.device)[
+        0
+    ].float()
+    facts = {
+        "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
+        "preset": args.preset, "learning_rate": lr, "text_dropout": args.text_dropout,
+        "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
+    }  # fmt: skip
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        found = checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)
+        if found is None:
+            logger.info("no complete checkpoint in %s yet; starting from step 0", output_dir)
+        else:
+            accelerator.load_state(str(found))
+            global_step = checkpoints.read_state(found)["global_step"]
+            first_epoch = global_step // updates_per_epoch
+            skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+            logger.info("resumed from %s at step %d", found, global_step)
+
+    def save(step: int) -> None:
+        tmp = checkpoints.temporary_dir(output_dir, step)
+        if accelerator.is_main_process:
+            checkpoints.begin(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
+            final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
+            write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
+            logger.info("saved %s", final)
+        accelerator.wait_for_everyone()
+
+    def write_weights(path: Path, step: int) -> Path:
+        if ema is not None:
+            ema.store(lookback.temporal.parameters())
+            ema.copy_to(lookback.temporal.parameters())
+        try:
+            return save_temporal_weights(path, lookback.temporal, training={**facts, "steps": step})
+        finally:
+            if ema is not None:
+                ema.restore(lookback.temporal.parameters())
+
+    metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
+    if log_with is not None:
+        accelerator.init_trackers("lookback", config={k: v for k, v in vars(args).items() if v is not None})
+    skipped = Counter()
+    bar = tqdm(
+        total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
+    )
+    started, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    model.train()
+    for epoch in range(first_epoch, epochs):
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
+        for batch in batches:
+            for path, reason in batch["skipped"]:
+                if skipped[path] == 0:
+                    logger.warning("skipped %s (%s)", path, reason)
+                skipped[path] += 1
+            with accelerator.accumulate(model):
+                latents, text = _encode_batch(
+                    batch, components, lookback, cache, accelerator.device, weight_dtype
+                )
+                drop = torch.rand(len(text), device=text.device) < args.text_dropout
+                text = torch.where(drop[:, None, None], empty_text, text)
+                with accelerator.autocast():
+                    loss = lookback_loss(
+                        model, latents.to(weight_dtype), text.to(weight_dtype), noise_scheduler
+                    )
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"the loss became {loss.item()} at step {global_step + 1}; stopping. The last good "
+                        f"checkpoint is kept in {output_dir}; try a lower --learning_rate or fp32/bf16"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().item()
+            loss_count += 1
+            samples_seen += len(batch["keys"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(lookback.temporal.parameters())
+            global_step += 1
+            bar.update(1)
+            elapsed = max(time.time() - started, 1e-9)
+            values = {
+                "loss": loss_sum / loss_count,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "clips_per_s": samples_seen / elapsed,
+                "frames_per_s": samples_seen * args.num_frames / elapsed,
+                "skipped_samples": sum(skipped.values()),
+            }
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+            metrics(global_step, values)
+            loss_sum, loss_count = 0.0, 0
+            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+                save(global_step)
+            if (
+                args.validation_image
+                and global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+            ):
+                if ema is not None:
+                    ema.store(lookback.temporal.parameters())
+                    ema.copy_to(lookback.temporal.parameters())
+                model.eval()
+                result = run_validation(args, lookback, components, output_dir / "validation", global_step)
+                model.train()
+                if ema is not None:
+                    ema.restore(lookback.temporal.parameters())
+                metrics(global_step, result)
+            if global_step >= max_steps:
+                break
+        skip_batches = 0
+        if global_step >= max_steps:
+            break
+    bar.close()
+    if skipped:
+        logger.warning("skipped %d unusable samples %d times in all", len(skipped), sum(skipped.values()))
+    accelerator.end_training()
+    return output_dir / checkpoints.WEIGHTS_NAME
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        weights = train(args)
+    except NonFiniteLoss as err:
+        logger.error("%s", err)
+        return 3
+    print(f"temporal weights: {weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

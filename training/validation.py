@@ -1,0 +1,49 @@
+"""Validation during training: a short video from a fixed image and prompt, and its ISIM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lookback_core.image_prep import fit_to_multiple, load_image
+from lookback_core.metrics import ClipImageFeatures, isim_curve, isim_summary, latent_features
+from lookback_core.pipeline import decode_latents, encode_image_latent
+from lookback_core.sampler import SamplerSettings, sample_video
+from lookback_core.sd15 import SD15Components, encode_prompt
+from lookback_core.temporal_unet import LookBackUNet
+from lookback_core.video_io import write_video
+
+
+@torch.no_grad()
+def run_validation(
+    args, model: LookBackUNet, components: SD15Components, folder: Path, step: int
+) -> dict[str, float]:
+    """Write ``folder/step-<step>.mp4`` and return its ISIM figures (``isim_*`` or ``isim_latent_*``)."""
+    device = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    image, _ = fit_to_multiple(
+        load_image(args.validation_image), width=args.resolution, height=args.resolution, min_size=8
+    )
+    z0 = encode_image_latent(components.vae, image).to(dtype)
+    texts = encode_prompt(components.tokenizer, components.text_encoder, [args.validation_prompt, ""], device)
+    settings = SamplerSettings(steps=args.validation_inference_steps, seed=args.seed)
+    latents = sample_video(
+        model,
+        z0,
+        texts[:1].to(dtype),
+        texts[1:].to(dtype),
+        args.validation_frames,
+        settings,
+        components.scheduler_config,
+    )
+    frames = decode_latents(components.vae, latents)[0]
+    write_video(frames.permute(0, 2, 3, 1), folder / f"step-{step:07d}.mp4", fps=8)
+    if args.isim_clip_model:
+        features = ClipImageFeatures(args.isim_clip_model, device)(torch.cat([image, frames]))
+        reference, features, name = features[0], features[1:], "isim"
+    else:
+        features = latent_features(latents[0].float().cpu())
+        reference, name = features[0], "isim_latent"
+    summary = isim_summary(isim_curve(features, reference))
+    return {f"{name}_{key}": value for key, value in summary.items()}
