@@ -46,6 +46,23 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingRNG:
+    """The generator behind noise, timesteps and text dropout, saved with every checkpoint.
+
+    Kept apart from the global RNG, which data loaders draw from whenever they start an epoch,
+    so a resumed run draws exactly what an uninterrupted one would have.
+    """
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 class MetricsLog:
     """Loss, lr and throughput as JSON lines (always), and through accelerate's trackers."""
 
@@ -172,6 +189,8 @@ def train(args) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    rng = TrainingRNG(accelerator.device, args.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
 
     samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
     dataset = VideoClipDataset(
@@ -271,11 +290,11 @@ def train(args) -> Path:
                 latents, text = _encode_batch(
                     batch, components, lookback, cache, accelerator.device, weight_dtype
                 )
-                drop = torch.rand(len(text), device=text.device) < args.text_dropout
+                drop = torch.rand(len(text), device=text.device, generator=rng.generator) < args.text_dropout
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
-                        model, latents.to(weight_dtype), text.to(weight_dtype), noise_scheduler
+                        model, latents.to(weight_dtype), text.to(weight_dtype), noise_scheduler, rng.generator
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(

@@ -1,0 +1,265 @@
+"""The trainer on tiny models and a tiny generated video set (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+from lookback_core.config import preset
+from lookback_core.demo import synthetic_clip, write_synthetic_dataset
+from lookback_core.sd15 import SHIPPED_CONFIG_DIR
+from lookback_core.temporal_unet import create_lookback_unet
+from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
+from lookback_core.video_io import write_video
+from lookback_core.weights import load_lookback_unet, read_temporal_header
+from training import checkpoints
+from training.data import VideoClipDataset, collate, discover_samples
+from training.objective import hybrid_noisy_latents, lookback_loss
+from training.train import main as train_main
+
+from .conftest import make_tiny_unet
+
+REPO = Path(__file__).parents[1]
+SCHEDULER_CONFIG = json.loads((SHIPPED_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    config_dir = tiny_config_dir(root)
+    checkpoint = write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir)
+    data = write_synthetic_dataset(root / "videos", 8, frames=10, size=40)
+    return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "data": data}
+
+
+def _args(setup, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model", str(setup["checkpoint"]),
+        "--config_dir", str(setup["config_dir"]),
+        "--train_data_dir", str(setup["data"]),
+        "--output_dir", str(output_dir),
+        "--preset", "light",
+        "--resolution", "32",
+        "--num_frames", "4",
+        "--frame_stride", "2",
+        "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "1",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_a_few_steps_end_to_end_write_deployable_weights(setup, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
+    assert train_main(_args(setup, out, *args)) == 0
+    config, training, family = read_temporal_header(out / "lookback_weights.safetensors")
+    assert family == "sd15" and config.depth == 3
+    assert training["steps"] == 3 and training["frames"] == 4 and training["stride"] == 2
+    from lookback_core.sd15 import load_sd15
+
+    unet = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"]).unet
+    model = load_lookback_unet(out / "lookback_weights.safetensors", unet)
+    assert any(p.abs().sum() > 0 for p in model.temporal.parameters())  # trained away from zero
+    # checkpoint-2 was pruned after checkpoint-3 was in place; the frozen UNet is not in it
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-3"]
+    assert all(k.startswith("temporal.") for k in load_file(out / "checkpoint-3" / "model.safetensors"))
+    lines = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all(np.isfinite(line["loss"]) and line["lr"] == 1e-4 and line["clips_per_s"] > 0 for line in lines)
+
+
+def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
+    image = tmp_path / "start.png"
+    iio.imwrite(image, synthetic_clip(5, size=40)[0][0])
+    out = tmp_path / "run"
+    extra = ["--max_train_steps", "2", "--validation_image", str(image), "--validation_prompt", "a square",
+             "--validation_steps", "2", "--validation_frames", "3", "--validation_inference_steps", "2"]  # fmt: skip
+    assert train_main(_args(setup, out, *extra)) == 0
+    assert (out / "validation" / "step-0000002.mp4").is_file()
+    last = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["isim_latent_first"] == pytest.approx(1.0)
+    assert -1 <= last["isim_latent_avg"] <= 1 and "isim_latent_decay" in last
+
+
+def test_hybrid_noising_keeps_frame_zero_clean_and_loss_skips_it() -> None:
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    latents = torch.randn(2, 4, 5, 8, 8)
+    noise = torch.randn_like(latents)
+    noisy = hybrid_noisy_latents(latents, noise, torch.tensor([500, 999]), scheduler)
+    assert torch.equal(noisy[:, :, 0], latents[:, :, 0])
+    assert not torch.allclose(noisy[:, :, 1:], latents[:, :, 1:])
+
+    class Constant(torch.nn.Module):  # predicts garbage on frame 0 only
+        def forward(self, x, t, ctx):
+            out = torch.randn_like(x, generator=None) * 0
+            out[:, :, 0] = 1e6
+            return out + torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    generator = torch.Generator().manual_seed(0)
+    loss = lookback_loss(Constant(), latents, torch.zeros(2, 3, 4), scheduler, generator)
+    assert loss < 10  # the 1e6 on frame 0 is not in the loss
+
+
+def test_overfit_on_a_repeated_batch_loss_falls() -> None:
+    model = create_lookback_unet(make_tiny_unet(), preset("light"))
+    model.unet.requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 4, 8, 8, generator=g)
+    text = torch.randn(1, 5, 32, generator=g)
+    optimizer = torch.optim.AdamW(model.temporal.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = lookback_loss(model, latents, text, scheduler, torch.Generator().manual_seed(1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "all"])
+def test_gradients_reach_only_the_temporal_modules(checkpointing) -> None:
+    model = create_lookback_unet(make_tiny_unet(), preset("light"))
+    model.unet.requires_grad_(False)
+    if checkpointing == "all":
+        model.unet.enable_gradient_checkpointing()
+        model.checkpoint_sites = set(model.config.sites)
+    model.train()
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    loss = lookback_loss(model, torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32), scheduler)
+    loss.backward()
+    assert all(p.grad is None for p in model.unet.parameters())
+    for site, module in model.temporal.items():
+        # zero-initialised convs still get gradients (the input is not zero) at every site
+        assert module.lookback.weight.grad is not None and module.lookback.weight.grad.abs().sum() > 0, site
+
+
+def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
+    root = tmp_path / "mixed"
+    write_synthetic_dataset(root, 2, frames=10, size=40)
+    (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 definitely not a video")
+    write_video(synthetic_clip(9, frames=3, size=40)[0], root / "short.mp4", fps=8)
+    frames_dir = root / "frames_clip"
+    frames_dir.mkdir()
+    for i, frame in enumerate(synthetic_clip(3, frames=10, size=40)[0]):
+        iio.imwrite(frames_dir / f"{i:04d}.png", frame)
+    (frames_dir / "caption.txt").write_text("a folder of frames")
+    samples = discover_samples(root)
+    assert sorted(s.path.name for s in samples) == [
+        "clip_000.mp4",
+        "clip_001.mp4",
+        "corrupt.mp4",
+        "frames_clip",
+        "short.mp4",
+    ]
+    assert {s.path.name: s.caption for s in samples}["frames_clip"] == "a folder of frames"
+    dataset = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    assert batch["pixels"].shape == (5, 4, 3, 32, 32)
+    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+    reasons = {Path(p).name: r for p, r in batch["skipped"]}
+    assert reasons == {"corrupt.mp4": "unreadable", "short.mp4": "too short"}
+
+    # WebVid layout: <root>/<page_dir>/<videoid>.mp4 with captions in the CSV
+    webvid = tmp_path / "webvid"
+    write_synthetic_dataset(webvid / "001_page", 2, frames=10, size=40)
+    table = tmp_path / "results.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["videoid", "name", "page_dir"])
+        writer.writerow(["clip_000", "first caption", "001_page"])
+        writer.writerow(["clip_001", "second caption", "001_page"])
+    samples = discover_samples(webvid, table)
+    assert [s.caption for s in samples] == ["first caption", "second caption"]
+    assert VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)[1]["caption"] == "second caption"
+
+
+def test_stride_follows_fps_when_a_reference_fps_is_given(tmp_path) -> None:
+    write_video(synthetic_clip(0, frames=30, size=40)[0], tmp_path / "fast.mp4", fps=16)
+    samples = discover_samples(tmp_path)
+    plain = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
+    scaled = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32, reference_fps=8)
+    assert plain._read(samples[0], 0)[2] == 2
+    assert scaled._read(samples[0], 0)[2] == 4
+
+
+def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert train_main(_args(setup, out, "--max_train_steps", "8", "--cache_dir", str(cache))) == 0
+    entries = list(cache.rglob("*.safetensors"))
+    assert len(entries) == 8  # one clip per video, encoded once although each was used twice
+    entry = load_file(entries[0])
+    assert entry["latents"].shape == (4, 4, 4, 4) and entry["text"].shape == (77, 32)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup, tmp_path, caplog) -> None:
+    out = tmp_path / "run"
+    args = _args(setup, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
+                 "--learning_rate", "1e30", "--max_grad_norm", "0")  # fmt: skip
+    assert train_main(args) == 3
+    assert "the loss became" in caplog.text and "last good checkpoint" in caplog.text
+    kept = checkpoints.complete_checkpoints(out)
+    assert kept, "the checkpoint written before the loss broke is kept"
+    state = load_file(kept[-1] / "lookback_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def _train_subprocess(setup, out: Path, steps: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "training" / "train.py"),
+           *_args(setup, out, "--max_train_steps", str(steps), "--checkpointing_steps", "2", *extra)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_killed_run_resumes_where_it_stopped(setup, tmp_path) -> None:
+    steps = 10
+    straight = _train_subprocess(setup, tmp_path / "straight", steps)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    out = tmp_path / "killed"
+    run = _train_subprocess(setup, out, steps)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2" / checkpoints.COMPLETE_MARKER).is_file():
+        assert run.poll() is None and time.time() < deadline, "the run ended before checkpoint-2"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (out / f"checkpoint-{steps}").exists(), "the kill came too late to test anything"
+    # what a run killed while saving leaves behind: an unfinished folder and one without its marker
+    (out / "checkpoint-12.tmp").mkdir()
+    (out / "checkpoint-14").mkdir()
+    assert checkpoints.find_checkpoint(out, "latest").name != "checkpoint-14"
+
+    resumed = _train_subprocess(setup, out, steps, "--resume_from_checkpoint", "latest")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    resumed_from = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert resumed_from >= 2 and resumed_from % 2 == 0
+    assert not (out / "checkpoint-12.tmp").exists() and not (out / "checkpoint-14").exists()
+    steps_logged = [
+        json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps_logged[-(steps - resumed_from) :] == list(range(resumed_from + 1, steps + 1))
+    # optimizer, lr scheduler, data order and RNG all continued: the same weights as the straight run
+    a = load_file(tmp_path / "straight" / "lookback_weights.safetensors")
+    b = load_file(out / "lookback_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
