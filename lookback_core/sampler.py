@@ -63,7 +63,8 @@ def sample_video(
 
     ``image_latent``: ``[b, c, h, w]`` (VAE mean times the scaling factor); ``positive`` and
     ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be ``None`` for no
-    guidance). ``on_step(step, total, latents)`` is called after every step; ``should_cancel``
+    guidance). ``on_step(step, total, estimate)`` is called after every step with the current
+    estimate of the clean video (for previews); ``should_cancel``
     before every step, and a true answer raises :class:`SamplingCancelled`.
     Returns ``[b, c, f, h, w]``.
     """
@@ -102,9 +103,8 @@ def sample_video(
         step_noise = None
         if settings.eta > 0:
             step_noise = torch.randn(moving.shape, generator=generator, dtype=torch.float32).to(moving)
-        moving = scheduler.step(
-            eps[:, :, 1:], t, moving, eta=settings.eta, variance_noise=step_noise
-        ).prev_sample
+        result = scheduler.step(eps[:, :, 1:], t, moving, eta=settings.eta, variance_noise=step_noise)
+        moving = result.prev_sample
         if on_step is not None:
-            on_step(step + 1, total, torch.cat([z0, moving], dim=2))
+            on_step(step + 1, total, torch.cat([z0, result.pred_original_sample], dim=2))
     return torch.cat([z0, moving], dim=2)

@@ -12,6 +12,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import randomize
+from ldm_checkpoint import tiny_config_dir, write_tiny_sd15_checkpoint
 
 from lookback_core.cli import main
 from lookback_core.config import preset
@@ -21,9 +23,6 @@ from lookback_core.sd15 import load_sd15
 from lookback_core.temporal_unet import create_lookback_unet
 from lookback_core.video_io import read_video
 from lookback_core.weights import save_temporal_weights
-
-from .conftest import randomize
-from .ldm_checkpoint import tiny_config_dir, write_tiny_sd15_checkpoint
 
 REPO = Path(__file__).parents[1]
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize
 
 from lookback_core.config import LookBackConfig
 from lookback_core.lookback import LookBackModule, lookback_recurrence, lookback_reference
-
-from .conftest import randomize
 
 
 def _module(n: int = 6, **kw) -> LookBackModule:

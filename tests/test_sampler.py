@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize
 from diffusers import DDIMScheduler
 
 from lookback_core.config import preset
 from lookback_core.sampler import SamplerSettings, SamplingCancelled, initial_noise, sample_video
 from lookback_core.temporal_unet import create_lookback_unet
-
-from .conftest import randomize
 
 SCHEDULER_CONFIG = json.loads(
     (Path(__file__).parents[1] / "lookback_core/configs/sd15/scheduler/scheduler_config.json").read_text()

@@ -12,6 +12,15 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from ldm_checkpoint import (
+    fake_sd2_state_dict,
+    fake_sdxl_state_dict,
+    tiny_config_dir,
+    tiny_sd15_models,
+    unet_to_ldm,
+    vae_to_ldm,
+    write_tiny_sd15_checkpoint,
+)
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -22,16 +31,6 @@ from lookback_core.sd15 import (
     detect_family,
     encode_prompt,
     load_sd15,
-)
-
-from .ldm_checkpoint import (
-    fake_sd2_state_dict,
-    fake_sdxl_state_dict,
-    tiny_config_dir,
-    tiny_sd15_models,
-    unet_to_ldm,
-    vae_to_ldm,
-    write_tiny_sd15_checkpoint,
 )
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize
 from einops import rearrange, repeat
 
 from lookback_core.config import SD15_SITES, LookBackConfig, preset
 from lookback_core.sites import find_sites
 from lookback_core.temporal_unet import create_lookback_unet
-
-from .conftest import randomize
 
 
 def _inputs(b: int = 2, f: int = 4, seed: int = 0):

@@ -15,6 +15,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
@@ -29,8 +30,6 @@ from training import checkpoints
 from training.data import VideoClipDataset, collate, discover_samples
 from training.objective import hybrid_noisy_latents, lookback_loss
 from training.train import main as train_main
-
-from .conftest import make_tiny_unet
 
 REPO = Path(__file__).parents[1]
 SCHEDULER_CONFIG = json.loads((SHIPPED_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG, make_tiny_unet, randomize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,8 +20,6 @@ from lookback_core.weights import (
     read_temporal_header,
     save_temporal_weights,
 )
-
-from .conftest import TINY_UNET_CONFIG, make_tiny_unet, randomize
 
 
 @pytest.fixture
