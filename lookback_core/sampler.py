@@ -2,7 +2,8 @@
 
 ``x = [z0, noise_1, ..., noise_{f-1}]``. Before every UNet call frame 0 is set to the clean
 image latent ``z0``; the DDIM update (diffusers' :class:`~diffusers.DDIMScheduler`) moves
-frames ``1..f-1`` only, and the returned frame 0 is ``z0`` exactly.
+frames ``1..f-1`` only, and the returned frame 0 is ``z0`` exactly. The same holds for ``k``
+pinned clean frames, which is how a long video's next chunk continues the previous one.
 """
 
 from __future__ import annotations
@@ -59,20 +60,26 @@ def sample_video(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Sample ``num_frames`` latent frames whose frame 0 is ``image_latent``.
+    """Sample ``num_frames`` latent frames that begin with the clean ``image_latent``.
 
-    ``image_latent``: ``[b, c, h, w]`` (VAE mean times the scaling factor); ``positive`` and
-    ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be ``None`` for no
-    guidance). ``on_step(step, total, estimate)`` is called after every step with the current
-    estimate of the clean video (for previews); ``should_cancel``
-    before every step, and a true answer raises :class:`SamplingCancelled`.
-    Returns ``[b, c, f, h, w]``.
+    ``image_latent``: ``[b, c, h, w]`` (VAE mean times the scaling factor), or ``[b, c, k, h, w]``
+    for ``k`` clean frames pinned at the start (the context of a long video's next chunk);
+    ``positive`` and ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be
+    ``None`` for no guidance). ``on_step(step, total, estimate)`` is called after every step
+    with the current estimate of the clean video (for previews); ``should_cancel`` before every
+    step, and a true answer raises :class:`SamplingCancelled`. Returns ``[b, c, f, h, w]``.
     """
-    if num_frames < 2:
-        raise ValueError(f"num_frames must be >= 2 (the image and at least one new frame), got {num_frames}")
-    if image_latent.ndim != 4:
-        raise ValueError(f"image_latent must be [b, c, h, w], got shape {tuple(image_latent.shape)}")
-    b, c, h, w = image_latent.shape
+    if image_latent.ndim == 4:
+        image_latent = image_latent.unsqueeze(2)
+    if image_latent.ndim != 5:
+        raise ValueError(
+            f"image_latent must be [b, c, h, w] or [b, c, k, h, w], got shape {tuple(image_latent.shape)}"
+        )
+    b, c, k, h, w = image_latent.shape
+    if num_frames <= k:
+        raise ValueError(
+            f"num_frames must be >= {k + 1} (the {k} pinned frame(s) and at least one new frame), got {num_frames}"
+        )
     if positive.shape[0] != b or (negative is not None and negative.shape != positive.shape):
         raise ValueError(
             f"prompt embeddings must be [{b}, tokens, dim] like the image latent's batch; got "
@@ -84,16 +91,16 @@ def sample_video(
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(settings.steps, device=image_latent.device)
     noise = initial_noise(
-        (b, c, num_frames - 1, h, w), settings.seed, image_latent.device, image_latent.dtype
+        (b, c, num_frames - k, h, w), settings.seed, image_latent.device, image_latent.dtype
     )
     generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
-    z0 = image_latent.unsqueeze(2)
+    pinned = image_latent
     moving = noise * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     for step, t in enumerate(scheduler.timesteps):
         if should_cancel is not None and should_cancel():
             raise SamplingCancelled(f"sampling cancelled before step {step + 1} of {total}")
-        x = torch.cat([z0, moving], dim=2)
+        x = torch.cat([pinned, moving], dim=2)
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         with torch.no_grad():
             eps = model(x_in, t, context)
@@ -103,8 +110,8 @@ def sample_video(
         step_noise = None
         if settings.eta > 0:
             step_noise = torch.randn(moving.shape, generator=generator, dtype=torch.float32).to(moving)
-        result = scheduler.step(eps[:, :, 1:], t, moving, eta=settings.eta, variance_noise=step_noise)
+        result = scheduler.step(eps[:, :, k:], t, moving, eta=settings.eta, variance_noise=step_noise)
         moving = result.prev_sample
         if on_step is not None:
-            on_step(step + 1, total, torch.cat([z0, result.pred_original_sample], dim=2))
-    return torch.cat([z0, moving], dim=2)
+            on_step(step + 1, total, torch.cat([pinned, result.pred_original_sample], dim=2))
+    return torch.cat([pinned, moving], dim=2)

@@ -1,0 +1,82 @@
+"""Videos of any length in the memory of one chunk.
+
+The first chunk is sampled from the image as usual. Every following chunk pins the last ``c``
+frames of what was generated so far as clean context and samples ``chunk_frames - c`` new
+frames after them, so the look-back modules see the previous frames exactly as they see the
+given image. The model only ever runs on ``chunk_frames`` frames; finished frames go to a CPU
+buffer (and to ``on_chunk``, to decode or write them as they come).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .sampler import SamplerSettings, StepCallback, sample_video
+from .temporal_unet import LookBackUNet
+
+ChunkCallback = Callable[[int, torch.Tensor], None]
+
+
+def chunk_count(num_frames: int, chunk_frames: int, context_frames: int) -> int:
+    """How many chunks ``num_frames`` frames take."""
+    if num_frames <= chunk_frames:
+        return 1
+    return 1 + math.ceil((num_frames - chunk_frames) / (chunk_frames - context_frames))
+
+
+def sample_long_video(
+    model: LookBackUNet,
+    image_latent: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    num_frames: int,
+    settings: SamplerSettings,
+    scheduler_config: dict[str, Any],
+    *,
+    chunk_frames: int,
+    context_frames: int,
+    on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_chunk: ChunkCallback | None = None,
+) -> torch.Tensor:
+    """Sample ``num_frames`` frames from ``image_latent`` ``[b, c, h, w]`` in chunks.
+
+    ``context_frames`` (``c``, 1 <= c < ``chunk_frames``) clean frames of the previous chunk
+    start each following chunk; the model's look-back depth ``d`` is the natural choice (c <= d
+    frames are what one look-back conv reads). Chunk ``i`` draws its noise from ``seed + i``.
+    ``on_step`` counts steps over all chunks; ``on_chunk(start, frames)`` receives each chunk's
+    new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
+    on the CPU.
+    """
+    if not 1 <= context_frames < chunk_frames:
+        raise ValueError(
+            f"context_frames must be in [1, chunk_frames - 1], got {context_frames} with chunk_frames {chunk_frames}"
+        )
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2, got {num_frames}")
+    b, c, h, w = image_latent.shape
+    video = torch.empty(b, c, num_frames, h, w, dtype=torch.float32)
+    video[:, :, 0] = image_latent.float().cpu()
+    chunks = chunk_count(num_frames, chunk_frames, context_frames)
+    done, pinned = 1, image_latent.unsqueeze(2)
+    for index in range(chunks):
+        frames = min(chunk_frames, pinned.shape[2] + num_frames - done)
+        progress = None
+        if on_step is not None:
+            progress = lambda step, total, x, i=index: on_step(i * total + step, chunks * total, x)  # noqa: E731
+        chunk = sample_video(
+            model, pinned, positive, negative, frames, replace(settings, seed=settings.seed + index),
+            scheduler_config, on_step=progress, should_cancel=should_cancel,
+        )  # fmt: skip
+        new = chunk[:, :, pinned.shape[2] :]
+        video[:, :, done : done + new.shape[2]] = new.float().cpu()
+        if on_chunk is not None:
+            on_chunk(done, new)
+        done += new.shape[2]
+        pinned = chunk[:, :, -context_frames:]
+    return video

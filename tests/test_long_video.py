@@ -1,0 +1,102 @@
+"""Long videos in chunks: continuity, bounded model calls, and flat peak memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize
+
+from lookback_core.config import preset
+from lookback_core.long_video import chunk_count, sample_long_video
+from lookback_core.sampler import SamplerSettings, sample_video
+from lookback_core.temporal_unet import create_lookback_unet
+
+REPO = Path(__file__).parents[1]
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+
+
+@pytest.fixture
+def model(tiny_unet):
+    model = create_lookback_unet(tiny_unet, preset("light"))
+    randomize(model.temporal, scale=0.02)
+    return model
+
+
+class Spy:
+    def __init__(self, model) -> None:
+        self.model, self.inputs = model, []
+
+    def __call__(self, x, t, ctx):
+        self.inputs.append(x.clone())
+        return self.model(x, t, ctx)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 5, 32, generator=g),
+        torch.randn(1, 5, 32, generator=g),
+    )
+
+
+def test_one_chunk_is_plain_sampling(model) -> None:
+    z0, pos, neg = _inputs()
+    settings = SamplerSettings(steps=2, seed=4)
+    long = sample_long_video(model, z0, pos, neg, 5, settings, SCHEDULER, chunk_frames=8, context_frames=3)
+    torch.testing.assert_close(long, sample_video(model, z0, pos, neg, 5, settings, SCHEDULER))
+
+
+def test_chunks_continue_from_pinned_context_and_never_exceed_the_chunk(model) -> None:
+    z0, pos, neg = _inputs()
+    spy, chunks, steps = Spy(model), [], []
+    video = sample_long_video(
+        spy, z0, pos, neg, 17, SamplerSettings(steps=2, cfg_scale=3.0), SCHEDULER, chunk_frames=6, context_frames=3,
+        on_chunk=lambda start, new: chunks.append((start, new.shape[2])), on_step=lambda i, n, x: steps.append((i, n)),
+    )  # fmt: skip
+    assert video.shape == (1, 4, 17, 8, 8) and torch.equal(video[:, :, 0], z0)
+    n = chunk_count(17, 6, 3)
+    assert n == 5 and chunks == [(1, 5), (6, 3), (9, 3), (12, 3), (15, 2)]
+    assert steps == [(i, n * 2) for i in range(1, n * 2 + 1)]
+    assert len(spy.inputs) == n * 2 and max(x.shape[2] for x in spy.inputs) == 6
+    # chunk k's first 3 frames, at every step, are the finished frames before it
+    for k, (start, _) in enumerate(chunks[1:], start=1):
+        for x in spy.inputs[2 * k : 2 * k + 2]:
+            torch.testing.assert_close(x[1:, :, :3], video[:, :, start - 3 : start])
+
+
+def test_bad_chunking_is_refused(model) -> None:
+    z0, pos, neg = _inputs()
+    with pytest.raises(ValueError, match="context_frames must be in"):
+        sample_long_video(
+            model, z0, pos, neg, 20, SamplerSettings(steps=1), SCHEDULER, chunk_frames=4, context_frames=4
+        )
+
+
+def _peak_growth(frames: int, chunk: int) -> float:
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "peak_memory_probe.py"),
+        "--frames",
+        str(frames),
+        "--chunk",
+        str(chunk),
+    ]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+    return out["peak_mib"] - out["before_mib"]
+
+
+def test_peak_memory_stays_flat_as_length_grows() -> None:
+    # Each run in a fresh process (peak RSS only grows within one). One pass over all frames
+    # grows with the length; chunks of 6 do not.
+    chunked = [_peak_growth(frames, 6) for frames in (8, 40)]
+    unchunked = [_peak_growth(frames, 0) for frames in (8, 40)]
+    growth_unchunked = unchunked[1] - unchunked[0]
+    assert growth_unchunked > 150, unchunked  # the measurement can see growth at all
+    assert chunked[1] - chunked[0] < 0.15 * growth_unchunked, (chunked, unchunked)
