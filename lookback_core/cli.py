@@ -63,8 +63,19 @@ def _generate(args: argparse.Namespace) -> int:
     )
     positive, negative = texts[:1], texts[1:]
 
+    if args.context_frames and not args.chunk_frames:
+        raise UsageError("--context-frames needs --chunk-frames")
+    if args.chunk_frames and not 1 <= (args.context_frames or 1) < args.chunk_frames:
+        raise UsageError(
+            f"--context-frames must be between 1 and --chunk-frames - 1 ({args.chunk_frames - 1})"
+        )
     settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, eta=args.eta, seed=args.seed)
-    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+    with tqdm(desc="denoising", unit="step") as bar:
+
+        def advance(step: int, total: int, _estimate: torch.Tensor) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
         frames = generate_video(
             model,
             components.vae,
@@ -74,7 +85,9 @@ def _generate(args: argparse.Namespace) -> int:
             args.frames,
             settings,
             components.scheduler_config,
-            on_step=lambda step, total, latents: bar.update(1),
+            on_step=advance,
+            chunk_frames=args.chunk_frames,
+            context_frames=args.context_frames,
         )
     metadata = {"lookback": json.dumps({k: str(v) for k, v in vars(args).items() if k != "func"})}
     written = write_video(frames.permute(0, 2, 3, 1), out, fps=args.fps, metadata=metadata)
@@ -129,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--width", type=int, default=None, help="output width (default: the image's, to a multiple of 8)"
     )
     gen.add_argument("--height", type=int, default=None, help="output height (default: the image's)")
+    gen.add_argument(
+        "--chunk-frames", type=int, default=None,
+        help="sample longer videos in chunks of this many frames: memory stays that of one chunk",
+    )  # fmt: skip
+    gen.add_argument(
+        "--context-frames", type=int, default=None,
+        help="frames of the previous chunk each chunk continues from (default: the look-back depth d)",
+    )  # fmt: skip
     gen.add_argument("--fps", type=float, default=8.0)
     gen.add_argument("--out", required=True, help="output video: .mp4, .gif or .webp")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .long_video import sample_long_video
 from .sampler import SamplerSettings, StepCallback, sample_video
 from .temporal_unet import LookBackUNet
 
@@ -61,11 +62,18 @@ def generate_video(
     *,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    chunk_frames: int | None = None,
+    context_frames: int | None = None,
 ) -> torch.Tensor:
-    """Image ``[1, 3, h, w]`` in ``[0, 1]`` to frames ``[f, 3, h, w]`` in ``[0, 1]``; frame 0 is the image."""
+    """Image ``[1, 3, h, w]`` in ``[0, 1]`` to frames ``[f, 3, h, w]`` in ``[0, 1]``; frame 0 is the image.
+
+    With ``chunk_frames``, videos longer than that are sampled in chunks that pin
+    ``context_frames`` frames of the previous chunk (default: the look-back depth d), so the
+    model's memory does not grow with the length.
+    """
     z0 = encode_image_latent(vae, image)
     param = next(model.unet.parameters())
-    latents = sample_video(
+    args = (
         model,
         z0.to(param.dtype),
         positive.to(device=param.device, dtype=param.dtype),
@@ -73,7 +81,16 @@ def generate_video(
         num_frames,
         settings,
         scheduler_config,
-        on_step=on_step,
-        should_cancel=should_cancel,
     )
+    if chunk_frames and num_frames > chunk_frames:
+        context = context_frames or min(model.config.depth, chunk_frames - 1)
+        latents = sample_long_video(
+            *args,
+            chunk_frames=chunk_frames,
+            context_frames=context,
+            on_step=on_step,
+            should_cancel=should_cancel,
+        )
+    else:
+        latents = sample_video(*args, on_step=on_step, should_cancel=should_cancel)
     return decode_latents(vae, latents)[0]

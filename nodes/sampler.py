@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from lookback_core.long_video import chunk_count, sample_long_video
 from lookback_core.sampler import SamplerSettings, sample_video
 
 from . import bridge, host
@@ -25,8 +26,14 @@ def sample_frames(
     negative: list,
     frames: int,
     settings: SamplerSettings,
+    chunk_frames: int = 0,
+    context_frames: int = 0,
 ) -> dict:
-    """Sample ``frames`` frames per start latent (``[b, 4, h, w]``, ComfyUI's raw space); returns a LATENT."""
+    """Sample ``frames`` frames per start latent (``[b, 4, h, w]``, ComfyUI's raw space); returns a LATENT.
+
+    ``chunk_frames`` > 0 samples longer videos in chunks (memory of one chunk) that continue from
+    ``context_frames`` frames of the previous chunk (0: the look-back depth d).
+    """
     dim = bundle.context_dim
     pos = bridge.conditioning_embeddings(positive, "positive", dim)
     neg = bridge.conditioning_embeddings(negative, "negative", dim)
@@ -39,7 +46,7 @@ def sample_frames(
     try:
         z0 = bridge.latent_in(start_latent).to(device=device, dtype=dtype)
         b = z0.shape[0]
-        latents = sample_video(
+        args = (
             model,
             z0,
             pos.to(device=device, dtype=dtype).expand(b, -1, -1),
@@ -47,9 +54,20 @@ def sample_frames(
             frames,
             settings,
             bundle.scheduler_config,
-            on_step=host.progress_reporter(settings.steps, device),
-            should_cancel=host.cancel_requested,
         )
+        if chunk_frames and frames > chunk_frames:
+            context = context_frames or min(model.config.depth, chunk_frames - 1)
+            steps = settings.steps * chunk_count(frames, chunk_frames, context)
+            latents = sample_long_video(
+                *args, chunk_frames=chunk_frames, context_frames=context,
+                on_step=host.progress_reporter(steps, device), should_cancel=host.cancel_requested,
+            )  # fmt: skip
+        else:
+            latents = sample_video(
+                *args,
+                on_step=host.progress_reporter(settings.steps, device),
+                should_cancel=host.cancel_requested,
+            )
     finally:
         model.to(device=host.offload_device())
         host.release(device)
@@ -88,6 +106,10 @@ class LookBackSampler:
                 "image": ("IMAGE", {"tooltip": "Start image (needs vae). Sides are cropped to multiples of 8."}),
                 "vae": ("VAE", {"tooltip": "Encodes the start image."}),
                 "start_latent": ("LATENT", {"tooltip": "Start latent instead of image + vae."}),
+                "chunk_frames": ("INT", {"default": 0, "min": 0, "max": 256,
+                                         "tooltip": "0: all frames at once. Otherwise longer videos are made in chunks of this many frames, in the memory of one chunk."}),
+                "context_frames": ("INT", {"default": 0, "min": 0, "max": 255,
+                                           "tooltip": "Frames of the previous chunk each chunk continues from; 0 uses the look-back depth d."}),
             },
         }  # fmt: skip
 
@@ -104,6 +126,8 @@ class LookBackSampler:
         image: torch.Tensor | None = None,
         vae=None,
         start_latent: dict | None = None,
+        chunk_frames: int = 0,
+        context_frames: int = 0,
     ) -> tuple[dict]:
         if start_latent is not None:
             start = start_latent["samples"]
@@ -115,4 +139,12 @@ class LookBackSampler:
         else:
             raise ValueError("Look-Back I2V Sampler needs a start: connect image and vae, or start_latent")
         settings = SamplerSettings(steps=steps, cfg_scale=cfg, eta=eta, seed=seed)
-        return (sample_frames(lookback_model, start, positive, negative, frames, settings),)
+        if chunk_frames and not 1 <= (context_frames or 1) < chunk_frames:
+            raise ValueError(
+                f"context_frames must be between 1 and chunk_frames - 1 ({chunk_frames - 1}), got {context_frames}"
+            )
+        return (
+            sample_frames(
+                lookback_model, start, positive, negative, frames, settings, chunk_frames, context_frames
+            ),
+        )

@@ -88,6 +88,12 @@ def test_generate_writes_video_whose_first_frame_is_the_image(assets, tmp_path, 
     assert not torch.allclose(written["frames"][1], written["frames"][0], atol=1e-2)
 
 
+def test_long_video_in_chunks(assets, tmp_path) -> None:
+    out = tmp_path / "long.gif"
+    assert main(_args(assets, out, "--frames", "9", "--chunk-frames", "4", "--context-frames", "2")) == 0
+    assert read_video(out).shape[0] == 9
+
+
 def test_same_seed_same_gif(assets, tmp_path) -> None:
     a, b = tmp_path / "a.gif", tmp_path / "b.gif"
     assert main(_args(assets, a, "--seed", "3")) == 0
@@ -102,12 +108,16 @@ def test_same_seed_same_gif(assets, tmp_path) -> None:
         (("--image", "nowhere.png"), "--image: no such file"),
         (("--out", "video.avi"), "--out: the file name must end in"),
         (("--frames", "1"), "--frames must be at least 2"),
+        (("--chunk-frames", "4", "--context-frames", "4"), "--context-frames must be between 1 and"),
     ],
 )
 def test_bad_input_is_a_clear_error(assets, tmp_path, capsys, change, message) -> None:
     args = _args(assets, tmp_path / "v.mp4")
-    i = args.index(change[0])
-    args[i + 1] = change[1]
+    for flag, value in zip(change[::2], change[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     assert main(args) == 2
     assert message in capsys.readouterr().err
 

@@ -92,6 +92,21 @@ def test_sampler_node_returns_latent_frames_starting_with_the_start_latent(bundl
     assert next(bundle.model.parameters()).device == host.offload_device()
 
 
+def test_sampler_node_makes_long_videos_in_chunks(bundle) -> None:
+    start = torch.randn(1, 4, 8, 8)
+    (out,) = LookBackSampler().sample(
+        bundle, _conditioning(1), _conditioning(2), 9, 1, 2.0, 0.0, 0, start_latent={"samples": start},
+        chunk_frames=4, context_frames=2,
+    )  # fmt: skip
+    assert out["samples"].shape == (9, 4, 8, 8)
+    torch.testing.assert_close(out["samples"][0], start[0])
+    with pytest.raises(ValueError, match="context_frames must be between 1 and"):
+        LookBackSampler().sample(
+            bundle, _conditioning(1), _conditioning(2), 9, 1, 2.0, 0.0, 0, start_latent={"samples": start},
+            chunk_frames=4, context_frames=4,
+        )  # fmt: skip
+
+
 def test_sampler_node_accepts_long_prompts_against_short_negatives(bundle) -> None:
     start = torch.randn(1, 4, 8, 8)
     (out,) = LookBackSampler().sample(
