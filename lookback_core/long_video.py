@@ -38,21 +38,26 @@ def sample_long_video(
     settings: SamplerSettings,
     scheduler_config: dict[str, Any],
     *,
-    chunk_frames: int,
-    context_frames: int,
+    chunk_frames: int | None = None,
+    context_frames: int | None = None,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_chunk: ChunkCallback | None = None,
 ) -> torch.Tensor:
-    """Sample ``num_frames`` frames from ``image_latent`` ``[b, c, h, w]`` in chunks.
+    """Sample ``num_frames`` frames from ``image_latent`` ``[b, c, h, w]``, in chunks if needed.
 
-    ``context_frames`` (``c``, 1 <= c < ``chunk_frames``) clean frames of the previous chunk
-    start each following chunk; the model's look-back depth ``d`` is the natural choice (c <= d
-    frames are what one look-back conv reads). Chunk ``i`` draws its noise from ``seed + i``.
+    Without ``chunk_frames`` (or when the video fits in one chunk) this is one
+    :func:`~lookback_core.sampler.sample_video` pass. ``context_frames`` (``c``, 1 <= c <
+    ``chunk_frames``; default the model's look-back depth ``d``, which is what one look-back
+    conv reads) clean frames of the previous chunk start each following chunk. Chunk ``i``
+    draws its noise from ``seed + i``.
     ``on_step`` counts steps over all chunks; ``on_chunk(start, frames)`` receives each chunk's
     new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
     on the CPU.
     """
+    chunk_frames = chunk_frames or num_frames
+    if context_frames is None:
+        context_frames = max(1, min(model.config.depth, chunk_frames - 1))
     if not 1 <= context_frames < chunk_frames:
         raise ValueError(
             f"context_frames must be in [1, chunk_frames - 1], got {context_frames} with chunk_frames {chunk_frames}"

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from .long_video import sample_long_video
-from .sampler import SamplerSettings, StepCallback, sample_video
+from .sampler import SamplerSettings, StepCallback
 from .temporal_unet import LookBackUNet
 
 
@@ -73,7 +73,7 @@ def generate_video(
     """
     z0 = encode_image_latent(vae, image)
     param = next(model.unet.parameters())
-    args = (
+    latents = sample_long_video(
         model,
         z0.to(param.dtype),
         positive.to(device=param.device, dtype=param.dtype),
@@ -81,16 +81,9 @@ def generate_video(
         num_frames,
         settings,
         scheduler_config,
+        chunk_frames=chunk_frames,
+        context_frames=context_frames,
+        on_step=on_step,
+        should_cancel=should_cancel,
     )
-    if chunk_frames and num_frames > chunk_frames:
-        context = context_frames or min(model.config.depth, chunk_frames - 1)
-        latents = sample_long_video(
-            *args,
-            chunk_frames=chunk_frames,
-            context_frames=context,
-            on_step=on_step,
-            should_cancel=should_cancel,
-        )
-    else:
-        latents = sample_video(*args, on_step=on_step, should_cancel=should_cancel)
     return decode_latents(vae, latents)[0]

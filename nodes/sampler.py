@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from lookback_core.long_video import chunk_count, sample_long_video
-from lookback_core.sampler import SamplerSettings, sample_video
+from lookback_core.long_video import sample_long_video
+from lookback_core.sampler import SamplerSettings
 
 from . import bridge, host
 from .loader import CATEGORY, LookBackModel
@@ -46,7 +46,7 @@ def sample_frames(
     try:
         z0 = bridge.latent_in(start_latent).to(device=device, dtype=dtype)
         b = z0.shape[0]
-        args = (
+        latents = sample_long_video(
             model,
             z0,
             pos.to(device=device, dtype=dtype).expand(b, -1, -1),
@@ -54,20 +54,11 @@ def sample_frames(
             frames,
             settings,
             bundle.scheduler_config,
+            chunk_frames=chunk_frames or None,
+            context_frames=context_frames or None,
+            on_step=host.progress_reporter(settings.steps, device),
+            should_cancel=host.cancel_requested,
         )
-        if chunk_frames and frames > chunk_frames:
-            context = context_frames or min(model.config.depth, chunk_frames - 1)
-            steps = settings.steps * chunk_count(frames, chunk_frames, context)
-            latents = sample_long_video(
-                *args, chunk_frames=chunk_frames, context_frames=context,
-                on_step=host.progress_reporter(steps, device), should_cancel=host.cancel_requested,
-            )  # fmt: skip
-        else:
-            latents = sample_video(
-                *args,
-                on_step=host.progress_reporter(settings.steps, device),
-                should_cancel=host.cancel_requested,
-            )
     finally:
         model.to(device=host.offload_device())
         host.release(device)

@@ -30,3 +30,22 @@ def randomize(module: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> No
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> dict:
+    """A tiny SD1.5 LDM checkpoint, its config folder, and a temporal weights file for it
+    (preset ``light``, small random weights, training facts ``{"frames": 4}``)."""
+    from lookback_core.config import preset
+    from lookback_core.sd15 import load_sd15
+    from lookback_core.temporal_unet import create_lookback_unet
+    from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
+    from lookback_core.weights import save_temporal_weights
+
+    root = tmp_path_factory.mktemp("tiny_files")
+    config_dir = tiny_config_dir(root)
+    checkpoint = write_tiny_sd15_checkpoint(root / "tiny_sd15.safetensors", config_dir=config_dir)
+    model = create_lookback_unet(load_sd15(checkpoint, config_dir=config_dir).unet, preset("light"))
+    randomize(model.temporal, scale=0.02)
+    weights = save_temporal_weights(root / "lookback.safetensors", model, training={"frames": 4})
+    return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "weights": weights}

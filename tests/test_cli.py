@@ -12,40 +12,21 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
-from ldm_checkpoint import tiny_config_dir, write_tiny_sd15_checkpoint
 
 from lookback_core.cli import main
-from lookback_core.config import preset
 from lookback_core.image_prep import fit_to_multiple, load_image
 from lookback_core.pipeline import decode_latents, encode_image_latent
 from lookback_core.sd15 import load_sd15
-from lookback_core.temporal_unet import create_lookback_unet
 from lookback_core.video_io import read_video
-from lookback_core.weights import save_temporal_weights
 
 REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    config_dir = tiny_config_dir(root)
-    checkpoint = write_tiny_sd15_checkpoint(root / "tiny_sd15.safetensors", config_dir=config_dir)
-    components = load_sd15(checkpoint, config_dir=config_dir)
-    model = create_lookback_unet(components.unet, preset("light"))
-    randomize(model.temporal, scale=0.02)
-    weights = save_temporal_weights(root / "lookback.safetensors", model, training={"frames": 4})
-    rng = np.random.default_rng(0)
-    image = root / "start.png"
-    iio.imwrite(image, rng.integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
-    return {
-        "root": root,
-        "config_dir": config_dir,
-        "checkpoint": checkpoint,
-        "weights": weights,
-        "image": image,
-    }
+def assets(tiny_files, tmp_path_factory):
+    image = tmp_path_factory.mktemp("cli") / "start.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 255, size=(70, 90, 3), dtype=np.uint8))
+    return {**tiny_files, "image": image}
 
 
 def _args(assets, out: Path, *extra: str) -> list[str]:

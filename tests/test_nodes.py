@@ -13,14 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
 
-from lookback_core.config import preset
-from lookback_core.sd15 import load_sd15
-from lookback_core.temporal_unet import create_lookback_unet
-from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
 from lookback_core.video_io import read_metadata, read_video
-from lookback_core.weights import save_temporal_weights
 from nodes import bridge, host
 from nodes.loader import load_lookback_model
 from nodes.sampler import LookBackSampler
@@ -30,14 +24,11 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nodes")
-    config_dir = tiny_config_dir(root)
-    checkpoint = write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir)
-    model = create_lookback_unet(load_sd15(checkpoint, config_dir=config_dir).unet, preset("light"))
-    randomize(model.temporal, scale=0.02)
-    weights = save_temporal_weights(root / "lookback.safetensors", model)
-    return load_lookback_model(str(checkpoint), str(weights), "fp32", config_dir=str(config_dir))
+def bundle(tiny_files):
+    files = tiny_files
+    return load_lookback_model(
+        str(files["checkpoint"]), str(files["weights"]), "fp32", config_dir=str(files["config_dir"])
+    )
 
 
 def _conditioning(seed: int, tokens: int = 77, dim: int = 32) -> list:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core.config import preset  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
-from lookback_core.temporal_unet import LookBackUNet, create_lookback_unet  # noqa: E402
+from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
 from lookback_core.weights import save_temporal_weights  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training.args import parse_args  # noqa: E402
@@ -104,9 +104,7 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def _encode_batch(
-    batch: dict, components, model: LookBackUNet, cache: LatentCache | None, device, weight_dtype
-):
+def _encode_batch(batch: dict, components, cache: LatentCache | None, device, weight_dtype):
     """VAE latents ``[b, c, f, h, w]`` and caption embeddings, from the cache where possible."""
     latents, texts = [], []
     for pixels, caption, key in zip(batch["pixels"], batch["captions"], batch["keys"], strict=True):
@@ -287,9 +285,7 @@ def train(args) -> Path:
                     logger.warning("skipped %s (%s)", path, reason)
                 skipped[path] += 1
             with accelerator.accumulate(model):
-                latents, text = _encode_batch(
-                    batch, components, lookback, cache, accelerator.device, weight_dtype
-                )
+                latents, text = _encode_batch(batch, components, cache, accelerator.device, weight_dtype)
                 drop = torch.rand(len(text), device=text.device, generator=rng.generator) < args.text_dropout
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
