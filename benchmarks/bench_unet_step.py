@@ -59,6 +59,8 @@ def one(args) -> dict:
             if args.one == "base":
                 flat = x.transpose(1, 2).reshape(b * f, 4, side, side)
                 model(flat, t, ctx.repeat_interleave(f, 0))
+            elif args.one == "animatediff":  # takes [b, c, f, h, w] but one context per frame
+                model(x, t, ctx.repeat_interleave(f, 0))
             else:
                 model(x, t, ctx)
         if device.type == "cuda":
