@@ -100,31 +100,47 @@ def lookback_reference(frames: torch.Tensor, conv: nn.Conv2d, depth: int) -> tor
 def lookback_recurrence(
     frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
 ) -> torch.Tensor:
-    """Algorithm 1 computed faster; equal to :func:`lookback_reference`.
+    """Algorithm 1 computed faster; equal to :func:`lookback_reference`. ``frames``: [b, f, n, h, w].
 
     The conv is linear in its input channels, so the weight splits into the part that reads the
     ``d - 1`` earlier outputs and the part that reads ``in[i]``. The ``in[i]`` term has no
     dependency between frames and runs for all frames in one batched conv; only the ``d - 1``
     earlier outputs stay in the sequential loop. All samples of the batch (CFG halves included)
-    share each per-frame conv.
+    share each per-frame conv, and both weight parts are made contiguous once per call (a
+    sliced weight would be copied by every conv: 655 MB per frame at the paper preset's
+    1280-channel sites). Without autograd, outputs are written into a zero-padded frame buffer
+    whose window for frame ``i`` is a view (no per-frame copy); with autograd, windows are
+    concatenated, because in-place writes would overwrite what backward needs.
     """
     b, f, n, h, w = frames.shape
     depth = weight.shape[1] // n
-    current = _conv(
-        rearrange(frames, "b f n h w -> (b f) n h w"), weight[:, (depth - 1) * n :], bias, padding_mode
-    )
+    current_weight = weight[:, (depth - 1) * n :].contiguous()
+    current = _conv(rearrange(frames, "b f n h w -> (b f) n h w"), current_weight, bias, padding_mode)
     current = rearrange(current, "(b f) n h w -> b f n h w", b=b) + frames
     if depth == 1 or f == 1:
         return current
-    past_weight = weight[:, : (depth - 1) * n]
+    past_weight = weight[:, : (depth - 1) * n].contiguous()
+    tracked = (frames, weight) if bias is None else (frames, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        return _recurrence_autograd(current, past_weight, depth, padding_mode)
+    # buffer[:, j + d - 1] is out[j]; the d - 1 leading frames are the zeros before frame 0.
+    buffer = frames.new_zeros(b, f + depth - 1, n, h, w)
+    buffer[:, depth - 1 :] = current
+    for i in range(1, f):
+        window = buffer[:, i : i + depth - 1].reshape(b, (depth - 1) * n, h, w)
+        buffer[:, i + depth - 1] += _conv(window, past_weight, None, padding_mode)
+    return buffer[:, depth - 1 :]
+
+
+def _recurrence_autograd(
+    current: torch.Tensor, past_weight: torch.Tensor, depth: int, padding_mode: str
+) -> torch.Tensor:
+    """The sequential part of :func:`lookback_recurrence` with no in-place writes."""
+    b, f, n, h, w = current.shape
     # A zero-padded history: outs[j] for j < 0 are zeros, so the window of frame i is
     # outs[i : i + d - 1] of this list, oldest first.
-    zeros = frames.new_zeros(b, n, h, w)
-    outs: list[torch.Tensor] = [zeros] * (depth - 1)
-    for i in range(f):
-        if i == 0:
-            outs.append(current[:, 0])
-            continue
+    outs: list[torch.Tensor] = [current.new_zeros(b, n, h, w)] * (depth - 1) + [current[:, 0]]
+    for i in range(1, f):
         window = torch.cat(outs[i : i + depth - 1], dim=1)
         outs.append(current[:, i] + _conv(window, past_weight, None, padding_mode))
     return torch.stack(outs[depth - 1 :], dim=1)
