@@ -1,10 +1,14 @@
 """The look-back recurrence and the adapter: implementation choices measured side by side.
 
-    python benchmarks/bench_recurrence.py                 # CPU, fp32, SD1.5 site shapes at 256px
-    python benchmarks/bench_recurrence.py --device cuda --dtype fp16
+    python benchmarks/bench_recurrence.py                       # CPU quick: 64 px, 16 frames
+    python benchmarks/bench_recurrence.py --size 256            # the paper's inference shape
+    python benchmarks/bench_recurrence.py --device cuda --dtype fp16 --size 256 --compile
 
-Each variant computes the same thing (checked against the literal loop before timing); the table
-prints the median time of each and its ratio to the literal per-frame loop (Algorithm 1).
+For each preset (d, k) and each SD1.5 site shape (320 channels at size/8, 640 at size/16, 1280
+at size/32 and size/64), every variant computes the same thing (checked against the literal
+loop before timing); the table prints the median time of each and its speed-up over the literal
+per-frame loop (Algorithm 1). The CFG batch is 2 (one video). ``--compile`` adds the shipped
+recurrence under ``torch.compile`` and reports its compile time separately.
 """
 
 from __future__ import annotations
@@ -22,38 +26,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lookback_core.lookback import lookback_recurrence, lookback_reference  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRESETS = {"paper": (5, 5), "light": (3, 3)}
 
-def literal(frames, conv, depth):
+
+def literal(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """Algorithm 1 as written: one concat of d frames and one d*n -> n conv per frame."""
     return lookback_reference(frames, conv, depth)
 
 
-def split_current(frames, conv, depth):
-    """The shipped implementation: current-frame term batched, d-1 window concatenated."""
+def shipped(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """lookback_recurrence without autograd: current term batched, windows are buffer views."""
     return lookback_recurrence(frames, conv.weight, conv.bias)
 
 
-def buffer_view(frames, conv, depth):
-    """No per-frame cat: outputs written into a zero-padded buffer, windows are views (no grad)."""
+def concat_windows(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """lookback_recurrence's autograd path (a torch.cat of the d-1 window per frame)."""
+    with torch.enable_grad():
+        weight = conv.weight.detach().requires_grad_(True)
+        return lookback_recurrence(frames, weight, conv.bias.detach()).detach()
+
+
+def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """The split with the weight slices passed to every conv as non-contiguous views."""
     b, f, n, h, w = frames.shape
     pad = conv.weight.shape[-1] // 2
     current = F.conv2d(frames.flatten(0, 1), conv.weight[:, (depth - 1) * n :], conv.bias, padding=pad)
     current = current.view(b, f, n, h, w) + frames
-    buf = frames.new_zeros(b, f + depth - 1, n, h, w)
     past = conv.weight[:, : (depth - 1) * n]
-    for i in range(f):
-        window = buf[:, i : i + depth - 1].reshape(b, (depth - 1) * n, h, w)
-        buf[:, i + depth - 1] = current[:, i] + F.conv2d(window, past, None, padding=pad)
-    return buf[:, depth - 1 :]
+    outs = [frames.new_zeros(b, n, h, w)] * (depth - 1) + [current[:, 0]]
+    for i in range(1, f):
+        window = torch.cat(outs[i : i + depth - 1], dim=1)
+        outs.append(current[:, i] + F.conv2d(window, past, None, padding=pad))
+    return torch.stack(outs[depth - 1 :], dim=1)
 
 
-def separate_convs(frames, conv, depth):
-    """d-1 convs of n -> n channels, one per earlier frame, summed (no cat at all)."""
+def separate_convs(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """d-1 convs of n -> n channels per frame, one per earlier frame, summed (no window at all)."""
     b, f, n, h, w = frames.shape
     pad = conv.weight.shape[-1] // 2
-    current = F.conv2d(frames.flatten(0, 1), conv.weight[:, (depth - 1) * n :], conv.bias, padding=pad)
-    current = current.view(b, f, n, h, w) + frames
-    parts = [conv.weight[:, j * n : (j + 1) * n] for j in range(depth - 1)]
-    outs = []
+    current_weight = conv.weight[:, (depth - 1) * n :].contiguous()
+    current = (
+        F.conv2d(frames.flatten(0, 1), current_weight, conv.bias, padding=pad).view(b, f, n, h, w) + frames
+    )
+    parts = [conv.weight[:, j * n : (j + 1) * n].contiguous() for j in range(depth - 1)]
+    outs: list[torch.Tensor] = []
     for i in range(f):
         y = current[:, i]
         for j in range(depth - 1):
@@ -64,16 +81,22 @@ def separate_convs(frames, conv, depth):
     return torch.stack(outs, 1)
 
 
-def per_sample(frames, conv, depth):
-    """The shipped recurrence run once per sample (CFG halves not batched)."""
-    return torch.cat([split_current(frames[i : i + 1], conv, depth) for i in range(frames.shape[0])])
+def per_sample(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """The shipped recurrence run once per sample (CFG halves not batched into one conv)."""
+    return torch.cat([shipped(frames[i : i + 1], conv, depth) for i in range(frames.shape[0])])
 
 
-def adapter_conv3d(x, weight):
+def adapter_conv3d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The shipped adapter: depth-wise Conv3d on [b, n, f, h, w]."""
     return F.conv3d(x, weight, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 
-def adapter_shifted_2d(x, weight):
+def adapter_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same conv with the input in channels_last_3d layout (conversion included)."""
+    return adapter_conv3d(x.contiguous(memory_format=torch.channels_last_3d), weight)
+
+
+def adapter_shifted_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The same depth-wise 3D conv as a sum of depth-wise 2D convs over shifted frames."""
     b, n, f, h, w = x.shape
     a = weight.shape[-1]
@@ -86,6 +109,7 @@ def adapter_shifted_2d(x, weight):
 
 
 def timed(fn, *args, repeat: int, device: torch.device) -> float:
+    """Median seconds of ``repeat`` calls after one warm-up call."""
     times = []
     for _ in range(repeat + 1):
         if device.type == "cuda":
@@ -101,48 +125,73 @@ def timed(fn, *args, repeat: int, device: torch.device) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=64, help="pixels; site sides are size/8 .. size/64")
     p.add_argument("--batch", type=int, default=2, help="2 = one video with CFG")
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--kernel", type=int, default=5)
-    p.add_argument("--sites", default="320x32,640x16,1280x8,1280x4", help="channels x latent side, per shape")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--presets", default="paper,light", help=f"of {sorted(PRESETS)}")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the shipped recurrence")
     args = p.parse_args()
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {args.dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; b={args.batch}, f={args.frames}, "
-          f"d={args.depth}, k={args.kernel}")  # fmt: skip
-    variants = {"literal loop": literal, "split current (shipped)": split_current, "buffer views": buffer_view,
-                "separate d-1 convs": separate_convs, "per-sample (no CFG batching)": per_sample}  # fmt: skip
-    for site in args.sites.split(","):
-        n, side = (int(v) for v in site.split("x"))
-        conv = torch.nn.Conv2d(args.depth * n, n, args.kernel, padding=args.kernel // 2).to(device, dtype)
-        torch.nn.init.normal_(conv.weight, std=0.2 / (args.depth * n * args.kernel) ** 0.5)
-        frames = torch.randn(args.batch, args.frames, n, side, side, device=device, dtype=dtype)
-        print(f"\nlook-back conv, n={n}, {side}x{side}:")
-        with torch.no_grad():
-            ref = literal(frames, conv, args.depth)
-            base = None
-            for name, fn in variants.items():
-                scale = ref.abs().max().item()
-                torch.testing.assert_close(fn(frames, conv, args.depth), ref, rtol=1e-3, atol=1e-3 * scale)
-                t = timed(fn, frames, conv, args.depth, repeat=args.repeat, device=device)
-                base = base or t
-                print(f"  {name:30s} {t * 1e3:9.1f} ms   x{base / t:5.2f} vs literal")
-        weight = torch.randn(n, 1, 3, 3, 3, device=device, dtype=dtype) * 0.1
-        video = frames.transpose(1, 2).contiguous()
-        with torch.no_grad():
-            torch.testing.assert_close(
-                adapter_shifted_2d(video, weight), adapter_conv3d(video, weight), rtol=2e-2, atol=2e-2
-            )
-            t3 = timed(adapter_conv3d, video, weight, repeat=args.repeat, device=device)
-            t2 = timed(adapter_shifted_2d, video, weight, repeat=args.repeat, device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"batch {args.batch}, {args.frames} frames, {args.size}x{args.size}")  # fmt: skip
+    variants = {"literal loop": literal, "shipped (buffer views)": shipped, "concat windows (autograd)": concat_windows,
+                "sliced weight per conv": sliced_weight, "separate d-1 convs": separate_convs,
+                "per sample (no CFG batch)": per_sample}  # fmt: skip
+    sites = [(320, args.size // 8), (640, args.size // 16), (1280, args.size // 32), (1280, args.size // 64)]
+    totals: dict[str, float] = {}
+    for preset in args.presets.split(","):
+        depth, kernel = PRESETS[preset]
         print(
-            f"  adapter: depth-wise Conv3d {t3 * 1e3:.1f} ms, shifted depth-wise Conv2d {t2 * 1e3:.1f} ms (x{t3 / t2:.2f})"
+            f"\n{preset} preset (d={depth}, k={kernel}); ms per look-back conv, x = speed-up over the literal loop"
         )
+        print(f"{'variant':28s}" + "".join(f"{f'n={n} {s}x{s}':>22s}" for n, s in sites))
+        rows: dict[str, list[str]] = {v: [] for v in variants}
+        for n, side in sites:
+            conv = torch.nn.Conv2d(depth * n, n, kernel, padding=kernel // 2).to(device, dtype)
+            torch.nn.init.normal_(conv.weight, std=0.2 / (depth * n * kernel) ** 0.5)
+            frames = torch.randn(args.batch, args.frames, n, side, side, device=device, dtype=dtype)
+            with torch.no_grad():
+                ref = literal(frames, conv, depth)
+                scale = ref.abs().max().item()
+                fns = dict(variants)
+                if args.compile:
+                    compiled = torch.compile(lookback_recurrence, dynamic=False)
+                    start = time.perf_counter()
+                    compiled(frames, conv.weight, conv.bias)
+                    print(f"  (torch.compile, n={n}: first call {time.perf_counter() - start:.1f} s)")
+                    fns["shipped + torch.compile"] = lambda fr, c, d, fn=compiled: fn(fr, c.weight, c.bias)
+                    rows.setdefault("shipped + torch.compile", [])
+                base = None
+                for label, fn in fns.items():
+                    torch.testing.assert_close(fn(frames, conv, depth), ref, rtol=1e-2, atol=1e-3 * scale)
+                    t = timed(fn, frames, conv, depth, repeat=args.repeat, device=device)
+                    base = base or t
+                    totals[f"{preset}/{label}"] = totals.get(f"{preset}/{label}", 0.0) + t
+                    rows[label].append(f"{t * 1e3:12.1f} ms x{base / t:5.2f}")
+        for label, cells in rows.items():
+            print(f"{label:28s}" + "".join(f"{c:>22s}" for c in cells))
+        total = totals[f"{preset}/literal loop"]
+        print(
+            f"{'all four sites':28s} shipped x{total / totals[f'{preset}/shipped (buffer views)']:.2f} vs literal"
+        )
+        print("adapter (depth-wise 3x3x3), ms:")
+        for n, side in sites:
+            weight = torch.randn(n, 1, 3, 3, 3, device=device, dtype=dtype) * 0.1
+            video = torch.randn(args.batch, n, args.frames, side, side, device=device, dtype=dtype)
+            with torch.no_grad():
+                ref = adapter_conv3d(video, weight)
+                cells = []
+                for label, fn in (("Conv3d", adapter_conv3d), ("channels_last_3d", adapter_channels_last),
+                                  ("shifted Conv2d", adapter_shifted_2d)):  # fmt: skip
+                    torch.testing.assert_close(fn(video, weight), ref, rtol=2e-2, atol=2e-2)
+                    cells.append(
+                        f"{label} {timed(fn, video, weight, repeat=args.repeat, device=device) * 1e3:.1f}"
+                    )
+            print(f"  n={n} {side}x{side}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
