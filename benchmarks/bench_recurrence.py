@@ -7,8 +7,10 @@
 For each preset (d, k) and each SD1.5 site shape (320 channels at size/8, 640 at size/16, 1280
 at size/32 and size/64), every variant computes the same thing (checked against the literal
 loop before timing); the table prints the median time of each and its speed-up over the literal
-per-frame loop (Algorithm 1). The CFG batch is 2 (one video). ``--compile`` adds the shipped
-recurrence under ``torch.compile`` and reports its compile time separately.
+per-frame loop (Algorithm 1), then, for the variants that autograd can train through, the
+memory autograd keeps for backward (exact bytes, counted with saved-tensor hooks). The CFG
+batch is 2 (one video). ``--compile`` adds the shipped recurrence under ``torch.compile`` and
+reports its compile time separately.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lookback_core.lookback import lookback_recurrence, lookback_reference  # no
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESETS = {"paper": (5, 5), "light": (3, 3)}
+TRAINABLE = ["literal loop", "shipped (per-source convs)", "concat windows"]  # autograd-safe variants
 
 
 def literal(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
@@ -36,24 +39,43 @@ def literal(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Te
 
 
 def shipped(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
-    """lookback_recurrence without autograd: current term batched, windows are buffer views."""
+    """lookback_recurrence: current term batched, one conv per existing earlier output."""
     return lookback_recurrence(frames, conv.weight, conv.bias)
 
 
-def concat_windows(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
-    """lookback_recurrence's autograd path (a torch.cat of the d-1 window per frame)."""
-    with torch.enable_grad():
-        weight = conv.weight.detach().requires_grad_(True)
-        return lookback_recurrence(frames, weight, conv.bias.detach()).detach()
-
-
-def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
-    """The split with the weight slices passed to every conv as non-contiguous views."""
+def _split(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int, contiguous: bool = True):
+    """The batched current-frame term and the weight part reading the d-1 window."""
     b, f, n, h, w = frames.shape
     pad = conv.weight.shape[-1] // 2
-    current = F.conv2d(frames.flatten(0, 1), conv.weight[:, (depth - 1) * n :], conv.bias, padding=pad)
-    current = current.view(b, f, n, h, w) + frames
-    past = conv.weight[:, : (depth - 1) * n]
+    current_weight, past = conv.weight[:, (depth - 1) * n :], conv.weight[:, : (depth - 1) * n]
+    if contiguous:
+        current_weight, past = current_weight.contiguous(), past.contiguous()
+    current = F.conv2d(frames.flatten(0, 1), current_weight, conv.bias, padding=pad).view(b, f, n, h, w)
+    return current + frames, past, pad
+
+
+def buffer_views(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """One window conv per frame; outputs written into a zero-padded buffer, windows are views.
+
+    No per-frame copy, but the zero frames before frame 0 are convolved, and the in-place
+    writes rule it out under autograd.
+    """
+    b, f, n, h, w = frames.shape
+    current, past, pad = _split(frames, conv, depth)
+    buffer = frames.new_zeros(b, f + depth - 1, n, h, w)
+    buffer[:, depth - 1 :] = current
+    for i in range(1, f):
+        window = buffer[:, i : i + depth - 1].reshape(b, (depth - 1) * n, h, w)
+        buffer[:, i + depth - 1] += F.conv2d(window, past, None, padding=pad)
+    return buffer[:, depth - 1 :]
+
+
+def concat_windows(
+    frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int, contiguous: bool = True
+) -> torch.Tensor:
+    """One window conv per frame on a torch.cat of the d-1 earlier outputs (autograd-safe)."""
+    b, f, n, h, w = frames.shape
+    current, past, pad = _split(frames, conv, depth, contiguous)
     outs = [frames.new_zeros(b, n, h, w)] * (depth - 1) + [current[:, 0]]
     for i in range(1, f):
         window = torch.cat(outs[i : i + depth - 1], dim=1)
@@ -61,24 +83,9 @@ def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> to
     return torch.stack(outs[depth - 1 :], dim=1)
 
 
-def separate_convs(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
-    """d-1 convs of n -> n channels per frame, one per earlier frame, summed (no window at all)."""
-    b, f, n, h, w = frames.shape
-    pad = conv.weight.shape[-1] // 2
-    current_weight = conv.weight[:, (depth - 1) * n :].contiguous()
-    current = (
-        F.conv2d(frames.flatten(0, 1), current_weight, conv.bias, padding=pad).view(b, f, n, h, w) + frames
-    )
-    parts = [conv.weight[:, j * n : (j + 1) * n].contiguous() for j in range(depth - 1)]
-    outs: list[torch.Tensor] = []
-    for i in range(f):
-        y = current[:, i]
-        for j in range(depth - 1):
-            src = i - (depth - 1) + j
-            if src >= 0:
-                y = y + F.conv2d(outs[src], parts[j], None, padding=pad)
-        outs.append(y)
-    return torch.stack(outs, 1)
+def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """concat_windows with the weight slices passed to every conv as non-contiguous views."""
+    return concat_windows(frames, conv, depth, contiguous=False)
 
 
 def per_sample(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
@@ -106,6 +113,21 @@ def adapter_shifted_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         taps = frames[:, t : t + f].reshape(b * f, n, h, w)
         out = out + F.conv2d(taps, weight[:, :, t], padding=a // 2, groups=n)
     return out.view(b, f, n, h, w).transpose(1, 2)
+
+
+def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> float:
+    """MiB that autograd keeps for backward beyond the inputs and weights (training memory)."""
+    existing = {t.untyped_storage().data_ptr() for t in (frames, conv.weight, conv.bias)}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in existing:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(frames.detach().requires_grad_(True), conv, depth)
+    return sum(kept.values()) / 2**20
 
 
 def timed(fn, *args, repeat: int, device: torch.device) -> float:
@@ -138,8 +160,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"batch {args.batch}, {args.frames} frames, {args.size}x{args.size}")  # fmt: skip
-    variants = {"literal loop": literal, "shipped (buffer views)": shipped, "concat windows (autograd)": concat_windows,
-                "sliced weight per conv": sliced_weight, "separate d-1 convs": separate_convs,
+    variants = {"literal loop": literal, "shipped (per-source convs)": shipped, "window buffer views": buffer_views,
+                "concat windows": concat_windows, "sliced weight per conv": sliced_weight,
                 "per sample (no CFG batch)": per_sample}  # fmt: skip
     sites = [(320, args.size // 8), (640, args.size // 16), (1280, args.size // 32), (1280, args.size // 64)]
     totals: dict[str, float] = {}
@@ -150,6 +172,7 @@ def main() -> None:
         )
         print(f"{'variant':28s}" + "".join(f"{f'n={n} {s}x{s}':>22s}" for n, s in sites))
         rows: dict[str, list[str]] = {v: [] for v in variants}
+        saved: dict[str, list[str]] = {v: [] for v in TRAINABLE}
         for n, side in sites:
             conv = torch.nn.Conv2d(depth * n, n, kernel, padding=kernel // 2).to(device, dtype)
             torch.nn.init.normal_(conv.weight, std=0.2 / (depth * n * kernel) ** 0.5)
@@ -172,11 +195,18 @@ def main() -> None:
                     base = base or t
                     totals[f"{preset}/{label}"] = totals.get(f"{preset}/{label}", 0.0) + t
                     rows[label].append(f"{t * 1e3:12.1f} ms x{base / t:5.2f}")
+            for label in TRAINABLE:
+                saved[label].append(
+                    f"{saved_for_backward_mib(variants[label], frames, conv, depth):14.0f} MiB"
+                )
         for label, cells in rows.items():
+            print(f"{label:28s}" + "".join(f"{c:>22s}" for c in cells))
+        print("training: kept for backward (beyond inputs and weights)")
+        for label, cells in saved.items():
             print(f"{label:28s}" + "".join(f"{c:>22s}" for c in cells))
         total = totals[f"{preset}/literal loop"]
         print(
-            f"{'all four sites':28s} shipped x{total / totals[f'{preset}/shipped (buffer views)']:.2f} vs literal"
+            f"{'all four sites':28s} shipped x{total / totals[f'{preset}/shipped (per-source convs)']:.2f} vs literal"
         )
         print("adapter (depth-wise 3x3x3), ms:")
         for n, side in sites:

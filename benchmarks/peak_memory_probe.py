@@ -1,7 +1,8 @@
 """Peak memory of one sampling run, measured in a fresh process (``python benchmarks/peak_memory_probe.py``).
 
-Prints JSON: the process's peak resident memory before and after sampling, in MiB. Run one
-configuration per process: peak RSS only ever grows within a process. Used by
+Prints JSON: the resident memory before sampling and its peak during sampling, in MiB. The
+peak is Linux's VmHWM, reset just before sampling (so that the import of torch and diffusers,
+which can peak higher than a small run, is not counted). Used by
 ``tests/test_long_video.py`` and ``benchmarks/bench_memory_frames.py``.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -27,8 +27,22 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
 
 
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (kB) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_mib() -> float:
+    """Restart the peak (VmHWM) from the current resident memory, and return that."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mib("VmHWM")
 
 
 def main() -> None:
@@ -47,7 +61,7 @@ def main() -> None:
     z0 = torch.randn(1, 4, args.latent, args.latent)
     ctx = torch.randn(1, 8, TINY_UNET_CONFIG["cross_attention_dim"])
     settings = SamplerSettings(steps=1, cfg_scale=2.0)
-    before = peak_mib()
+    before = reset_peak_mib()
     if args.chunk:
         sample_long_video(
             model,

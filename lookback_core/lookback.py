@@ -102,45 +102,32 @@ def lookback_recurrence(
 ) -> torch.Tensor:
     """Algorithm 1 computed faster; equal to :func:`lookback_reference`. ``frames``: [b, f, n, h, w].
 
-    The conv is linear in its input channels, so the weight splits into the part that reads the
-    ``d - 1`` earlier outputs and the part that reads ``in[i]``. The ``in[i]`` term has no
-    dependency between frames and runs for all frames in one batched conv; only the ``d - 1``
-    earlier outputs stay in the sequential loop. All samples of the batch (CFG halves included)
-    share each per-frame conv, and both weight parts are made contiguous once per call (a
-    sliced weight would be copied by every conv: 655 MB per frame at the paper preset's
-    1280-channel sites). Without autograd, outputs are written into a zero-padded frame buffer
-    whose window for frame ``i`` is a view (no per-frame copy); with autograd, windows are
-    concatenated, because in-place writes would overwrite what backward needs.
+    The conv is linear in its input channels, so its weight splits into ``d`` parts of
+    ``n -> n`` channels, one per window slot: ``parts[-1]`` reads ``in[i]``, ``parts[j]`` reads
+    ``out[i - d + 1 + j]``. The ``in[i]`` term has no dependency between frames and runs for all
+    frames in one batched conv; the loop adds one conv per earlier output that exists, so the
+    zero frames before frame 0 cost nothing and no window is ever concatenated (autograd keeps
+    the earlier outputs themselves, not copies of them). All samples of the batch (CFG halves
+    included) share each conv. Without autograd the parts are made contiguous once per call
+    (a sliced weight is copied by every conv: 164 MB per conv at the paper preset's
+    1280-channel sites); under autograd they stay views, because every conv keeps its weight
+    for backward and contiguous copies would hold a second copy of all temporal weights until
+    then. ``benchmarks/bench_recurrence.py`` measures this against the alternatives.
     """
     b, f, n, h, w = frames.shape
     depth = weight.shape[1] // n
-    current_weight = weight[:, (depth - 1) * n :].contiguous()
-    current = _conv(rearrange(frames, "b f n h w -> (b f) n h w"), current_weight, bias, padding_mode)
-    current = rearrange(current, "(b f) n h w -> b f n h w", b=b) + frames
-    if depth == 1 or f == 1:
-        return current
-    past_weight = weight[:, : (depth - 1) * n].contiguous()
-    tracked = (frames, weight) if bias is None else (frames, weight, bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        return _recurrence_autograd(current, past_weight, depth, padding_mode)
-    # buffer[:, j + d - 1] is out[j]; the d - 1 leading frames are the zeros before frame 0.
-    buffer = frames.new_zeros(b, f + depth - 1, n, h, w)
-    buffer[:, depth - 1 :] = current
-    for i in range(1, f):
-        window = buffer[:, i : i + depth - 1].reshape(b, (depth - 1) * n, h, w)
-        buffer[:, i + depth - 1] += _conv(window, past_weight, None, padding_mode)
-    return buffer[:, depth - 1 :]
-
-
-def _recurrence_autograd(
-    current: torch.Tensor, past_weight: torch.Tensor, depth: int, padding_mode: str
-) -> torch.Tensor:
-    """The sequential part of :func:`lookback_recurrence` with no in-place writes."""
-    b, f, n, h, w = current.shape
-    # A zero-padded history: outs[j] for j < 0 are zeros, so the window of frame i is
-    # outs[i : i + d - 1] of this list, oldest first.
-    outs: list[torch.Tensor] = [current.new_zeros(b, n, h, w)] * (depth - 1) + [current[:, 0]]
-    for i in range(1, f):
-        window = torch.cat(outs[i : i + depth - 1], dim=1)
-        outs.append(current[:, i] + _conv(window, past_weight, None, padding_mode))
-    return torch.stack(outs[depth - 1 :], dim=1)
+    parts = [weight[:, j * n : (j + 1) * n] for j in range(depth)]
+    if not (torch.is_grad_enabled() and (frames.requires_grad or weight.requires_grad)):
+        parts = [part.contiguous() for part in parts]
+    # Frame-major, so that every frame of every intermediate is one contiguous block.
+    x = rearrange(frames, "b f n h w -> (f b) n h w").contiguous()
+    current = (_conv(x, parts[-1], bias, padding_mode) + x).view(f, b, n, h, w)
+    outs: list[torch.Tensor] = []
+    for i in range(f):
+        out = current[i]
+        for j, part in enumerate(parts[:-1]):
+            source = i - (depth - 1) + j
+            if source >= 0:
+                out = out + _conv(outs[source], part, None, padding_mode)
+        outs.append(out)
+    return torch.stack(outs, dim=1)

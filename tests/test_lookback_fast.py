@@ -1,7 +1,8 @@
-"""Both fast paths of the look-back recurrence equal the literal loop (fp64), gradients included.
+"""The fast look-back recurrence equals the literal loop (fp64), in inference and in training.
 
-``lookback_recurrence`` takes a buffer-view path when no autograd is needed (inference) and a
-concatenating path when it is (training); each is checked against ``lookback_reference``.
+``lookback_recurrence`` (one conv per existing earlier output, current-frame term batched) is
+checked against ``lookback_reference`` under no_grad, inference_mode and autograd, gradients
+included, for every padding mode and for depths 1 to 5.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def _setup(depth: int, kernel: int, frames: int, padding: str, batch: int = 2, n
 
 @pytest.mark.parametrize(("depth", "kernel", "frames", "padding"), CASES)
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_buffer_path_matches_reference(depth: int, kernel: int, frames: int, padding: str, mode: str) -> None:
+def test_recurrence_matches_reference_without_autograd(
+    depth: int, kernel: int, frames: int, padding: str, mode: str
+) -> None:
     module, x = _setup(depth, kernel, frames, padding)
     with torch.no_grad():
         ref = lookback_reference(x, module.lookback, depth)
@@ -50,7 +53,7 @@ def test_buffer_path_matches_reference(depth: int, kernel: int, frames: int, pad
 
 
 @pytest.mark.parametrize(("depth", "kernel", "frames", "padding"), CASES)
-def test_autograd_path_matches_reference_with_gradients(
+def test_recurrence_matches_reference_with_gradients(
     depth: int, kernel: int, frames: int, padding: str
 ) -> None:
     module, x = _setup(depth, kernel, frames, padding)
@@ -67,8 +70,8 @@ def test_autograd_path_matches_reference_with_gradients(
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_autograd_path_is_taken_for_inputs_that_need_grad() -> None:
-    # Only the frames need grad (frozen weights): the in-place buffer path must not be used.
+def test_gradients_reach_the_frames_through_frozen_weights() -> None:
+    # Frozen weights, frames that need grad (a module behind a trained one): gradients must flow.
     module, x = _setup(3, 3, 5, "zeros")
     module.requires_grad_(False)
     x.requires_grad_(True)
@@ -78,3 +81,26 @@ def test_autograd_path_is_taken_for_inputs_that_need_grad() -> None:
     x.grad = None
     lookback_reference(x, module.lookback, 3).square().sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_training_keeps_no_weight_copies_for_backward() -> None:
+    # Weights far larger than the activations: a contiguous copy of the weight parts kept for
+    # backward would show as ~a weight's worth of extra bytes (10.4 GB at the paper preset).
+    module = LookBackModule(32, LookBackConfig(depth=5, kernel=5))
+    randomize(module, seed=1, scale=0.1)
+    x = torch.randn(1, 4, 32, 2, 2, requires_grad=True)
+    resident = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in resident:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lookback_recurrence(x, module.lookback.weight, module.lookback.bias)
+    frames_bytes = x.numel() * x.element_size()
+    assert module.lookback.weight.numel() * 4 > 50 * frames_bytes
+    assert sum(kept.values()) <= 4 * frames_bytes, f"kept {sum(kept.values())} bytes for backward"
+    out.sum().backward()
+    assert module.lookback.weight.grad is not None and module.lookback.weight.grad.abs().sum() > 0
