@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the shipped recurrence")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2  # of the largest output, for the equality check
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -190,7 +191,9 @@ def main() -> None:
                     rows.setdefault("shipped + torch.compile", [])
                 base = None
                 for label, fn in fns.items():
-                    torch.testing.assert_close(fn(frames, conv, depth), ref, rtol=1e-2, atol=1e-3 * scale)
+                    torch.testing.assert_close(
+                        fn(frames, conv, depth), ref, rtol=1e-2, atol=tolerance * scale
+                    )
                     t = timed(fn, frames, conv, depth, repeat=args.repeat, device=device)
                     base = base or t
                     totals[f"{preset}/{label}"] = totals.get(f"{preset}/{label}", 0.0) + t

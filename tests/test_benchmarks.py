@@ -1,0 +1,40 @@
+"""The benchmark scripts still run against the current code and print their side-by-side ratios.
+
+Smallest settings only (this checks the scripts, not the numbers): full SD1.5 site shapes at
+64 px for the recurrence, two full-size UNet configs at 2 frames for the step benchmark.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_recurrence_benchmark_checks_every_variant_and_prints_speedups() -> None:
+    out = _run("bench_recurrence.py", "--frames", "3", "--presets", "light", "--repeat", "1")
+    for variant in ("literal loop", "shipped (per-source convs)", "window buffer views", "per sample"):
+        assert len(re.findall(rf"^{re.escape(variant)}.*( ms x ?[\d.]+.*){{4}}$", out, re.M)) == 1, out
+    assert re.search(r"all four sites\s+shipped x[\d.]+ vs literal", out), out
+    assert re.search(r"^shipped \(per-source convs\)(\s+\d+ MiB){4}$", out, re.M), out
+    assert out.count("Conv3d") == 4
+
+
+def test_step_benchmark_compares_configs_in_fresh_processes() -> None:
+    out = _run("bench_unet_step.py", "--configs", "base,light-decoder", "--frames", "2", "--repeat", "1")
+    rows = dict(re.findall(r"^(base|light-decoder)\s+([\d.]+(?:\s+[\d.]+){4})$", out, re.M))
+    assert set(rows) == {"base", "light-decoder"}, out
+    base, light = (list(map(float, rows[k].split())) for k in ("base", "light-decoder"))
+    assert base[2] == 1.0 and base[4] == 1.0  # ratios are to the base row
+    assert light[0] > base[0] and light[3] > base[3]  # more parameters, more peak memory
