@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,16 +32,20 @@ from lookback_core.lookback import lookback_recurrence, lookback_reference  # no
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESETS = {"paper": (5, 5), "light": (3, 3)}
 TRAINABLE = ["literal loop", "shipped (per-source convs)", "concat windows"]  # autograd-safe variants
+TRAIN_TIMED = [*TRAINABLE, "sliced weight per conv", "shipped, blocks sliced"]
 
 
 def literal(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
     """Algorithm 1 as written: one concat of d frames and one d*n -> n conv per frame."""
-    return lookback_reference(frames, conv, depth)
+    return lookback_reference(frames, conv.weight, conv.bias)
 
 
 def shipped(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
-    """lookback_recurrence: current term batched, one conv per existing earlier output."""
-    return lookback_recurrence(frames, conv.weight, conv.bias)
+    """lookback_recurrence: current term batched, one conv per existing earlier output.
+
+    Takes the weight as the model keeps it, d contiguous blocks (``conv.blocks``, made once).
+    """
+    return lookback_recurrence(frames, conv.blocks, conv.bias)
 
 
 def _split(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int, contiguous: bool = True):
@@ -88,6 +93,12 @@ def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> to
     return concat_windows(frames, conv, depth, contiguous=False)
 
 
+def sliced_blocks(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
+    """shipped with its blocks as views into nn.Conv2d's layout (every conv copies its block)."""
+    blocks = rearrange(conv.weight, "o (d i) kh kw -> d o i kh kw", d=depth)
+    return lookback_recurrence(frames, blocks, conv.bias)
+
+
 def per_sample(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
     """The shipped recurrence run once per sample (CFG halves not batched into one conv)."""
     return torch.cat([shipped(frames[i : i + 1], conv, depth) for i in range(frames.shape[0])])
@@ -117,7 +128,7 @@ def adapter_shifted_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> float:
     """MiB that autograd keeps for backward beyond the inputs and weights (training memory)."""
-    existing = {t.untyped_storage().data_ptr() for t in (frames, conv.weight, conv.bias)}
+    existing = {t.untyped_storage().data_ptr() for t in (frames, conv.weight, conv.blocks, conv.bias)}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +139,16 @@ def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, dept
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(frames.detach().requires_grad_(True), conv, depth)
     return sum(kept.values()) / 2**20
+
+
+def with_backward(fn):
+    """``fn``'s forward and a backward through it, as one training step of the site."""
+
+    def step(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> None:
+        with torch.enable_grad():
+            fn(frames.detach().requires_grad_(True), conv, depth).sum().backward()
+
+    return step
 
 
 def timed(fn, *args, repeat: int, device: torch.device) -> float:
@@ -154,6 +175,9 @@ def main() -> None:
     p.add_argument("--presets", default="paper,light", help=f"of {sorted(PRESETS)}")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the shipped recurrence")
+    p.add_argument(
+        "--train", action="store_true", help="time forward+backward of the trainable variants instead"
+    )
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2  # of the largest output, for the equality check
@@ -163,20 +187,23 @@ def main() -> None:
           f"batch {args.batch}, {args.frames} frames, {args.size}x{args.size}")  # fmt: skip
     variants = {"literal loop": literal, "shipped (per-source convs)": shipped, "window buffer views": buffer_views,
                 "concat windows": concat_windows, "sliced weight per conv": sliced_weight,
-                "per sample (no CFG batch)": per_sample}  # fmt: skip
+                "per sample (no CFG batch)": per_sample, "shipped, blocks sliced": sliced_blocks}  # fmt: skip
+    variants = {k: v for k, v in variants.items() if not args.train or k in TRAIN_TIMED}
+    step = "forward+backward" if args.train else "look-back conv"
     sites = [(320, args.size // 8), (640, args.size // 16), (1280, args.size // 32), (1280, args.size // 64)]
     totals: dict[str, float] = {}
     for preset in args.presets.split(","):
         depth, kernel = PRESETS[preset]
-        print(
-            f"\n{preset} preset (d={depth}, k={kernel}); ms per look-back conv, x = speed-up over the literal loop"
-        )
+        print(f"\n{preset} preset (d={depth}, k={kernel}); ms per {step}, x = speed-up over the literal loop")
         print(f"{'variant':28s}" + "".join(f"{f'n={n} {s}x{s}':>22s}" for n, s in sites))
         rows: dict[str, list[str]] = {v: [] for v in variants}
         saved: dict[str, list[str]] = {v: [] for v in TRAINABLE}
         for n, side in sites:
             conv = torch.nn.Conv2d(depth * n, n, kernel, padding=kernel // 2).to(device, dtype)
             torch.nn.init.normal_(conv.weight, std=0.2 / (depth * n * kernel) ** 0.5)
+            conv.blocks = torch.nn.Parameter(
+                rearrange(conv.weight.detach(), "o (d i) kh kw -> d o i kh kw", d=depth).contiguous()
+            )
             frames = torch.randn(args.batch, args.frames, n, side, side, device=device, dtype=dtype)
             with torch.no_grad():
                 ref = literal(frames, conv, depth)
@@ -185,16 +212,23 @@ def main() -> None:
                 if args.compile:
                     compiled = torch.compile(lookback_recurrence, dynamic=False)
                     start = time.perf_counter()
-                    compiled(frames, conv.weight, conv.bias)
+                    compiled(frames, conv.blocks, conv.bias)
                     print(f"  (torch.compile, n={n}: first call {time.perf_counter() - start:.1f} s)")
-                    fns["shipped + torch.compile"] = lambda fr, c, d, fn=compiled: fn(fr, c.weight, c.bias)
+                    fns["shipped + torch.compile"] = lambda fr, c, d, fn=compiled: fn(fr, c.blocks, c.bias)
                     rows.setdefault("shipped + torch.compile", [])
                 base = None
                 for label, fn in fns.items():
                     torch.testing.assert_close(
                         fn(frames, conv, depth), ref, rtol=1e-2, atol=tolerance * scale
                     )
-                    t = timed(fn, frames, conv, depth, repeat=args.repeat, device=device)
+                    t = timed(
+                        with_backward(fn) if args.train else fn,
+                        frames,
+                        conv,
+                        depth,
+                        repeat=args.repeat,
+                        device=device,
+                    )
                     base = base or t
                     totals[f"{preset}/{label}"] = totals.get(f"{preset}/{label}", 0.0) + t
                     rows[label].append(f"{t * 1e3:12.1f} ms x{base / t:5.2f}")

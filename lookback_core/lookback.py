@@ -13,7 +13,9 @@ On hidden states ``x`` of shape ``[(b f), n, h, w]``, with ``f`` given by the ca
 
 The last (here: only) conv of each residual branch starts at zero, so a new module is the
 identity. :func:`lookback_reference` follows step 1 literally and is what every faster form of
-the recurrence is tested against.
+the recurrence is tested against. The look-back conv's weight is kept as ``d`` contiguous
+blocks of ``n -> n`` (:class:`LookBackConv`), the form :func:`lookback_recurrence` computes with;
+state dicts and weight files hold it in ``nn.Conv2d``'s layout ``[n, d*n, k, k]``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,45 @@ from torch import nn
 from .config import LookBackConfig
 
 
+class LookBackConv(nn.Module):
+    """Step 1's ``d*n -> n``, ``k x k`` conv, its weight stored as ``d`` blocks ``[d, n, n, k, k]``.
+
+    ``weight[j]`` reads window slot ``j`` (oldest first, so ``weight[d-1]`` reads ``in[i]``).
+    Block-major storage keeps every block contiguous, so neither inference nor training ever
+    copies a weight slice (``benchmarks/bench_recurrence.py``: slices cost 25-50% of the
+    recurrence's time, and under autograd each copy would be kept until backward).
+    ``state_dict`` and ``load_state_dict`` use ``nn.Conv2d``'s layout ``[n, d*n, k, k]``.
+    """
+
+    def __init__(self, channels: int, depth: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(depth, channels, channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_state_dict_post_hook(_blocks_to_conv_layout)
+        self.register_load_state_dict_pre_hook(_conv_layout_to_blocks)
+
+    def conv_weight(self) -> torch.Tensor:
+        """The weight in ``nn.Conv2d``'s layout ``[n, d*n, k, k]``, as Algorithm 1 writes it."""
+        return to_conv_layout(self.weight)
+
+
+def to_conv_layout(blocks: torch.Tensor) -> torch.Tensor:
+    """``[d, n, n, k, k]`` blocks as one ``nn.Conv2d`` weight ``[n, d*n, k, k]`` (a view)."""
+    return rearrange(blocks, "d o i kh kw -> o (d i) kh kw")
+
+
+def _blocks_to_conv_layout(module: LookBackConv, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[prefix + "weight"] = to_conv_layout(state_dict[prefix + "weight"]).contiguous()
+
+
+def _conv_layout_to_blocks(module: LookBackConv, state_dict: dict, prefix: str, *_: object) -> None:
+    weight = state_dict.get(prefix + "weight")
+    depth = module.weight.shape[0]
+    # Anything else is left as it is, for load_state_dict to report as a shape mismatch.
+    if weight is not None and weight.dim() == 4 and weight.shape[1] % depth == 0:
+        state_dict[prefix + "weight"] = rearrange(weight, "o (d i) kh kw -> d o i kh kw", d=depth)
+
+
 class LookBackModule(nn.Module):
     """Look-back conv, channel mix and adapter for one site with ``channels`` = n."""
 
@@ -34,16 +75,13 @@ class LookBackModule(nn.Module):
         self.channels = channels
         self.depth = config.depth
         self.padding_mode = config.padding_mode
-        k = config.kernel
-        self.lookback = nn.Conv2d(
-            config.depth * channels, channels, k, padding=k // 2, padding_mode=config.padding_mode
-        )
+        self.lookback = LookBackConv(channels, config.depth, config.kernel)
         self.mix = nn.Conv2d(channels, channels, 1) if config.channel_mix else None
         a = config.adapter_kernel
         self.adapter = (
             nn.Conv3d(channels, channels, a, padding=a // 2, groups=channels) if config.adapter else None
         )
-        for conv in (self.lookback, self.mix, self.adapter):
+        for conv in (self.mix, self.adapter):
             if conv is not None:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
@@ -56,7 +94,9 @@ class LookBackModule(nn.Module):
     def forward_reference(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Same as :meth:`forward` with step 1 computed by the literal per-frame loop."""
         frames = _split_frames(x, num_frames)
-        frames = lookback_reference(frames, self.lookback, self.depth)
+        frames = lookback_reference(
+            frames, self.lookback.conv_weight(), self.lookback.bias, self.padding_mode
+        )
         return self._mix_and_adapt(frames)
 
     def _mix_and_adapt(self, frames: torch.Tensor) -> torch.Tensor:
@@ -86,48 +126,48 @@ def _conv(
     return F.conv2d(F.pad(x, (pad, pad, pad, pad), mode=padding_mode), weight, bias)
 
 
-def lookback_reference(frames: torch.Tensor, conv: nn.Conv2d, depth: int) -> torch.Tensor:
-    """Algorithm 1 written literally: one concat and one conv per frame. ``frames``: [b, f, n, h, w]."""
+def lookback_reference(
+    frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Algorithm 1 written literally: one concat and one conv per frame.
+
+    ``frames``: [b, f, n, h, w]; ``weight``: ``nn.Conv2d``'s layout ``[n, d*n, k, k]``.
+    """
     b, f, n, h, w = frames.shape
+    depth = weight.shape[1] // n
     zeros = frames.new_zeros(b, n, h, w)
     outs: list[torch.Tensor] = []
     for i in range(f):
         window = [outs[j] if j >= 0 else zeros for j in range(i - depth + 1, i)] + [frames[:, i]]
-        outs.append(frames[:, i] + conv(torch.cat(window, dim=1)))
+        outs.append(frames[:, i] + _conv(torch.cat(window, dim=1), weight, bias, padding_mode))
     return torch.stack(outs, dim=1)
 
 
 def lookback_recurrence(
-    frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
+    frames: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
 ) -> torch.Tensor:
-    """Algorithm 1 computed faster; equal to :func:`lookback_reference`. ``frames``: [b, f, n, h, w].
+    """Algorithm 1 computed faster; equal to :func:`lookback_reference`.
 
-    The conv is linear in its input channels, so its weight splits into ``d`` parts of
-    ``n -> n`` channels, one per window slot: ``parts[-1]`` reads ``in[i]``, ``parts[j]`` reads
-    ``out[i - d + 1 + j]``. The ``in[i]`` term has no dependency between frames and runs for all
-    frames in one batched conv; the loop adds one conv per earlier output that exists, so the
-    zero frames before frame 0 cost nothing and no window is ever concatenated (autograd keeps
-    the earlier outputs themselves, not copies of them). All samples of the batch (CFG halves
-    included) share each conv. Without autograd the parts are made contiguous once per call
-    (a sliced weight is copied by every conv: 164 MB per conv at the paper preset's
-    1280-channel sites); under autograd they stay views, because every conv keeps its weight
-    for backward and contiguous copies would hold a second copy of all temporal weights until
-    then. ``benchmarks/bench_recurrence.py`` measures this against the alternatives.
+    ``frames``: [b, f, n, h, w]; ``blocks``: the weight as :class:`LookBackConv` keeps it,
+    ``[d, n, n, k, k]``. The conv is linear in its input channels, so it is the sum of one
+    ``n -> n`` conv per window slot. The ``in[i]`` term (``blocks[-1]``) has no dependency
+    between frames and runs for all frames in one batched conv; the loop then adds one conv per
+    earlier output that exists, so the zero frames before frame 0 cost nothing and no window is
+    ever concatenated (autograd keeps the earlier outputs themselves, not copies of them). All
+    samples of the batch (CFG halves included) share each conv.
+    ``benchmarks/bench_recurrence.py`` measures this against the alternatives.
     """
     b, f, n, h, w = frames.shape
-    depth = weight.shape[1] // n
-    parts = [weight[:, j * n : (j + 1) * n] for j in range(depth)]
-    if not (torch.is_grad_enabled() and (frames.requires_grad or weight.requires_grad)):
-        parts = [part.contiguous() for part in parts]
+    depth = blocks.shape[0]
     # Frame-major, so that every frame of every intermediate is one contiguous block.
     x = rearrange(frames, "b f n h w -> (f b) n h w").contiguous()
-    current = (_conv(x, parts[-1], bias, padding_mode) + x).view(f, b, n, h, w)
+    current = (_conv(x, blocks[-1], bias, padding_mode) + x).view(f, b, n, h, w)
     outs: list[torch.Tensor] = []
     for i in range(f):
         out = current[i]
-        for j, part in enumerate(parts[:-1]):
+        for j in range(depth - 1):
             source = i - (depth - 1) + j
             if source >= 0:
-                out = out + _conv(outs[source], part, None, padding_mode)
+                out = out + _conv(outs[source], blocks[j], None, padding_mode)
         outs.append(out)
     return torch.stack(outs, dim=1)

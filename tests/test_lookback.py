@@ -37,7 +37,7 @@ def test_fast_recurrence_matches_reference(depth: int, kernel: int, frames: int,
     frames_x = x.reshape(3, frames, 6, 8, 8)
     torch.testing.assert_close(
         lookback_recurrence(frames_x, module.lookback.weight, module.lookback.bias, padding),
-        lookback_reference(frames_x, module.lookback, depth),
+        lookback_reference(frames_x, module.lookback.conv_weight(), module.lookback.bias, padding),
         rtol=1e-10,
         atol=1e-10,
     )
@@ -91,3 +91,21 @@ def test_samples_never_mix() -> None:
 def test_frame_count_must_divide_batch() -> None:
     with pytest.raises(ValueError, match="cannot hold 4 frames"):
         _module()(torch.randn(6, 6, 8, 8), 4)
+
+
+def test_state_dict_holds_the_conv_layout_and_loads_back() -> None:
+    # Weight files keep nn.Conv2d's [n, d*n, k, k] with window slots oldest first; the module
+    # computes with [d, n, n, k, k] blocks. Both directions must agree slot by slot.
+    module = _module(n=4, depth=3, kernel=3)
+    state = module.state_dict()
+    weight = state["lookback.weight"]
+    assert weight.shape == (4, 12, 3, 3) and weight.is_contiguous()
+    for j in range(3):
+        assert torch.equal(weight[:, 4 * j : 4 * (j + 1)], module.lookback.weight[j])
+    fresh = LookBackModule(4, LookBackConfig(depth=3, kernel=3))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.lookback.weight, module.lookback.weight)
+    x = torch.randn(2 * 5, 4, 6, 6)
+    torch.testing.assert_close(fresh(x, 5), module.forward_reference(x, 5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="size mismatch for lookback.weight"):
+        fresh.load_state_dict({**state, "lookback.weight": weight[:, :-1]})

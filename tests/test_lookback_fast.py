@@ -40,7 +40,7 @@ def test_recurrence_matches_reference_without_autograd(
 ) -> None:
     module, x = _setup(depth, kernel, frames, padding)
     with torch.no_grad():
-        ref = lookback_reference(x, module.lookback, depth)
+        ref = lookback_reference(x, module.lookback.conv_weight(), module.lookback.bias, padding)
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
         fast = lookback_recurrence(x, module.lookback.weight, module.lookback.bias, padding)
@@ -79,7 +79,7 @@ def test_gradients_reach_the_frames_through_frozen_weights() -> None:
     out.square().sum().backward()
     grad = x.grad.clone()
     x.grad = None
-    lookback_reference(x, module.lookback, 3).square().sum().backward()
+    lookback_reference(x, module.lookback.conv_weight(), module.lookback.bias).square().sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
 
 
