@@ -161,13 +161,16 @@ def lookback_recurrence(
     depth = blocks.shape[0]
     # Frame-major, so that every frame of every intermediate is one contiguous block.
     x = rearrange(frames, "b f n h w -> (f b) n h w").contiguous()
-    current = (_conv(x, blocks[-1], bias, padding_mode) + x).view(f, b, n, h, w)
+    # One unbind, not blocks[j] per use: under autograd each indexing would write its gradient
+    # into a zero tensor of the whole weight (819 MB per conv at the paper preset's deep sites).
+    parts = blocks.unbind(0)
+    current = (_conv(x, parts[-1], bias, padding_mode) + x).view(f, b, n, h, w)
     outs: list[torch.Tensor] = []
     for i in range(f):
         out = current[i]
         for j in range(depth - 1):
             source = i - (depth - 1) + j
             if source >= 0:
-                out = out + _conv(outs[source], blocks[j], None, padding_mode)
+                out = out + _conv(outs[source], parts[j], None, padding_mode)
         outs.append(out)
     return torch.stack(outs, dim=1)

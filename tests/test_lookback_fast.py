@@ -104,3 +104,23 @@ def test_training_keeps_no_weight_copies_for_backward() -> None:
     assert sum(kept.values()) <= 4 * frames_bytes, f"kept {sum(kept.values())} bytes for backward"
     out.sum().backward()
     assert module.lookback.weight.grad is not None and module.lookback.weight.grad.abs().sum() > 0
+
+
+def test_backward_unbinds_the_weight_blocks_once() -> None:
+    # Indexing blocks[j] at every conv would make each conv's backward write its gradient into
+    # a zero tensor of the whole weight (819 MB per conv at the paper preset's deep sites):
+    # exactly one node, an unbind, may read the weight.
+    module, x = _setup(3, 3, 6, "zeros")
+    weight = module.lookback.weight
+    out = lookback_recurrence(x, weight, module.lookback.bias)
+    readers, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if getattr(child, "variable", None) is weight:
+                readers.append(type(node).__name__)
+            todo.append(child)
+    assert readers == ["UnbindBackward0"], readers
