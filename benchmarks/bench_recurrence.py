@@ -19,18 +19,20 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookback_core.lookback import lookback_recurrence, lookback_reference  # noqa: E402
+from lookback_core.lookback import lookback_recurrence, lookback_reference, to_blocks  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESETS = {"paper": (5, 5), "light": (3, 3)}
+T = TypeVar("T")
 TRAINABLE = ["literal loop", "shipped (per-source convs)", "concat windows"]  # autograd-safe variants
 TRAIN_TIMED = [*TRAINABLE, "sliced weight per conv", "shipped, blocks sliced"]
 
@@ -95,8 +97,7 @@ def sliced_weight(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> to
 
 def sliced_blocks(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
     """shipped with its blocks as views into nn.Conv2d's layout (every conv copies its block)."""
-    blocks = rearrange(conv.weight, "o (d i) kh kw -> d o i kh kw", d=depth)
-    return lookback_recurrence(frames, blocks, conv.bias)
+    return lookback_recurrence(frames, to_blocks(conv.weight, depth), conv.bias)
 
 
 def per_sample(frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> torch.Tensor:
@@ -126,9 +127,13 @@ def adapter_shifted_2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(b, f, n, h, w).transpose(1, 2)
 
 
-def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> float:
-    """MiB that autograd keeps for backward beyond the inputs and weights (training memory)."""
-    existing = {t.untyped_storage().data_ptr() for t in (frames, conv.weight, conv.blocks, conv.bias)}
+def kept_for_backward(run: Callable[[], T], resident: Iterable[torch.Tensor]) -> tuple[T, int]:
+    """``run()`` under autograd: its result and the bytes autograd keeps for backward.
+
+    Exact bytes, counted with saved-tensor hooks by storage, leaving out the storages of
+    ``resident`` (the inputs and weights, held anyway).
+    """
+    existing = {t.untyped_storage().data_ptr() for t in resident}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -137,8 +142,17 @@ def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, dept
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(frames.detach().requires_grad_(True), conv, depth)
-    return sum(kept.values()) / 2**20
+        result = run()
+    return result, sum(kept.values())
+
+
+def saved_for_backward_mib(fn, frames: torch.Tensor, conv: torch.nn.Conv2d, depth: int) -> float:
+    """MiB that autograd keeps for backward beyond the inputs and weights (training memory)."""
+    frames = frames.detach().requires_grad_(True)
+    _, kept = kept_for_backward(
+        lambda: fn(frames, conv, depth), (frames, conv.weight, conv.blocks, conv.bias)
+    )
+    return kept / 2**20
 
 
 def with_backward(fn):
@@ -201,9 +215,7 @@ def main() -> None:
         for n, side in sites:
             conv = torch.nn.Conv2d(depth * n, n, kernel, padding=kernel // 2).to(device, dtype)
             torch.nn.init.normal_(conv.weight, std=0.2 / (depth * n * kernel) ** 0.5)
-            conv.blocks = torch.nn.Parameter(
-                rearrange(conv.weight.detach(), "o (d i) kh kw -> d o i kh kw", d=depth).contiguous()
-            )
+            conv.blocks = torch.nn.Parameter(to_blocks(conv.weight.detach(), depth).contiguous())
             frames = torch.randn(args.batch, args.frames, n, side, side, device=device, dtype=dtype)
             with torch.no_grad():
                 ref = literal(frames, conv, depth)

@@ -55,6 +55,11 @@ def to_conv_layout(blocks: torch.Tensor) -> torch.Tensor:
     return rearrange(blocks, "d o i kh kw -> o (d i) kh kw")
 
 
+def to_blocks(weight: torch.Tensor, depth: int) -> torch.Tensor:
+    """``nn.Conv2d``'s ``[n, d*n, k, k]`` as ``d`` blocks ``[d, n, n, k, k]`` (a view)."""
+    return rearrange(weight, "o (d i) kh kw -> d o i kh kw", d=depth)
+
+
 def _blocks_to_conv_layout(module: LookBackConv, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     state_dict[prefix + "weight"] = to_conv_layout(state_dict[prefix + "weight"]).contiguous()
 
@@ -64,7 +69,7 @@ def _conv_layout_to_blocks(module: LookBackConv, state_dict: dict, prefix: str, 
     depth = module.weight.shape[0]
     # Anything else is left as it is, for load_state_dict to report as a shape mismatch.
     if weight is not None and weight.dim() == 4 and weight.shape[1] % depth == 0:
-        state_dict[prefix + "weight"] = rearrange(weight, "o (d i) kh kw -> d o i kh kw", d=depth)
+        state_dict[prefix + "weight"] = to_blocks(weight, depth)
 
 
 class LookBackModule(nn.Module):

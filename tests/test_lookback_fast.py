@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import randomize
 
+from benchmarks.bench_recurrence import kept_for_backward
 from lookback_core.config import LookBackConfig
 from lookback_core.lookback import LookBackModule, lookback_recurrence, lookback_reference
 
@@ -89,19 +90,13 @@ def test_training_keeps_no_weight_copies_for_backward() -> None:
     module = LookBackModule(32, LookBackConfig(depth=5, kernel=5))
     randomize(module, seed=1, scale=0.1)
     x = torch.randn(1, 4, 32, 2, 2, requires_grad=True)
-    resident = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in resident:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = lookback_recurrence(x, module.lookback.weight, module.lookback.bias)
+    out, kept = kept_for_backward(
+        lambda: lookback_recurrence(x, module.lookback.weight, module.lookback.bias),
+        (x, *module.parameters()),
+    )
     frames_bytes = x.numel() * x.element_size()
     assert module.lookback.weight.numel() * 4 > 50 * frames_bytes
-    assert sum(kept.values()) <= 4 * frames_bytes, f"kept {sum(kept.values())} bytes for backward"
+    assert kept <= 4 * frames_bytes, f"kept {kept} bytes for backward"
     out.sum().backward()
     assert module.lookback.weight.grad is not None and module.lookback.weight.grad.abs().sum() > 0
 
