@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import struct
 import subprocess
 import tempfile
@@ -32,6 +31,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image
+
+from .atomic import atomic_path
 
 FORMATS = ("mp4", "gif", "webp")
 
@@ -103,13 +104,8 @@ def write_video(
     if path.is_dir():
         raise ValueError(f"path '{path}' is a folder, not a video file")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
+    with atomic_path(path) as partial:
         _write(data, partial, kind, fps, crf, quality, lossless, loop, metadata)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 

@@ -7,13 +7,13 @@ leaves a half-written entry; an unreadable entry is recomputed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from lookback_core.atomic import save_safetensors
 
 
 class LatentCache:
@@ -37,12 +37,4 @@ class LatentCache:
             return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self._path(key))
