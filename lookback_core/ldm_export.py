@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from .sd15 import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .atomic import save_safetensors
+from .sd15 import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, embedded_configs_metadata, read_checkpoint
 
 _RESNET_TO_LDM = {
     "norm1": "in_layers.0",
@@ -143,14 +143,49 @@ def to_ldm_state_dict(
 
 
 def save_ldm_checkpoint(
-    path: str | Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
+    path: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    *,
+    embed_configs: bool = False,
+    scheduler_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write the three models as one LDM checkpoint; ``.ckpt`` as ``{"state_dict": ...}``, else safetensors."""
+    """Write the three models as one LDM checkpoint; ``.ckpt`` as ``{"state_dict": ...}``, else safetensors.
+
+    ``embed_configs`` stores the models' configs (and ``scheduler_config``, if the UNet was not
+    trained with SD1.5's) in the safetensors metadata, so the file loads with no config folder
+    (for SD1.5 architectures at other sizes); ``metadata`` adds entries.
+    Floating-point weights are stored as ``dtype``. Safetensors files are written atomically.
+    """
     path = Path(path)
-    state = to_ldm_state_dict(unet, vae, text_encoder)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in to_ldm_state_dict(unet, vae, text_encoder).items()
+    }
     if path.suffix == ".ckpt":
+        if embed_configs or metadata or scheduler_config:
+            raise ValueError(f"{path}: metadata and embedded configs need a .safetensors file")
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": state, "global_step": 0}, path)
-    else:
-        save_file(state, path)
-    return path
+        return path
+    header = dict(metadata or {})
+    if embed_configs:
+        header |= embedded_configs_metadata(unet, vae, text_encoder, scheduler_config)
+    return save_safetensors(state, path, header)
+
+
+def replace_unet(source: str | Path, unet: UNet2DConditionModel, path: str | Path) -> Path:
+    """Write the SD1.5 checkpoint ``source`` with its UNet replaced by ``unet``, as safetensors at ``path``.
+
+    Everything else (VAE, text encoder, metadata such as embedded configs) is copied as it is;
+    the UNet is stored in the dtype the source stores its UNet in.
+    """
+    state, metadata = read_checkpoint(Path(source))
+    dtype = next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX) and v.is_floating_point())
+    state = {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
+    trained = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+    state |= {UNET_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in trained.items()}
+    return save_safetensors(state, path, metadata)

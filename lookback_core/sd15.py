@@ -32,6 +32,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 
 UNET_PREFIX = "model.diffusion_model."
+# Safetensors metadata key of a checkpoint that carries its own diffusers model configs (JSON of
+# {"unet": ..., "vae": ..., "text_encoder": ..., optionally "scheduler": ...}); the tokenizer
+# stays SD1.5's, and so does the scheduler unless one is given.
+EMBEDDED_CONFIGS_KEY = "lookback_sd15_configs"
+MODEL_PARTS = ("unet", "vae", "text_encoder")
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 
@@ -119,8 +124,10 @@ def detect_family(state_dict_keys_and_shapes: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Validate a safetensors header (and that the file holds all the data it announces)."""
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Validate a safetensors header (and that the file holds all the data it announces).
+
+    Returns the tensor shapes and the header's metadata."""
     size = path.stat().st_size
     expected = "a .safetensors file (an 8-byte header length, a JSON header, then the tensor data)"
     try:
@@ -132,6 +139,7 @@ def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(length))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+        metadata = dict(header.get("__metadata__") or {})
         data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(
@@ -142,7 +150,7 @@ def _read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
             f"{path}: the file is truncated: its header describes {data_end} bytes of tensor data, "
             f"the file holds {size - 8 - length}"
         )
-    return shapes
+    return shapes, metadata
 
 
 def _refuse_other_families(path: Path, shapes: Mapping[str, Any]) -> None:
@@ -166,17 +174,20 @@ def _refuse_other_families(path: Path, shapes: Mapping[str, Any]) -> None:
         )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint once, refusing other model families before its tensors are loaded when possible."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint once, refusing other model families before its tensors are loaded when possible.
+
+    Returns the state dict and the file's safetensors metadata (empty for ``.ckpt``)."""
     if not path.is_file():
         raise CheckpointError(
             f"{path}: no such checkpoint file (expected an SD1.5 .safetensors or .ckpt file)"
         )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        _refuse_other_families(path, _read_safetensors_header(path))
+        shapes, metadata = _read_safetensors_header(path)
+        _refuse_other_families(path, shapes)
         try:
-            return load_file(path)
+            return load_file(path), metadata
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{path}: could not read the safetensors data ({err})") from err
     if suffix not in (".ckpt", ".pt", ".pth"):
@@ -211,13 +222,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: holds no tensors; expected an SD1.5 state dict (optionally under 'state_dict')"
         )
     _refuse_other_families(path, state)
-    return state
+    return state, {}
 
 
 def _check_fits(
     path: Path,
     what: str,
-    config_file: Path,
+    config_file: str,
     converted: Mapping[str, torch.Tensor],
     expected: Mapping[str, Any],
 ) -> None:
@@ -248,7 +259,7 @@ def _check_fits(
 
 
 def _check_unet_dims(
-    path: Path, unet_state: Mapping[str, torch.Tensor], config: Mapping[str, Any], config_file: Path
+    path: Path, unet_state: Mapping[str, torch.Tensor], config: Mapping[str, Any], config_file: str
 ) -> None:
     """Name the two SD1.5 sizes that most often differ, before the key-by-key check."""
     conv_in = unet_state.get("input_blocks.0.0.weight")
@@ -267,31 +278,114 @@ def _check_unet_dims(
         )
 
 
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The diffusers/transformers configs a checkpoint is loaded into, and where each came from.
+
+    ``configs`` maps ``unet``, ``vae`` and ``text_encoder`` to config dicts; ``sources`` names
+    each one's origin for messages; ``scheduler`` is the noise schedule (and prediction type)
+    the UNet was trained with; ``folder`` holds the tokenizer.
+    """
+
+    configs: dict[str, dict[str, Any]]
+    sources: dict[str, str]
+    scheduler: dict[str, Any]
+    folder: Path
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ModelConfigs:
+        for part in (
+            *(f"{p}/config.json" for p in MODEL_PARTS),
+            "tokenizer",
+            "scheduler/scheduler_config.json",
+        ):
+            if not (folder / part).exists():
+                raise FileNotFoundError(f"{folder / part}: missing from the SD1.5 config folder {folder}")
+        files = {part: folder / part / "config.json" for part in MODEL_PARTS}
+        return cls(
+            configs={part: json.loads(file.read_text(encoding="utf-8")) for part, file in files.items()},
+            sources={part: str(file) for part, file in files.items()},
+            scheduler=json.loads(
+                (folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
+            ),
+            folder=folder,
+        )
+
+    @classmethod
+    def from_metadata(cls, path: Path, text: str) -> ModelConfigs:
+        """The configs a checkpoint carries in its metadata; the tokenizer (and by default the scheduler) is SD1.5's."""
+        try:
+            configs = json.loads(text)
+            valid = isinstance(configs, dict) and all(isinstance(configs.get(p), dict) for p in MODEL_PARTS)
+            valid = valid and isinstance(configs.get("scheduler", {}), dict)
+        except json.JSONDecodeError:
+            valid = False
+        if not valid:
+            raise CheckpointError(
+                f"{path}: its metadata {EMBEDDED_CONFIGS_KEY!r} is not a JSON object holding the "
+                f"{', '.join(MODEL_PARTS)} configs"
+            )
+        return cls(
+            configs={part: configs[part] for part in MODEL_PARTS},
+            sources={part: f"the {part} config in {path.name}'s metadata" for part in MODEL_PARTS},
+            scheduler=configs.get("scheduler") or cls.from_folder(SHIPPED_CONFIG_DIR).scheduler,
+            folder=SHIPPED_CONFIG_DIR,
+        )
+
+    @classmethod
+    def for_checkpoint(cls, path: Path, config_dir: Path | None, metadata: Mapping[str, str]) -> ModelConfigs:
+        """``config_dir`` if given, else the configs the file carries, else the shipped SD1.5 configs."""
+        if config_dir is not None:
+            return cls.from_folder(config_dir)
+        if EMBEDDED_CONFIGS_KEY in metadata:
+            return cls.from_metadata(path, metadata[EMBEDDED_CONFIGS_KEY])
+        return cls.from_folder(SHIPPED_CONFIG_DIR)
+
+
+def embedded_configs_metadata(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    scheduler_config: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Safetensors metadata that lets :func:`load_sd15` load these models' checkpoint with no config folder.
+
+    ``scheduler_config`` (default: SD1.5's) names the noise schedule and prediction type the UNet
+    was trained with."""
+    configs = {
+        "unet": dict(unet.config),
+        "vae": dict(vae.config),
+        "text_encoder": text_encoder.config.to_dict(),
+    }
+    if scheduler_config is not None:
+        configs["scheduler"] = dict(scheduler_config)
+    return {EMBEDDED_CONFIGS_KEY: json.dumps(configs, sort_keys=True, default=list)}
+
+
 def _load_diffusers_model(
     path: Path,
     cls: type[UNet2DConditionModel] | type[AutoencoderKL],
-    config_dir: Path,
-    subfolder: str,
+    configs: ModelConfigs,
+    part: str,
     state: Mapping[str, torch.Tensor],
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> UNet2DConditionModel | AutoencoderKL:
     """Convert the LDM weights with diffusers' own converter and load them, every key accounted for."""
-    config = cls.load_config(str(config_dir), subfolder=subfolder, local_files_only=True)
-    config_file = config_dir / subfolder / "config.json"
+    config, source = configs.configs[part], configs.sources[part]
     if cls is UNet2DConditionModel:
         _check_unet_dims(
             path,
             {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)},
             config,
-            config_file,
+            source,
         )
         converted = convert_ldm_unet_checkpoint(state, config)
     else:
         converted = convert_ldm_vae_checkpoint(state, config)
     with torch.device("meta"):  # no random initialisation: every weight is assigned from the file
         model = cls.from_config(config)
-    _check_fits(path, cls.__name__, config_file, converted, model.state_dict())
+    _check_fits(path, cls.__name__, source, converted, model.state_dict())
     # Cast before assigning: diffusers' Module.to(dtype) warns about fp32-pinned modules it has none of.
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in converted.items()}, strict=True, assign=True
@@ -299,9 +393,10 @@ def _load_diffusers_model(
     return model.eval()
 
 
-def _load_text_encoder(path: Path, config_dir: Path, state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
+def _load_text_encoder(path: Path, configs: ModelConfigs, state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
     """Load ``cond_stage_model.transformer.*`` into CLIPTextModel, with or without ``text_model.`` in the names."""
-    model = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True))
+    with torch.device("meta"):  # every weight is assigned from the file, as for the UNet and VAE
+        model = CLIPTextModel(CLIPTextConfig.from_dict(configs.configs["text_encoder"]))
     # transformers 4 names CLIPTextModel's weights "text_model.*", transformers 5 drops the prefix.
     own = {k.removeprefix("text_model."): k for k in model.state_dict()}
     given = {
@@ -317,8 +412,15 @@ def _load_text_encoder(path: Path, config_dir: Path, state: Mapping[str, torch.T
         if k.removeprefix("text_model.") not in _OPTIONAL_TEXT_KEYS
     }
     renamed = {own.get(k, k): v for k, v in given.items()}
-    _check_fits(path, "CLIP text encoder", config_dir / "text_encoder" / "config.json", renamed, expected)
-    model.load_state_dict(renamed, strict=False)  # complete but for the optional buffers: checked above
+    _check_fits(path, "CLIP text encoder", configs.sources["text_encoder"], renamed, expected)
+    model.load_state_dict(renamed, strict=False, assign=True)  # all but the optional buffers: checked above
+    positions = model.config.max_position_embeddings
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:  # the position ids, which transformers keeps out of state dicts
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(
+                leaf, torch.arange(positions).expand((1, -1)), persistent=False
+            )
     return model
 
 
@@ -332,36 +434,28 @@ def load_sd15(
     """Load an SD1.5 single-file checkpoint into diffusers/transformers models, fully offline.
 
     ``config_dir`` is a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``); it defaults to the SD1.5 configs shipped in
-    ``lookback_core/configs/sd15``. The hub is never contacted (``local_files_only`` everywhere).
-    Raises :class:`CheckpointError` for a missing, unreadable or truncated file, for another
-    model family (named), and for any weight that does not fit the config.
+    ``tokenizer/``, ``scheduler/``). Without it, a checkpoint that carries its own model configs
+    in its metadata (:func:`embedded_configs_metadata`) is loaded into those, and any other into
+    the SD1.5 configs shipped in ``lookback_core/configs/sd15``. The hub is never contacted
+    (``local_files_only`` everywhere). Raises :class:`CheckpointError` for a missing, unreadable
+    or truncated file, for another model family (named), and for any weight that does not fit
+    the config.
     """
     path = Path(path)
-    config_dir = Path(config_dir) if config_dir is not None else SHIPPED_CONFIG_DIR
-    for part in (
-        "unet/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "tokenizer",
-        "scheduler/scheduler_config.json",
-    ):
-        if not (config_dir / part).exists():
-            raise FileNotFoundError(f"{config_dir / part}: missing from the SD1.5 config folder {config_dir}")
-    state = _read_state_dict(path)
-    unet = _load_diffusers_model(path, UNet2DConditionModel, config_dir, "unet", state, device, dtype)
-    vae = _load_diffusers_model(path, AutoencoderKL, config_dir, "vae", state, device, dtype)
-    text_encoder = _load_text_encoder(path, config_dir, state)
-    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
-    scheduler_config = json.loads(
-        (config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
-    )
+    if config_dir is not None:
+        ModelConfigs.from_folder(Path(config_dir))  # a bad folder is named before the file is read
+    state, metadata = read_checkpoint(path)
+    configs = ModelConfigs.for_checkpoint(path, None if config_dir is None else Path(config_dir), metadata)
+    unet = _load_diffusers_model(path, UNet2DConditionModel, configs, "unet", state, device, dtype)
+    vae = _load_diffusers_model(path, AutoencoderKL, configs, "vae", state, device, dtype)
+    text_encoder = _load_text_encoder(path, configs, state)
+    tokenizer = CLIPTokenizer.from_pretrained(configs.folder / "tokenizer", local_files_only=True)
     return SD15Components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder.to(device=device, dtype=dtype).eval(),
         tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
+        scheduler_config=dict(configs.scheduler),
         path=path,
     )
 

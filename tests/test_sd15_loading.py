@@ -21,14 +21,18 @@ from ldm_checkpoint import (
     vae_to_ldm,
     write_tiny_sd15_checkpoint,
 )
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lookback_core.ldm_export import replace_unet, save_ldm_checkpoint
 from lookback_core.sd15 import (
+    EMBEDDED_CONFIGS_KEY,
     SHIPPED_CONFIG_DIR,
     CheckpointError,
     SD15Components,
     detect_family,
+    embedded_configs_metadata,
     encode_prompt,
     load_sd15,
 )
@@ -244,3 +248,64 @@ def test_shipped_configs_are_sd15() -> None:
     assert convert_ldm_vae_checkpoint(ldm_vae, vae.config).keys() == vae.state_dict().keys()
     scheduler = json.loads((SHIPPED_CONFIG_DIR / "scheduler/scheduler_config.json").read_text())
     assert scheduler | {"beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1} == scheduler
+
+
+def test_checkpoint_with_embedded_configs_loads_with_no_config_folder(files, tmp_path) -> None:
+    """An SD1.5 architecture at other sizes (the toy model) carries its configs in its metadata."""
+    models = tiny_sd15_models(files["config_dir"], seed=5)
+    path = save_ldm_checkpoint(tmp_path / "own_configs.safetensors", *models, embed_configs=True)
+    with safe_open(path, framework="pt") as f:
+        assert set(json.loads(f.metadata()[EMBEDDED_CONFIGS_KEY])) == {"unet", "vae", "text_encoder"}
+    assert load_sd15(path).scheduler_config["prediction_type"] == "epsilon"  # SD1.5's, by default
+    scheduler = {**json.loads((SHIPPED_CONFIG_DIR / "scheduler/scheduler_config.json").read_text())}
+    scheduler["prediction_type"] = "v_prediction"
+    path = save_ldm_checkpoint(path, *models, embed_configs=True, scheduler_config=scheduler)
+    components = load_sd15(path)
+    assert components.scheduler_config == scheduler  # the schedule the UNet was trained with travels too
+    for model, original in zip((components.unet, components.vae, components.text_encoder), models):
+        got, want = model.state_dict(), original.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ids = components.tokenizer(["a red square moving left"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(components.text_encoder(ids)[0], models[2](ids)[0])
+    # Without the metadata the same file is checked against the shipped (full-size) configs.
+    plain = save_ldm_checkpoint(tmp_path / "plain.safetensors", *models)
+    with pytest.raises(CheckpointError, match=r"plain.safetensors.*configs/sd15/unet/config.json"):
+        load_sd15(plain)
+
+
+def test_embedded_configs_that_do_not_fit_are_named(files, tmp_path) -> None:
+    models = tiny_sd15_models(files["config_dir"], seed=5)
+    state = torch.load(files["ckpt"], weights_only=True)["state_dict"]
+    metadata = embedded_configs_metadata(*models)
+    configs = json.loads(metadata[EMBEDDED_CONFIGS_KEY])
+    configs["text_encoder"]["hidden_size"] = 4096  # would be a 200M-parameter embedding if allocated
+    bad = tmp_path / "lying.safetensors"
+    save_file(state, bad, metadata={EMBEDDED_CONFIGS_KEY: json.dumps(configs)})
+    with pytest.raises(
+        CheckpointError,
+        match=r"lying.safetensors: the CLIP text encoder does not match the text_encoder config in lying",
+    ):
+        load_sd15(bad)
+    junk = tmp_path / "junk_meta.safetensors"
+    save_file(state, junk, metadata={EMBEDDED_CONFIGS_KEY: '{"unet": {}}'})
+    with pytest.raises(
+        CheckpointError, match="junk_meta.safetensors: its metadata 'lookback_sd15_configs' is not"
+    ):
+        load_sd15(junk)
+
+
+def test_replace_unet_keeps_everything_else(files, tmp_path) -> None:
+    models = tiny_sd15_models(files["config_dir"], seed=5)
+    source = save_ldm_checkpoint(
+        tmp_path / "src.safetensors", *models, embed_configs=True, dtype=torch.float16
+    )
+    trained = tiny_sd15_models(files["config_dir"], seed=6)[0]
+    out = replace_unet(source, trained, tmp_path / "out.safetensors")
+    before, after = load_file(source), load_file(out)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("model.diffusion_model."))
+    components = load_sd15(out)  # the embedded configs came along
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(components.unet.state_dict()[key], value.half().float())
+    assert {v.dtype for k, v in after.items() if k.startswith("model.diffusion_model.")} == {torch.float16}
