@@ -40,6 +40,18 @@ class SamplerSettings:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
 
 
+def resolve_settings(
+    given: dict[str, Any], recommended: dict[str, Any], seed: int
+) -> tuple[SamplerSettings, list[str]]:
+    """Settings the user ``given`` (None for unset), else the ``recommended`` ones, else the defaults.
+
+    Returns the settings and the names of the fields taken from ``recommended``.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    from_recommended = [k for k in recommended if k not in given]
+    return SamplerSettings(seed=seed, **{**recommended, **given}), from_recommended
+
+
 def initial_noise(
     shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:

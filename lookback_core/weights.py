@@ -6,22 +6,26 @@ Header metadata (all strings, as safetensors requires):
 - ``config``: the full :class:`~lookback_core.config.LookBackConfig` as JSON (d, kernels, sites
   and their channels, padding, variants);
 - ``base_family``: the base model family the modules were trained on (``sd15``);
-- ``training``: JSON of training facts (frames, stride, resolution, steps, ...).
+- ``training``: JSON of training facts (frames, stride, resolution, steps, ...);
+- ``recommended_sampler``: JSON of the sampler settings the weights are meant to be used with
+  (any of ``steps``, ``cfg_scale``, ``eta``; optional). Front ends use them where the user gives
+  none.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
 from .sites import site_channels
 from .temporal_unet import LookBackUNet, TemporalModules
@@ -29,6 +33,7 @@ from .temporal_unet import LookBackUNet, TemporalModules
 FORMAT_TAG = "lookback-i2v-temporal"
 BASE_FAMILY = "sd15"
 _MAX_LISTED = 5
+RECOMMENDABLE = ("steps", "cfg_scale", "eta")  # SamplerSettings fields a weights file may recommend
 
 
 class TemporalWeightsError(ValueError):
@@ -43,14 +48,54 @@ class TemporalWeightsError(ValueError):
         self.problems = problems
 
 
+@dataclass(frozen=True)
+class TemporalHeader:
+    """What a temporal weights file says about itself (its metadata)."""
+
+    config: LookBackConfig
+    training: dict[str, Any] = field(default_factory=dict)
+    base_family: str = BASE_FAMILY
+    recommended_sampler: dict[str, float] = field(default_factory=dict)
+
+
+def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, float]:
+    """Validate recommended sampler settings; raises ValueError naming the bad entry."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"recommended sampler settings must be a JSON object, got {settings!r}")
+    unknown = sorted(set(settings) - set(RECOMMENDABLE))
+    if unknown:
+        raise ValueError(f"unknown recommended sampler setting(s) {unknown}; known: {list(RECOMMENDABLE)}")
+    checks = {
+        "steps": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
+            "an integer in 1..1000",
+        ),
+        "cfg_scale": (
+            lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1,
+            "a finite number >= 1",
+        ),
+        "eta": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in 0..1"),
+    }
+    for key, value in settings.items():
+        valid, expected = checks[key]
+        if not valid(value):
+            raise ValueError(f"recommended sampler setting {key}={value!r} must be {expected}")
+    return dict(settings)
+
+
 def save_temporal_weights(
     path: str | os.PathLike,
     temporal: TemporalModules | LookBackUNet,
     *,
     training: dict[str, Any] | None = None,
     base_family: str = BASE_FAMILY,
+    recommended_sampler: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the look-back modules to ``path`` atomically (temporary file, then rename)."""
+    """Write the look-back modules to ``path`` atomically (temporary file, then rename).
+
+    ``recommended_sampler`` (any of ``steps``, ``cfg_scale``, ``eta``) is what front ends use
+    where the user sets nothing.
+    """
     if isinstance(temporal, LookBackUNet):
         temporal = temporal.temporal
     path = Path(path)
@@ -62,20 +107,13 @@ def save_temporal_weights(
         "base_family": base_family,
         "training": json.dumps(training or {}, sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if recommended_sampler:
+        metadata["recommended_sampler"] = json.dumps(check_recommended_sampler(recommended_sampler))
+    return save_safetensors(tensors, path, metadata)
 
 
-def read_temporal_header(path: str | os.PathLike) -> tuple[LookBackConfig, dict[str, Any], str]:
-    """Read and check a file's metadata: returns (config, training facts, base family)."""
+def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
+    """Read and check a file's metadata."""
     path = Path(path)
     if not path.is_file():
         raise TemporalWeightsError(path, "no such file")
@@ -100,7 +138,11 @@ def read_temporal_header(path: str | os.PathLike) -> tuple[LookBackConfig, dict[
         training = json.loads(metadata.get("training", "{}"))
     except (KeyError, ValueError, TypeError) as err:
         raise TemporalWeightsError(path, f"its config metadata is invalid ({err})") from None
-    return config, training, metadata.get("base_family", "")
+    try:
+        recommended = check_recommended_sampler(json.loads(metadata.get("recommended_sampler", "{}")))
+    except ValueError as err:
+        raise TemporalWeightsError(path, f"its recommended_sampler metadata is invalid ({err})") from None
+    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended)
 
 
 def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: nn.Module) -> None:
@@ -148,9 +190,9 @@ def _read_tensors(path: Path, temporal: TemporalModules) -> dict[str, torch.Tens
 def load_temporal_modules(path: str | os.PathLike, unet: nn.Module) -> TemporalModules:
     """Build the modules described by the file, check them against ``unet`` and load them."""
     path = Path(path)
-    config, _, family = read_temporal_header(path)
-    _check_against_unet(path, config, family, unet)
-    temporal = TemporalModules(config)
+    header = read_temporal_header(path)
+    _check_against_unet(path, header.config, header.base_family, unet)
+    temporal = TemporalModules(header.config)
     temporal.load_site_state_dict(_read_tensors(path, temporal))
     param = next(unet.parameters())
     return temporal.to(device=param.device, dtype=param.dtype)

@@ -65,9 +65,42 @@ def test_metadata_describes_config_family_and_training(trained, tmp_path) -> Non
     assert meta["format"] == FORMAT_TAG and meta["format_version"] == "1"
     assert meta["base_family"] == "sd15"
     assert json.loads(meta["training"]) == facts
-    config, training, family = read_temporal_header(path)
-    assert config.depth == 3 and config.kernel == 3 and config.channels["input.1"] == 32
-    assert training == facts and family == "sd15"
+    header = read_temporal_header(path)
+    assert header.config.depth == 3 and header.config.kernel == 3 and header.config.channels["input.1"] == 32
+    assert header.training == facts and header.base_family == "sd15" and header.recommended_sampler == {}
+    assert "recommended_sampler" not in meta
+
+
+def test_recommended_sampler_settings_round_trip(trained, tmp_path) -> None:
+    path = save_temporal_weights(
+        tmp_path / "w.safetensors", trained, recommended_sampler={"steps": 20, "cfg_scale": 2.5}
+    )
+    assert read_temporal_header(path).recommended_sampler == {"steps": 20, "cfg_scale": 2.5}
+    with pytest.raises(ValueError, match="cfg_scale=nan must be a finite number"):
+        save_temporal_weights(
+            tmp_path / "x.safetensors", trained, recommended_sampler={"cfg_scale": float("nan")}
+        )
+    with pytest.raises(ValueError, match=r"unknown recommended sampler setting\(s\) \['guidance'\]"):
+        save_temporal_weights(tmp_path / "x.safetensors", trained, recommended_sampler={"guidance": 2})
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        ('{"steps": 0}', "steps=0 must be an integer in 1..1000"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{", "invalid"),
+    ],
+)
+def test_bad_recommended_sampler_metadata_is_named(trained, tmp_path, stored, message) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={**_metadata(path), "recommended_sampler": stored})
+    with pytest.raises(
+        TemporalWeightsError, match="w.safetensors.*recommended_sampler metadata is invalid"
+    ) as err:
+        read_temporal_header(path)
+    assert message in str(err.value)
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(trained, tmp_path, monkeypatch) -> None:
@@ -78,7 +111,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(trained, tmp_path, monkeypatch)
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lookback_core.weights.save_file", dies_half_way)
+    monkeypatch.setattr("lookback_core.atomic.save_file", dies_half_way)
     randomize(trained.temporal, seed=7)
     with pytest.raises(KeyboardInterrupt):
         save_temporal_weights(path, trained)
