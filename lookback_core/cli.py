@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .sampler import SamplerSettings
+from .sampler import SamplerSettings, resolve_settings
+from .toybuild import ToyRecipe
+from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
+from .toyworld import HELD_OUT_SEED
 
 
 class UsageError(Exception):
@@ -35,15 +39,20 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
     return dev, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def _generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
+    """``generate``: returns the frames ``[f, 3, h, w]`` in ``[0, 1]`` and the video file written."""
     from .image_prep import fit_to_multiple, load_image
     from .pipeline import generate_video
     from .sd15 import encode_prompt, load_sd15
+    from .temporal_unet import LookBackUNet
     from .video_io import write_video
-    from .weights import load_lookback_unet
+    from .weights import load_lookback_unet, read_temporal_header
 
     checkpoint = _existing_file("--checkpoint", args.checkpoint)
-    weights = _existing_file("--weights", args.weights)
+    weights = _existing_file("--weights", args.weights) if args.weights else None
+    settings, origin = _sampler_settings(
+        args, read_temporal_header(weights).recommended_sampler if weights else {}
+    )
     image_path = _existing_file("--image", args.image)
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif", ".webp"):
@@ -55,9 +64,12 @@ def _generate(args: argparse.Namespace) -> int:
     image, message = fit_to_multiple(load_image(image_path), width=args.width, height=args.height)
     if message:
         print(message, file=sys.stderr)
-    print(f"loading {checkpoint.name} and {weights.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    what = (
+        f"{checkpoint.name} and {weights.name}" if weights else f"{checkpoint.name} (base UNet, no look-back)"
+    )
+    print(f"loading {what} on {device} ({str(dtype).removeprefix('torch.')})")
     components = load_sd15(checkpoint, config_dir=args.config_dir, device=device, dtype=dtype)
-    model = load_lookback_unet(weights, components.unet)
+    model = load_lookback_unet(weights, components.unet) if weights else LookBackUNet(components.unet, None)
     texts = encode_prompt(
         components.tokenizer, components.text_encoder, [args.prompt, args.negative_prompt], device
     )
@@ -69,7 +81,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--context-frames must be between 1 and --chunk-frames - 1 ({args.chunk_frames - 1})"
         )
-    settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, eta=args.eta, seed=args.seed)
+    print(
+        f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g} ({origin})"
+    )
     with tqdm(desc="denoising", unit="step") as bar:
 
         def advance(step: int, total: int, _estimate: torch.Tensor) -> None:
@@ -92,26 +106,88 @@ def _generate(args: argparse.Namespace) -> int:
     metadata = {"lookback": json.dumps({k: str(v) for k, v in vars(args).items() if k != "func"})}
     written = write_video(frames.permute(0, 2, 3, 1), out, fps=args.fps, metadata=metadata)
     print(f"wrote {len(frames)} frames ({frames.shape[-1]}x{frames.shape[-2]}) to {written}")
+    return frames, written
+
+
+def _generate(args: argparse.Namespace) -> int:
+    run_generate(args)
     return 0
+
+
+SAMPLER_FLAGS = {"steps": "--steps", "cfg_scale": "--cfg", "eta": "--eta"}
+
+
+def _sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
+    """Flags given by the user, else the weights file's recommended settings, else the defaults.
+
+    Returns the settings and a phrase saying where they came from."""
+    settings, used = resolve_settings({k: getattr(args, k) for k in SAMPLER_FLAGS}, recommended, args.seed)
+    origin = (
+        f"{', '.join(SAMPLER_FLAGS[k] for k in used)} as the weights file recommends" if used else "as given"
+    )
+    return settings, origin
 
 
 def _info(args: argparse.Namespace) -> int:
     from .weights import read_temporal_header
 
-    config, training, family = read_temporal_header(_existing_file("weights", args.weights))
+    header = read_temporal_header(_existing_file("weights", args.weights))
     print(
         json.dumps(
-            {"base_family": family, "config": json.loads(config.to_json()), "training": training}, indent=2
+            {
+                "base_family": header.base_family,
+                "config": json.loads(header.config.to_json()),
+                "training": header.training,
+                "recommended_sampler": header.recommended_sampler,
+            },
+            indent=2,
         )
     )
+    if header.recommended_sampler:
+        flags = ", ".join(f"{SAMPLER_FLAGS[k]} {v}" for k, v in header.recommended_sampler.items())
+        print(f"generate uses the recommended sampler settings ({flags}) where no flag is given")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    video = run_demo(Path(args.out), steps=args.steps)
-    print(f"demo done: the trained weights, the checkpoint and {video.name} are in {video.parent}")
+    run_demo(Path(args.out), clip=args.clip, rebuild=args.rebuild)
+    return 0
+
+
+def _toy_build(args: argparse.Namespace) -> int:
+    from .toybuild import build
+
+    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
+    build(Path(args.out), recipe)
+    return 0
+
+
+def _toy_eval(args: argparse.Namespace) -> int:
+    from .toyeval import evaluate, load_toy_model, markdown_table, write_report
+
+    weights = None if args.weights.lower() == "none" else _existing_file("--weights", args.weights)
+    toy = load_toy_model(
+        _existing_file("--checkpoint", args.checkpoint),
+        weights,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        eta=args.eta,
+        settings_from=TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None,
+    )
+    s = toy.settings
+    print(
+        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}"
+    )
+    report = evaluate(toy, args.clips, first_seed=args.first_seed)
+    print(markdown_table([report]))
+    if args.json:
+        print(f"per-clip results: {write_report([report], args.json)}")
+    failures = report.failures()
+    if failures:
+        print("below the bars: " + "; ".join(failures), file=sys.stderr)
+        return 1 if args.check else 0
     return 0
 
 
@@ -124,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="SD1.5 single-file checkpoint (.safetensors, or .ckpt)"
     )
     gen.add_argument(
-        "--weights", required=True, help="look-back temporal weights (.safetensors) from training/train.py"
+        "--weights",
+        default=None,
+        help="look-back temporal weights (.safetensors) from training/train.py; without it the base "
+        "UNet alone makes every frame independently (a baseline)",
     )
     gen.add_argument("--image", required=True, help="the start image; it becomes frame 0")
     gen.add_argument("--prompt", default="", help="text prompt (improves quality with --cfg > 1)")
@@ -132,10 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--frames", type=int, default=16, help="frames in the video, including the image (default 16)"
     )
-    gen.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    gen.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it")
+    defaults = SamplerSettings()
+    recommended = "default: the weights file's recommended value, else"
+    gen.add_argument("--steps", type=int, default=None, help=f"DDIM steps ({recommended} {defaults.steps})")
     gen.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like"
+        "--cfg",
+        dest="cfg_scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale; 1 disables it ({recommended} {defaults.cfg_scale})",
+    )
+    gen.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help=f"DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ({recommended} {defaults.eta})",
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
@@ -161,10 +251,51 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("weights")
     info.set_defaults(func=_info)
 
-    demo = commands.add_parser("demo", help="train and generate offline with a generated tiny model")
+    demo = commands.add_parser(
+        "demo", help="turn a held-out toy-world image into a video with the shipped toy model (offline, CPU)"
+    )
     demo.add_argument("--out", default="outputs/demo", help="folder for everything the demo writes")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    demo.add_argument(
+        "--clip", type=int, default=0, help="which held-out clip gives the start image (default 0)"
+    )
+    demo.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="first rebuild the toy model from nothing (toyworld build; ~1 h on CPU)",
+    )
     demo.set_defaults(func=_demo)
+
+    toy = commands.add_parser(
+        "toyworld", help="the toy world: rebuild the toy model, or evaluate a model on it"
+    )
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    toy_build = toy_commands.add_parser("build", help="data, base model and look-back weights, from nothing")
+    toy_build.add_argument("--out", required=True, help="folder for the data, the stages and the result")
+    for f in fields(ToyRecipe):
+        toy_build.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+            help=f"(default {f.default})",
+        )  # fmt: skip
+    toy_build.set_defaults(func=_toy_build)
+    toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
+    toy_eval.add_argument(
+        "--checkpoint", default=str(TOY_CHECKPOINT), help="default: the shipped toy checkpoint"
+    )
+    toy_eval.add_argument(
+        "--weights", default=str(TOY_WEIGHTS), help="temporal weights, or 'none' for the base UNet alone"
+    )
+    toy_eval.add_argument("--clips", type=int, default=64, help="held-out clips to generate (default 64)")
+    toy_eval.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help=f"default {HELD_OUT_SEED}")
+    toy_eval.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps (default: the weights' recommended)"
+    )
+    toy_eval.add_argument(
+        "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
+    )
+    toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
+    toy_eval.add_argument("--json", default=None, help="also write the per-clip results here")
+    toy_eval.add_argument("--check", action="store_true", help="exit 1 if a figure misses its bar")
+    toy_eval.set_defaults(func=_toy_eval)
     return parser
 
 

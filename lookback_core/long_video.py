@@ -49,7 +49,7 @@ def sample_long_video(
     Without ``chunk_frames`` (or when the video fits in one chunk) this is one
     :func:`~lookback_core.sampler.sample_video` pass. ``context_frames`` (``c``, 1 <= c <
     ``chunk_frames``; default the model's look-back depth ``d``, which is what one look-back
-    conv reads) clean frames of the previous chunk start each following chunk. Chunk ``i``
+    conv reads, or 1 for the base UNet alone) clean frames of the previous chunk start each following chunk. Chunk ``i``
     draws its noise from ``seed + i``.
     ``on_step`` counts steps over all chunks; ``on_chunk(start, frames)`` receives each chunk's
     new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
@@ -57,7 +57,8 @@ def sample_long_video(
     """
     chunk_frames = chunk_frames or num_frames
     if context_frames is None:
-        context_frames = max(1, min(model.config.depth, chunk_frames - 1))
+        depth = model.config.depth if model.config is not None else 1
+        context_frames = max(1, min(depth, chunk_frames - 1))
     if not 1 <= context_frames < chunk_frames:
         raise ValueError(
             f"context_frames must be in [1, chunk_frames - 1], got {context_frames} with chunk_frames {chunk_frames}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -50,7 +51,7 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, *, frames_per_batch: i
     return rearrange(out, "(b f) c h w -> b f c h w", b=b)
 
 
-def generate_video(
+def generate_latents(
     model: LookBackUNet,
     vae: nn.Module,
     image: torch.Tensor,
@@ -65,7 +66,7 @@ def generate_video(
     chunk_frames: int | None = None,
     context_frames: int | None = None,
 ) -> torch.Tensor:
-    """Image ``[1, 3, h, w]`` in ``[0, 1]`` to frames ``[f, 3, h, w]`` in ``[0, 1]``; frame 0 is the image.
+    """Image ``[1, 3, h, w]`` in ``[0, 1]`` to latents ``[1, c, f, h/8, w/8]``; frame 0 is the image's ``z0``.
 
     With ``chunk_frames``, videos longer than that are sampled in chunks that pin
     ``context_frames`` frames of the previous chunk (default: the look-back depth d), so the
@@ -73,7 +74,7 @@ def generate_video(
     """
     z0 = encode_image_latent(vae, image)
     param = next(model.unet.parameters())
-    latents = sample_long_video(
+    return sample_long_video(
         model,
         z0.to(param.dtype),
         positive.to(device=param.device, dtype=param.dtype),
@@ -86,4 +87,10 @@ def generate_video(
         on_step=on_step,
         should_cancel=should_cancel,
     )
-    return decode_latents(vae, latents)[0]
+
+
+def generate_video(
+    model: LookBackUNet, vae: nn.Module, image: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
+    """:func:`generate_latents`, decoded: frames ``[f, 3, h, w]`` in ``[0, 1]``; frame 0 is the image."""
+    return decode_latents(vae, generate_latents(model, vae, image, *args, **kwargs))[0]

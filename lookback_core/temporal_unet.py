@@ -59,19 +59,25 @@ class TemporalModules(nn.Module):
 
 
 class LookBackUNet(nn.Module):
-    """UNet2DConditionModel + look-back modules; input and output are ``[b, c, f, h, w]``."""
+    """UNet2DConditionModel + look-back modules; input and output are ``[b, c, f, h, w]``.
 
-    def __init__(self, unet: nn.Module, temporal: TemporalModules) -> None:
+    With ``temporal=None`` it is the base UNet alone, run on every frame independently: the
+    baseline that shows what the look-back modules add (the sampler still pins frame 0).
+    """
+
+    def __init__(self, unet: nn.Module, temporal: TemporalModules | None) -> None:
         super().__init__()
         self.unet = unet
         self.temporal = temporal
         self.num_frames: int | None = None
         self.checkpoint_sites: set[str] = set()
+        self._handles = []
+        if temporal is None:
+            return
         sites = find_sites(unet)
         unknown = [s for s in temporal.config.sites if s not in sites]
         if unknown:
             raise ValueError(f"the UNet has no site(s) {unknown}; it has {sorted(sites)}")
-        self._handles = []
         for name, module in temporal.items():
             site = sites[name]
             if site.channels != module.channels:
@@ -82,8 +88,9 @@ class LookBackUNet(nn.Module):
             self._handles.append(site.module.register_forward_hook(self._hook(name, site.returns_tuple)))
 
     @property
-    def config(self) -> LookBackConfig:
-        return self.temporal.config
+    def config(self) -> LookBackConfig | None:
+        """The modules' config; ``None`` for the base UNet alone."""
+        return None if self.temporal is None else self.temporal.config
 
     def _hook(self, name: str, returns_tuple: bool):
         def apply(_module: nn.Module, _args: Any, output: Any) -> Any:

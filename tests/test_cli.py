@@ -120,3 +120,61 @@ def test_module_entry_point_and_info(assets) -> None:
     info = json.loads(result.stdout)
     assert info["base_family"] == "sd15" and info["config"]["depth"] == 3
     assert info["training"] == {"frames": 4}
+
+
+def test_without_weights_the_base_unet_alone_makes_the_frames(assets, tmp_path, capsys) -> None:
+    from lookback_core.cli import build_parser, run_generate
+
+    args = _args(assets, tmp_path / "base.gif")
+    del args[args.index("--weights") : args.index("--weights") + 2]
+    base, _ = run_generate(build_parser().parse_args(args))
+    assert "(base UNet, no look-back)" in capsys.readouterr().out
+    lookback, _ = run_generate(build_parser().parse_args(_args(assets, tmp_path / "lookback.gif")))
+    assert base.shape == lookback.shape == (5, 3, 64, 88)
+    assert torch.equal(base[0], lookback[0])  # the same pinned image
+    assert (base[1:] - lookback[1:]).abs().mean() > 1e-3  # the look-back modules changed the rest
+
+
+@pytest.fixture
+def recommending_weights(assets, tmp_path):
+    from lookback_core.weights import load_temporal_modules, save_temporal_weights
+
+    temporal = load_temporal_modules(
+        assets["weights"], load_sd15(assets["checkpoint"], config_dir=assets["config_dir"]).unet
+    )
+    return save_temporal_weights(
+        tmp_path / "recommending.safetensors", temporal, recommended_sampler={"steps": 3, "cfg_scale": 1.5}
+    )
+
+
+def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
+    assets, recommending_weights, tmp_path, capsys, monkeypatch
+) -> None:
+    import lookback_core.pipeline as pipeline
+
+    used = []
+    real = pipeline.sample_long_video
+    monkeypatch.setattr(pipeline, "sample_long_video", lambda *a, **k: used.append(a[5]) or real(*a, **k))
+    base = _args(assets, tmp_path / "v.gif")
+    base[base.index("--weights") + 1] = str(recommending_weights)
+    del base[base.index("--steps") : base.index("--steps") + 2]
+    assert main(base) == 0
+    assert (
+        "sampler: 3 DDIM steps, cfg 1.5, eta 0 (--steps, --cfg as the weights file recommends)"
+        in capsys.readouterr().out
+    )
+    assert main([*base, "--steps", "2", "--eta", "0.5"]) == 0
+    assert (
+        "sampler: 2 DDIM steps, cfg 1.5, eta 0.5 (--cfg as the weights file recommends)"
+        in capsys.readouterr().out
+    )
+    assert [(s.steps, s.cfg_scale, s.eta) for s in used] == [(3, 1.5, 0.0), (2, 1.5, 0.5)]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lookback_core", "info", str(recommending_weights)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"recommended_sampler": {\n    "steps": 3,\n    "cfg_scale": 1.5' in result.stdout
+    assert "generate uses the recommended sampler settings (--steps 3, --cfg 1.5)" in result.stdout
