@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lookback_core.config import PRESETS
+from lookback_core.weights import check_recommended_sampler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="look-back module preset")
     model.add_argument(
-        "--train_backbone", action="store_true", help="also train the SD1.5 UNet (default: frozen)"
-    )
+        "--train_backbone", action="store_true",
+        help="also train the SD1.5 UNet (default: frozen); the trained UNet is written with the base's VAE and "
+        "text encoder as <output_dir>/base_checkpoint.safetensors, to use with the temporal weights",
+    )  # fmt: skip
 
     data = p.add_argument_group("data")
     data.add_argument(
@@ -55,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--train_batch_size", type=int, default=4, help="clips per device per step")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=4)
-    opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument("--learning_rate", type=float, default=1e-4, help="of the temporal modules")
+    opt.add_argument(
+        "--backbone_learning_rate", type=float, default=None,
+        help="of the SD1.5 UNet with --train_backbone (default: --learning_rate). Zero-initialised modules "
+        "must grow weights of order 1 to carry a frame forward, which a higher rate than the backbone's speeds up",
+    )  # fmt: skip
     opt.add_argument(
         "--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes"
     )
@@ -103,11 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--validation_prompt", default="")
     out.add_argument("--validation_steps", type=int, default=500)
     out.add_argument("--validation_frames", type=int, default=16)
-    out.add_argument("--validation_inference_steps", type=int, default=25)
+    out.add_argument(
+        "--validation_inference_steps", type=int, default=25,
+        help="DDIM steps of validation videos; stored in the weights file as its recommended steps",
+    )  # fmt: skip
+    out.add_argument(
+        "--validation_guidance_scale", type=float, default=7.5,
+        help="CFG scale of validation videos; stored in the weights file as its recommended CFG scale",
+    )  # fmt: skip
     out.add_argument(
         "--isim_clip_model", default=None, help="local CLIP vision model folder for the paper's ISIM"
     )
     return p
+
+
+def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
+    """The validation sampler settings, which the weights file records as its recommended ones."""
+    return {"steps": args.validation_inference_steps, "cfg_scale": args.validation_guidance_scale}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -121,6 +141,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     if not 0 <= args.text_dropout <= 1:
         parser.error(f"--text_dropout must be in [0, 1], got {args.text_dropout}")
+    try:
+        check_recommended_sampler(recommended_sampler(args))
+    except ValueError as err:
+        parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
     for flag in ("pretrained_model", "validation_image", "csv"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():

@@ -17,6 +17,7 @@ from typing import Any
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_NAME = "lookback_weights.safetensors"
+BACKBONE_NAME = "base_checkpoint.safetensors"  # with --train_backbone: the base with the trained UNet
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 

@@ -29,11 +29,12 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core.config import preset  # noqa: E402
+from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
 from lookback_core.weights import save_temporal_weights  # noqa: E402
 from training import checkpoints  # noqa: E402
-from training.args import parse_args  # noqa: E402
+from training.args import parse_args, recommended_sampler  # noqa: E402
 from training.cache import LatentCache  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
 from training.objective import lookback_loss  # noqa: E402
@@ -79,9 +80,9 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
-def _make_optimizer(args, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(args, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over parameter groups ``{"params": ..., "lr": ...}``."""
     kwargs = dict(
-        lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
@@ -90,10 +91,10 @@ def _make_optimizer(args, params: list[torch.nn.Parameter], lr: float) -> torch.
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, **kwargs)
+            return bnb.optim.AdamW8bit(groups, **kwargs)
         except ImportError:
             logger.warning("--use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _tensorboard_available() -> bool:
@@ -207,10 +208,13 @@ def train(args) -> Path:
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     epochs = math.ceil(max_steps / updates_per_epoch)
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = _make_optimizer(args, trainable, lr)
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    lr = args.learning_rate * (scale if args.scale_lr else 1)
+    groups = [{"params": list(model.temporal.parameters()), "lr": lr}]
+    if args.train_backbone:
+        backbone_lr = (args.backbone_learning_rate or args.learning_rate) * (scale if args.scale_lr else 1)
+        groups.append({"params": list(model.unet.parameters()), "lr": backbone_lr})
+    optimizer = _make_optimizer(args, groups)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -229,7 +233,10 @@ def train(args) -> Path:
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
         "preset": args.preset, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
+        "train_backbone": args.train_backbone,
     }  # fmt: skip
+    if args.train_backbone:
+        facts["backbone_learning_rate"] = groups[1]["lr"]
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -253,6 +260,8 @@ def train(args) -> Path:
             write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
             final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
             write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
+            if args.train_backbone:
+                replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
             logger.info("saved %s", final)
         accelerator.wait_for_everyone()
 
@@ -261,7 +270,12 @@ def train(args) -> Path:
             ema.store(lookback.temporal.parameters())
             ema.copy_to(lookback.temporal.parameters())
         try:
-            return save_temporal_weights(path, lookback.temporal, training={**facts, "steps": step})
+            return save_temporal_weights(
+                path,
+                lookback.temporal,
+                training={**facts, "steps": step},
+                recommended_sampler=recommended_sampler(args),
+            )
         finally:
             if ema is not None:
                 ema.restore(lookback.temporal.parameters())
@@ -290,7 +304,11 @@ def train(args) -> Path:
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
-                        model, latents.to(weight_dtype), text.to(weight_dtype), noise_scheduler, rng.generator
+                        model,
+                        latents.to(weight_dtype),
+                        text.to(weight_dtype),
+                        noise_scheduler,
+                        rng.generator,
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(

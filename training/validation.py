@@ -13,6 +13,7 @@ from lookback_core.sampler import SamplerSettings, sample_video
 from lookback_core.sd15 import SD15Components, encode_prompt
 from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.video_io import write_video
+from training.args import recommended_sampler
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def run_validation(
     )
     z0 = encode_image_latent(components.vae, image).to(dtype)
     texts = encode_prompt(components.tokenizer, components.text_encoder, [args.validation_prompt, ""], device)
-    settings = SamplerSettings(steps=args.validation_inference_steps, seed=args.seed)
+    settings = SamplerSettings(**recommended_sampler(args), seed=args.seed)
     latents = sample_video(
         model,
         z0,
