@@ -18,9 +18,9 @@ import torch
 from conftest import make_tiny_unet
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
+from toy_clips import toy_frames, write_toy_videos
 
 from lookback_core.config import preset
-from lookback_core.demo import synthetic_clip, write_synthetic_dataset
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
 from lookback_core.temporal_unet import create_lookback_unet
 from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     config_dir = tiny_config_dir(root)
     checkpoint = write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir)
-    data = write_synthetic_dataset(root / "videos", 8, frames=10, size=40)
+    data = write_toy_videos(root / "videos", 8, frames=10, size=40)
     return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "data": data}
 
 
@@ -65,9 +65,10 @@ def test_a_few_steps_end_to_end_write_deployable_weights(setup, tmp_path) -> Non
     out = tmp_path / "run"
     args = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
     assert train_main(_args(setup, out, *args)) == 0
-    config, training, family = read_temporal_header(out / "lookback_weights.safetensors")
-    assert family == "sd15" and config.depth == 3
-    assert training["steps"] == 3 and training["frames"] == 4 and training["stride"] == 2
+    header = read_temporal_header(out / "lookback_weights.safetensors")
+    assert header.base_family == "sd15" and header.config.depth == 3
+    assert header.training["steps"] == 3 and header.training["frames"] == 4 and header.training["stride"] == 2
+    assert header.recommended_sampler == {"steps": 25, "cfg_scale": 7.5}  # the validation settings
     from lookback_core.sd15 import load_sd15
 
     unet = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"]).unet
@@ -81,9 +82,31 @@ def test_a_few_steps_end_to_end_write_deployable_weights(setup, tmp_path) -> Non
     assert all(np.isfinite(line["loss"]) and line["lr"] == 1e-4 and line["clips_per_s"] > 0 for line in lines)
 
 
+def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp_path) -> None:
+    from lookback_core.sd15 import load_sd15
+
+    out = tmp_path / "run"
+    assert (
+        train_main(_args(setup, out, "--max_train_steps", "2", "--train_backbone", "--learning_rate", "1e-3"))
+        == 0
+    )
+    base = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
+    trained = load_sd15(out / checkpoints.BACKBONE_NAME, config_dir=setup["config_dir"])
+    changed = [
+        k for k, v in trained.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])
+    ]
+    assert len(changed) > 0.5 * len(base.unet.state_dict())
+    for part in ("vae", "text_encoder"):
+        before, after = getattr(base, part).state_dict(), getattr(trained, part).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), part
+    # the deployable pair: the trained UNet with the temporal weights
+    model = load_lookback_unet(out / "lookback_weights.safetensors", trained.unet)
+    assert any(p.abs().sum() > 0 for p in model.temporal.parameters())
+
+
 def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
     image = tmp_path / "start.png"
-    iio.imwrite(image, synthetic_clip(5, size=40)[0][0])
+    iio.imwrite(image, toy_frames(5, size=40)[0])
     out = tmp_path / "run"
     extra = ["--max_train_steps", "2", "--validation_image", str(image), "--validation_prompt", "a square",
              "--validation_steps", "2", "--validation_frames", "3", "--validation_inference_steps", "2"]  # fmt: skip
@@ -150,12 +173,12 @@ def test_gradients_reach_only_the_temporal_modules(checkpointing) -> None:
 
 def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
     root = tmp_path / "mixed"
-    write_synthetic_dataset(root, 2, frames=10, size=40)
+    write_toy_videos(root, 2, frames=10, size=40)
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 definitely not a video")
-    write_video(synthetic_clip(9, frames=3, size=40)[0], root / "short.mp4", fps=8)
+    write_video(toy_frames(9, frames=3, size=40), root / "short.mp4", fps=8)
     frames_dir = root / "frames_clip"
     frames_dir.mkdir()
-    for i, frame in enumerate(synthetic_clip(3, frames=10, size=40)[0]):
+    for i, frame in enumerate(toy_frames(3, frames=10, size=40)):
         iio.imwrite(frames_dir / f"{i:04d}.png", frame)
     (frames_dir / "caption.txt").write_text("a folder of frames")
     samples = discover_samples(root)
@@ -176,7 +199,7 @@ def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
 
     # WebVid layout: <root>/<page_dir>/<videoid>.mp4 with captions in the CSV
     webvid = tmp_path / "webvid"
-    write_synthetic_dataset(webvid / "001_page", 2, frames=10, size=40)
+    write_toy_videos(webvid / "001_page", 2, frames=10, size=40)
     table = tmp_path / "results.csv"
     with table.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -189,7 +212,7 @@ def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
 
 
 def test_stride_follows_fps_when_a_reference_fps_is_given(tmp_path) -> None:
-    write_video(synthetic_clip(0, frames=30, size=40)[0], tmp_path / "fast.mp4", fps=16)
+    write_video(toy_frames(0, frames=30, size=40), tmp_path / "fast.mp4", fps=16)
     samples = discover_samples(tmp_path)
     plain = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
     scaled = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32, reference_fps=8)

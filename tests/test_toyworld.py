@@ -1,0 +1,126 @@
+"""The toy world and its metrics, on clips whose truth is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lookback_core import toyworld
+from lookback_core.toymetrics import COLOUR_THRESHOLD, clip_metrics, object_mask, summarise
+from lookback_core.video_io import read_frames
+from training.data import discover_samples
+
+
+def test_a_seed_names_one_clip() -> None:
+    a, b, other = toyworld.make_clip(7), toyworld.make_clip(7), toyworld.make_clip(8)
+    assert np.array_equal(a.frames, b.frames) and a.caption == b.caption
+    assert not np.array_equal(a.frames, other.frames)
+    assert a.frames.shape == (toyworld.FRAMES, toyworld.SIZE, toyworld.SIZE, 3) and a.frames.dtype == np.uint8
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 7))
+def test_clips_follow_the_world_rules(seed) -> None:
+    clip = toyworld.make_clip(seed)
+    assert clip.caption == f"a {clip.colour} {clip.shape} moving {clip.direction}"
+    step = np.diff(clip.positions, axis=0)
+    assert (step == np.array(toyworld.DIRECTIONS[clip.direction]) * toyworld.SPEED).all()
+    assert clip.positions.min() >= 0 and clip.positions.max() <= toyworld.SIZE - toyworld.OBJECT_SIZE
+    footprint = toyworld.object_footprint(clip.shape)
+    low, high = toyworld.BACKGROUND_RANGE
+    for frame, (y, x) in zip(clip.frames, clip.positions):
+        inside = np.zeros(frame.shape[:2], dtype=bool)
+        inside[y : y + toyworld.OBJECT_SIZE, x : x + toyworld.OBJECT_SIZE] = footprint
+        assert (frame[inside] == clip.rgb).all()
+        assert frame[~inside].min() >= low and frame[~inside].max() <= high
+    if clip.shape == "square":
+        assert footprint.all()
+    else:  # a disc of diameter 16: about pi * 8^2 pixels, symmetric, touching all four sides
+        assert abs(footprint.sum() - np.pi * 64) < 10 and np.array_equal(footprint, footprint.T)
+        assert footprint[0].any() and footprint[-1].any() and not footprint[0, 0]
+
+
+def test_all_colours_shapes_and_directions_occur() -> None:
+    clips = [toyworld.make_clip(s) for s in range(200)]
+    assert {c.colour for c in clips} == set(toyworld.COLOURS)
+    assert {c.shape for c in clips} == set(toyworld.SHAPES)
+    assert {c.direction for c in clips} == set(toyworld.DIRECTIONS)
+
+
+def test_no_background_colour_is_taken_for_the_object() -> None:
+    low, high = toyworld.BACKGROUND_RANGE
+    corners = np.array(np.meshgrid(*[[low, high]] * 3)).reshape(3, -1).T
+    for rgb in toyworld.COLOURS.values():
+        nearest = np.clip(np.asarray(rgb), low, high)  # the background colour closest to the object's
+        assert np.linalg.norm(nearest - np.asarray(rgb)) > COLOUR_THRESHOLD
+        assert not object_mask(corners.reshape(1, -1, 1, 3).astype(np.uint8), rgb).any()
+
+
+def test_dataset_is_the_trainers_video_folder_layout(tmp_path) -> None:
+    folder = toyworld.write_dataset(tmp_path / "data", range(3), progress=False)
+    samples = discover_samples(folder)
+    assert [s.caption for s in samples] == [toyworld.make_clip(s).caption for s in range(3)]
+    frames = read_frames(samples[1].path, list(range(toyworld.FRAMES)))
+    error = np.abs(frames.astype(float) - toyworld.make_clip(1).frames).mean()
+    assert error < 2.0  # near-lossless H.264
+    # an interrupted write resumes: complete pairs are kept, a missing video is written
+    (folder / "clip_0000001.mp4").unlink()
+    before = (folder / "clip_0000000.mp4").stat().st_mtime_ns
+    toyworld.write_dataset(folder, range(3), progress=False)
+    assert (folder / "clip_0000001.mp4").is_file()
+    assert (folder / "clip_0000000.mp4").stat().st_mtime_ns == before
+
+
+def _truth(seed: int = toyworld.HELD_OUT_SEED) -> toyworld.ToyClip:
+    return toyworld.make_clip(seed)
+
+
+def test_the_true_clips_meet_every_bar() -> None:
+    results = []
+    for seed in range(toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 24):
+        clip = _truth(seed)
+        results.append(clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction))
+    summary = summarise(results)
+    assert summary["frame0_psnr"] == 100.0 and summary["persistence"] == 1.0
+    assert summary["direction_accuracy"] == 1.0 and summary["background_drift"] == 0.0
+    assert summary["speed"] == pytest.approx(toyworld.SPEED, abs=1e-9)
+    assert all(r.travel == pytest.approx(30) and r.sideways == pytest.approx(0) for r in results)
+
+
+def test_a_still_video_has_no_motion() -> None:
+    clip = _truth()
+    still = np.repeat(clip.frames[:1], toyworld.FRAMES, axis=0)
+    result = clip_metrics(still, clip.frames[0], clip.rgb, clip.direction)
+    assert not result.direction_ok and result.travel == 0 and result.speed == pytest.approx(0, abs=1e-9)
+    assert result.persistence == 1.0 and result.background_drift == 0.0
+
+
+def test_motion_the_wrong_way_is_not_counted() -> None:
+    clip = _truth()
+    result = clip_metrics(clip.frames[::-1].copy(), clip.frames[-1], clip.rgb, clip.direction)
+    assert not result.direction_ok and result.travel == pytest.approx(-30)
+    assert result.speed == pytest.approx(-toyworld.SPEED)
+
+
+def test_vanishing_object_and_drifting_background_are_measured() -> None:
+    clip = _truth()
+    frames = clip.frames.copy()
+    frames[8:] = 100  # the object is gone from frame 8 on
+    result = clip_metrics(frames, clip.frames[0], clip.rgb, clip.direction)
+    assert result.persistence == pytest.approx(7 / 15)
+    assert not result.direction_ok and np.isnan(result.travel)
+    brighter = clip.frames.copy()
+    brighter[1:] += 10  # every pixel 10 levels brighter; the object stays within the colour threshold
+    result = clip_metrics(brighter, clip.frames[0], clip.rgb, clip.direction)
+    assert result.background_drift == pytest.approx(10) and result.persistence == 1.0 and result.direction_ok
+    noisy = clip.frames.astype(int) + np.random.default_rng(0).choice([-6, 6], size=clip.frames.shape)
+    noisy[0] = clip.frames[0]
+    result = clip_metrics(np.clip(noisy, 0, 255).astype(np.uint8), clip.frames[0], clip.rgb, clip.direction)
+    assert result.background_drift == pytest.approx(6, abs=0.3) and result.direction_ok
+    assert result.frame0_psnr == 100.0
+
+
+def test_frame0_psnr_compares_with_the_start_image() -> None:
+    clip = _truth()
+    start = np.clip(clip.frames[0].astype(int) + 5, 0, 255).astype(np.uint8)
+    result = clip_metrics(clip.frames, start, clip.rgb, clip.direction)
+    assert result.frame0_psnr == pytest.approx(10 * np.log10(255**2 / 25), abs=0.2)
