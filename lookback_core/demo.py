@@ -1,108 +1,113 @@
-"""``python -m lookback_core demo``: the whole job offline, on a generated tiny model.
+"""``python -m lookback_core demo``: watch an image turn into a video, offline, in seconds on a CPU.
 
-1. a tiny SD1.5-architecture checkpoint in the LDM single-file format (random weights);
-2. a small synthetic video set (coloured squares moving over gradients, with captions);
-3. look-back weights trained on it by ``training/train.py``, as a user would run it;
-4. a video from the first frame of a held-out clip, through the same code as the CLI.
+The shipped toy model (``lookback_core/toy/``: a tiny SD1.5-architecture checkpoint and the
+look-back weights ``training/train.py`` trained on the toy world) animates the first frame of
+a held-out toy-world clip, through the ``generate`` command's own code. The demo writes:
 
-A random base model draws no pictures, so the video shows texture, not squares: the demo proves
-that every piece runs and fits together on this machine, in a minute or two on a CPU.
+- ``start.png``: the start image (never seen in training) and ``caption.txt``;
+- ``video.mp4``: the generated 16 frames;
+- ``contact_sheet.png``: rows of frames side by side: generated with look-back, the same
+  image and prompt through the base UNet alone (no look-back), and the true clip;
+
+and prints the toy-world metrics of the generated clip. ``--rebuild`` first rebuilds the toy
+model from nothing (``toyworld build``) and uses the rebuilt files.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 
-from .video_io import write_video
+from . import toyworld
+from .image_prep import to_uint8_frames
+from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
+from .toymetrics import clip_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40)}
-
-
-def synthetic_clip(seed: int, frames: int = 16, size: int = 64) -> tuple[np.ndarray, str]:
-    """A square of one colour moving in a straight line over a gradient; returns (frames, caption)."""
-    rng = np.random.default_rng(seed)
-    name, colour = list(COLOURS.items())[seed % len(COLOURS)]
-    ys, xs = np.mgrid[0:size, 0:size] / size
-    background = np.stack([xs, ys, 1 - xs], -1) * rng.uniform(60, 160, size=3)
-    side = size // 4
-    start = rng.uniform(0, size - side, size=2)
-    velocity = rng.uniform(-2.5, 2.5, size=2)
-    video = np.empty((frames, size, size, 3), dtype=np.uint8)
-    for i in range(frames):
-        frame = background.copy()
-        y, x = (start + velocity * i).clip(0, size - side).astype(int)
-        frame[y : y + side, x : x + side] = colour
-        video[i] = frame.astype(np.uint8)
-    direction = "right" if velocity[1] > 0 else "left"
-    return video, f"a {name} square moving {direction}"
+LABEL_WIDTH = 4  # px of colour bar left of each contact-sheet row: green look-back, grey base, white truth
+ROW_COLOURS = {"look-back": (40, 200, 60), "base": (128, 128, 128), "truth": (255, 255, 255)}
 
 
-def write_synthetic_dataset(folder: Path, count: int, *, frames: int = 16, size: int = 64) -> Path:
-    """``count`` mp4 clips with same-name ``.txt`` captions: the video-folder layout of the trainer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for seed in range(count):
-        video, caption = synthetic_clip(seed, frames, size)
-        write_video(video, folder / f"clip_{seed:03d}.mp4", fps=8)
-        (folder / f"clip_{seed:03d}.txt").write_text(caption + "\n")
-    return folder
+def contact_sheet(rows: dict[str, np.ndarray], scale: int = 2, gap: int = 2) -> np.ndarray:
+    """Rows of frames ``[f, h, w, 3]`` uint8 side by side, each row led by a colour bar; upscaled ``scale`` x."""
+    tiles = []
+    for name, frames in rows.items():
+        f, h, w, _ = frames.shape
+        row = np.full((h + gap, LABEL_WIDTH + f * (w + gap), 3), 255, dtype=np.uint8)
+        row[:h, :LABEL_WIDTH] = ROW_COLOURS.get(name, (0, 0, 0))
+        for i, frame in enumerate(frames):
+            x = LABEL_WIDTH + i * (w + gap)
+            row[:h, x : x + w] = frame
+        tiles.append(row)
+    sheet = np.concatenate(tiles)
+    return sheet.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def _run(command: list[str]) -> None:
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+def run_demo(out: Path, *, clip: int = 0, rebuild: bool = False) -> dict:
+    """Generate from held-out clip ``clip`` into ``out``; returns the clip's metrics."""
+    from .cli import build_parser, run_generate
 
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint, weights = TOY_CHECKPOINT, TOY_WEIGHTS
+    if rebuild:
+        from .toybuild import build
 
-def run_demo(out: Path, *, steps: int = 30, frames: int = 8) -> Path:
-    """Run the four stages into ``out``; returns the generated video's path."""
-    from .tiny import tiny_config_dir, write_tiny_sd15_checkpoint
-
-    train_script = REPO / "training" / "train.py"
-    if not train_script.is_file():
-        raise FileNotFoundError(f"the demo runs {train_script}, which this installation does not have")
-    out = out.resolve()
-    config_dir = tiny_config_dir(out)
-    checkpoint = write_tiny_sd15_checkpoint(out / "tiny_sd15.safetensors", config_dir=config_dir)
-    data = write_synthetic_dataset(out / "videos", 12)
-    held_out, caption = synthetic_clip(1000)
+        build(out / "build")
+        checkpoint, weights = (
+            out / "build" / "sd15_toy.safetensors",
+            out / "build" / "lookback_toy.safetensors",
+        )
+    for path in (checkpoint, weights):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the toy model is missing; rebuild it with `python -m lookback_core demo --rebuild`"
+            )
+    held_out = toyworld.make_clip(toyworld.HELD_OUT_SEED + clip)
     start = out / "start.png"
-    iio.imwrite(start, held_out[0])
-    train_dir = out / "training"
-    _run(
-        [
-            sys.executable, str(train_script),
-            "--pretrained_model", str(checkpoint),
-            "--config_dir", str(config_dir),
-            "--train_data_dir", str(data),
-            "--output_dir", str(train_dir),
-            "--preset", "light",
-            "--resolution", "64",
-            "--num_frames", str(frames),
-            "--frame_stride", "1",
-            "--train_batch_size", "2",
-            "--gradient_accumulation_steps", "1",
-            "--max_train_steps", str(steps),
-            "--checkpointing_steps", str(steps),
-            "--seed", "0",
-        ]
-    )  # fmt: skip
-    video = out / "video.mp4"
-    _run(
-        [
-            sys.executable, "-m", "lookback_core", "generate",
-            "--checkpoint", str(checkpoint),
-            "--config-dir", str(config_dir),
-            "--weights", str(train_dir / "lookback_weights.safetensors"),
-            "--image", str(start),
-            "--prompt", caption,
-            "--frames", str(frames),
-            "--steps", "10",
-            "--out", str(video),
-        ]
-    )  # fmt: skip
-    return video
+    iio.imwrite(start, held_out.frames[0])
+    (out / "caption.txt").write_text(held_out.caption + "\n")
+    print(f"start image: {start} (held-out clip {clip}), prompt: {held_out.caption!r}")
+
+    started = time.time()
+    command = [
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(start),
+        "--prompt",
+        held_out.caption,
+    ]
+    frames, video = run_generate(
+        build_parser().parse_args([*command, "--weights", str(weights), "--out", str(out / "video.mp4")])
+    )
+    seconds = time.time() - started
+    generated = to_uint8_frames(frames)
+    base, _ = run_generate(
+        build_parser().parse_args([*command, *_settings_of(weights), "--out", str(out / "base_only.mp4")])
+    )
+    sheet = contact_sheet({"look-back": generated, "base": to_uint8_frames(base), "truth": held_out.frames})
+    iio.imwrite(out / "contact_sheet.png", sheet)
+
+    metrics = clip_metrics(generated, held_out.frames[0], held_out.rgb, held_out.direction)
+    print(f"generated in {seconds:.1f} s: {video}")
+    print(f"contact sheet: {out / 'contact_sheet.png'} (rows: look-back, base UNet alone, the true clip)")
+    print(
+        f"this clip: frame-0 PSNR {metrics.frame0_psnr:.1f} dB, persistence {metrics.persistence:.2f}, "
+        f"moved {metrics.travel:.1f} px {held_out.direction} ({'correct' if metrics.direction_ok else 'wrong'} "
+        f"direction; {metrics.sideways:.1f} px sideways), speed {metrics.speed:.2f} px/frame (truth "
+        f"{toyworld.SPEED}), background drift {metrics.background_drift:.1f} levels"
+    )
+    return metrics.to_dict()
+
+
+def _settings_of(weights: Path) -> list[str]:
+    """The weights' recommended sampler settings as ``generate`` flags, so the base-only row uses them too."""
+    from .cli import SAMPLER_FLAGS
+    from .weights import read_temporal_header
+
+    recommended = read_temporal_header(weights).recommended_sampler
+    return [text for key, value in recommended.items() for text in (SAMPLER_FLAGS[key], str(value))]

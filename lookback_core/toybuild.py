@@ -1,0 +1,184 @@
+"""``python -m lookback_core toyworld build``: the shipped toy model, rebuilt from nothing.
+
+Stages, each resumable (run the same command again after an interruption):
+
+1. data: training clips of :mod:`lookback_core.toyworld` in the trainer's video-folder layout;
+2. base: ``training/toy_base.py`` trains the tiny SD1.5-architecture VAE, text tower and UNet;
+3. look-back: ``training/train.py`` (the product's trainer) trains the look-back modules on the
+   clips, with ``--train_backbone``: the base only ever saw single frames, so the UNet learns,
+   together with the modules, to read the motion words of the caption (the direction of a
+   clip is in its caption alone);
+4. package: the trained checkpoint and temporal weights as fp16, the recipe and the stages'
+   wall times recorded in the weights' metadata (``training.toy_build``);
+5. eval: held-out clips, with look-back and with the base UNet alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import toyworld
+from .atomic import save_safetensors
+from .toyeval import evaluate, load_toy_model, markdown_table, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """Every number of the toy build; the defaults are the shipped model's recipe."""
+
+    train_clips: int = 2000
+    vae_steps: int = 2000
+    unet_steps: int = 800
+    lookback_steps: int = 2400
+    lookback_batch_size: int = 4
+    lookback_learning_rate: float = 3e-4
+    preset: str = "light"
+    sampler_steps: int = 25
+    sampler_cfg_scale: float = 3.0
+    eval_clips: int = 32
+    seed: int = 0
+
+
+def _run(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class StageTimer:
+    """Wall time of each stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.time()
+        yield
+        self.seconds[f"{name}_s"] = round(time.time() - started)
+
+
+def _to_fp16(source: Path, target: Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Copy a safetensors file with its floating-point tensors as fp16 and its metadata (plus extras)."""
+    with safe_open(source, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    return save_safetensors(tensors, target, {**metadata, **(extra_metadata or {})})
+
+
+def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
+    """Run every stage into ``out``; returns the build record (also in the weights' metadata)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    stage = StageTimer()
+    started = time.time()
+
+    with stage("data"):
+        toyworld.write_dataset(out / "data", range(recipe.train_clips))
+
+    base = out / "base" / "base.safetensors"
+    with stage("base"):
+        if base.is_file():
+            print(f"{base} exists: the base stage is skipped (delete it to retrain)")
+        else:
+            _run(
+                [
+                    python, str(REPO / "training" / "toy_base.py"),
+                    "--output_dir", str(base.parent),
+                    "--train_clips", str(recipe.train_clips),
+                    "--vae_steps", str(recipe.vae_steps),
+                    "--unet_steps", str(recipe.unet_steps),
+                    "--seed", str(recipe.seed),
+                ]
+            )  # fmt: skip
+
+    lookback = out / "lookback"
+    with stage("lookback"):
+        _run(
+            [
+            python, str(REPO / "training" / "train.py"),
+            "--pretrained_model", str(base),
+            "--train_data_dir", str(out / "data"),
+            "--output_dir", str(lookback),
+            "--cache_dir", str(out / "cache"),
+            "--train_backbone",
+            "--preset", recipe.preset,
+            "--resolution", str(toyworld.SIZE),
+            "--num_frames", str(toyworld.FRAMES),
+            "--frame_stride", "1",
+            "--train_batch_size", str(recipe.lookback_batch_size),
+            "--gradient_accumulation_steps", "1",
+            "--learning_rate", str(recipe.lookback_learning_rate),
+            "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
+            "--max_train_steps", str(recipe.lookback_steps),
+            "--checkpointing_steps", str(max(1, recipe.lookback_steps // 5)),
+            "--checkpoints_total_limit", "1",
+            "--resume_from_checkpoint", "latest",
+            "--validation_inference_steps", str(recipe.sampler_steps),
+            "--validation_guidance_scale", str(recipe.sampler_cfg_scale),
+            "--report_to", "none",
+            "--seed", str(recipe.seed),
+            ]
+        )  # fmt: skip
+
+    record = {
+        "recipe": asdict(recipe),
+        "commit": _git_commit(),
+        "command": "python -m lookback_core toyworld build",
+        "base_facts": json.loads((base.parent / "base_facts.json").read_text()),
+    }
+    checkpoint = _to_fp16(lookback / "base_checkpoint.safetensors", out / "sd15_toy.safetensors")
+    weights_source = lookback / "lookback_weights.safetensors"
+    with safe_open(weights_source, framework="pt") as f:
+        training = json.loads((f.metadata() or {}).get("training", "{}"))
+
+    def package(record: dict) -> Path:
+        training_facts = json.dumps({**training, "toy_build": record}, sort_keys=True)
+        return _to_fp16(weights_source, out / "lookback_toy.safetensors", {"training": training_facts})
+
+    weights = package(record)
+    with stage("eval"):
+        reports = [evaluate(load_toy_model(checkpoint, weights), recipe.eval_clips)]
+        reports.append(evaluate(load_toy_model(checkpoint, None, settings_from=weights), recipe.eval_clips))
+    write_report(reports, out / "eval.json")
+    table = markdown_table(reports)
+    (out / "eval.md").write_text(table + "\n")
+    record |= {
+        "wall_time_s": {**stage.seconds, "total_s": round(time.time() - started)},
+        "eval": {k: round(v, 4) for k, v in reports[0].summary.items()},
+        "eval_base": {k: round(v, 4) for k, v in reports[1].summary.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+    }
+    package(record)
+    print(table)
+    failures = reports[0].failures()
+    print(
+        f"toy build done in {record['wall_time_s']['total_s'] / 60:.1f} min: {checkpoint} and {weights}"
+        + ("" if not failures else "\nbelow the bars: " + "; ".join(failures))
+    )
+    return record
