@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -17,9 +18,11 @@ FORMATS = {"video/h264-mp4": ".mp4", "image/gif": ".gif", "image/webp": ".webp"}
 
 
 def next_free_path(folder: Path, prefix: str, suffix: str) -> Path:
-    """``<folder>/<prefix>_00001<suffix>``, numbered past the files already there."""
+    """``<folder>/<prefix>_00001<suffix>``, numbered past the files already there.
+
+    The prefix is matched literally: ``[``, ``]``, ``*`` and ``?`` in it are not glob patterns."""
     folder.mkdir(parents=True, exist_ok=True)
-    taken = [p.stem[len(prefix) + 1 :] for p in folder.glob(f"{prefix}_*{suffix}")]
+    taken = [p.stem[len(prefix) + 1 :] for p in folder.glob(f"{glob.escape(prefix)}_*{suffix}")]
     counter = max((int(t) for t in taken if t.isdigit()), default=0) + 1
     return folder / f"{prefix}_{counter:05d}{suffix}"
 

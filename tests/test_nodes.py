@@ -172,6 +172,17 @@ def test_video_combine_refuses_a_prefix_outside_the_output_folder(tmp_path, monk
     assert not (tmp_path / "escape_00001.gif").exists()
 
 
+@pytest.mark.parametrize("prefix", ["take[1]", "shot*", "what?", "[abc]"])
+def test_video_combine_numbers_prefixes_with_glob_characters_literally(tmp_path, monkeypatch, prefix) -> None:
+    monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
+    node = LookBackVideoCombine()
+    names = [
+        Path(node.combine(torch.rand(2, 8, 8, 3), 8.0, prefix, "image/gif", 0)["result"][0]).name
+        for _ in range(3)
+    ]
+    assert names == [f"{prefix}_0000{i}.gif" for i in (1, 2, 3)]
+
+
 def test_video_combine_keeps_frame_order(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
     levels = torch.linspace(0, 1, 4)
