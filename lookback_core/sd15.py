@@ -174,6 +174,28 @@ def _refuse_other_families(path: Path, shapes: Mapping[str, Any]) -> None:
         )
 
 
+def _unpickling_refusal(path: Path, torch_message: str) -> str:
+    """Our words for a ``torch.load(weights_only=True)`` refusal.
+
+    torch's own message advises re-running with ``weights_only=False``, i.e. running the file's
+    code; it is never passed on. Only the global the file wanted, or the unpickler's one-line
+    reason, is quoted."""
+    found = re.search(r"GLOBAL:?\s+([\w.]+)", torch_message)
+    if found:
+        return (
+            f"{path}: holds Python objects other than tensors (it pickles {found.group(1)}), so it is "
+            "refused: .ckpt files are only read with torch.load(weights_only=True), which never runs "
+            "code from the file. Use a .safetensors version of this checkpoint."
+        )
+    after = torch_message.partition("WeightsUnpickler error:")[2]
+    reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    detail = f" ({reason})" if reason and "weights_only" not in reason else ""
+    return (
+        f"{path}: not a readable PyTorch checkpoint: it is damaged or not a pickle of tensors{detail}; "
+        "expected an SD1.5 .ckpt state dict or a .safetensors file"
+    )
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint once, refusing other model families before its tensors are loaded when possible.
 
@@ -195,17 +217,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only refuses both damaged pickles and pickled Python objects; name which one.
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
-            reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
-            detail = reason.group(1).strip() if reason else str(err).splitlines()[0]
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from err
-        raise CheckpointError(
-            f"{path}: holds Python objects other than tensors (it pickles {found.group(1)}), so it is "
-            "refused: .ckpt files are only read with torch.load(weights_only=True), which never runs "
-            "code from the file. Use a .safetensors version of this checkpoint."
-        ) from err
+        raise CheckpointError(_unpickling_refusal(path, str(err))) from None
     except Exception as err:  # torch.load reports a damaged file with many exception types
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"

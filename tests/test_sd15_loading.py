@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -150,6 +152,36 @@ def test_corrupt_or_unsafe_ckpt_named(files, tmp_path) -> None:
         CheckpointError, match=r"pickled.ckpt: holds Python objects .*argparse.Namespace.*weights_only"
     ):
         load_sd15(unsafe, config_dir=files["config_dir"])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-ckpt",))
+
+
+@pytest.mark.parametrize("kind", ["runs_code", "random_bytes", "plain_pickle"])
+def test_unsafe_or_damaged_ckpt_refusals_never_pass_on_torchs_advice(
+    files, tmp_path, monkeypatch, kind
+) -> None:
+    """torch's message advises weights_only=False (running the file's code); ours must not."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "runs_code":
+        torch.save({"state_dict": {"x": _RunsCode()}}, path)
+    elif kind == "random_bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.write_bytes(pickle.dumps({"state_dict": {"x": 1}}, protocol=4)[:-2] + b"zz")
+    with pytest.raises(CheckpointError) as caught:
+        load_sd15(path, config_dir=files["config_dir"])
+    message = str(caught.value)
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert message.startswith(f"{path}: ")
+    if kind == "runs_code":
+        assert "pickles posix.system" in message or "pickles os.system" in message
+    else:
+        assert "not a readable PyTorch checkpoint" in message
+    assert not (tmp_path / "pwned-by-ckpt").exists()
 
 
 def test_missing_file_is_a_clear_error(tmp_path) -> None:
