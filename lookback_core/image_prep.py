@@ -81,9 +81,13 @@ def fit_to_multiple(
     if width is None and height is None:
         target_w, target_h = w - w % multiple, h - h % multiple
         if (target_w, target_h) == (w, h):
-            _check_size(w, h, min_size)
+            _check_size((w, h), min_size, f"image size {w}x{h}")
             return image, None
-        _check_size(target_w, target_h, min_size)
+        _check_size(
+            (target_w, target_h),
+            min_size,
+            f"image size {w}x{h} (to multiples of {multiple}: {target_w}x{target_h})",
+        )
         if mode == "crop":
             out, done = _centre_crop(image, target_w, target_h), "centre-cropped"
         else:
@@ -93,10 +97,13 @@ def fit_to_multiple(
     target_w = width if width is not None else _round_half_up(w * height / h)
     target_h = height if height is not None else _round_half_up(h * width / w)
     target_w, target_h = target_w - target_w % multiple, target_h - target_h % multiple
+    _check_size(
+        (target_w, target_h),
+        min_size,
+        f"requested size {target_w}x{target_h} (width={width}, height={height}, image {w}x{h})",
+    )
     if (target_w, target_h) == (w, h):
-        _check_size(w, h, min_size)
         return image, None
-    _check_size(target_w, target_h, min_size)
     if mode == "resize":
         return _resize(image, target_w, target_h), f"image {w}x{h} resized to {target_w}x{target_h}"
     scale = max(target_w / w, target_h / h)
@@ -124,11 +131,9 @@ def to_uint8_frames(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return _uint8_frames(images, "images")
 
 
-def _check_size(width: int, height: int, min_size: int) -> None:
-    if min(width, height) < min_size:
-        raise ValueError(
-            f"image size {width}x{height} is too small: each side must be at least {min_size} pixels"
-        )
+def _check_size(size: tuple[int, int], min_size: int, what: str) -> None:
+    if min(size) < min_size:
+        raise ValueError(f"{what} is too small: each side must be at least {min_size} pixels")
 
 
 def _resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

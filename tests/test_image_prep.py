@@ -156,9 +156,11 @@ def test_resampling_stays_in_range_and_dtype():
 
 
 def test_too_small_names_the_size():
-    with pytest.raises(ValueError, match="40x40"):
+    with pytest.raises(ValueError, match="image size 40x40 is too small"):
         fit_to_multiple(torch.rand(1, 3, 40, 40), width=None, height=None)
-    with pytest.raises(ValueError, match="64x8"):
+    with pytest.raises(ValueError, match=r"^image size 1x1 \(to multiples of 8: 0x0\) is too small"):
+        fit_to_multiple(torch.rand(1, 3, 1, 1), width=None, height=None)
+    with pytest.raises(ValueError, match=r"requested size 64x8 \(width=64, height=8, image 640x480\)"):
         fit_to_multiple(torch.rand(1, 3, 480, 640), width=64, height=8)
     out, _ = fit_to_multiple(torch.rand(1, 3, 40, 41), width=None, height=None, min_size=8)
     assert out.shape == (1, 3, 40, 40)
