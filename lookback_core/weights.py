@@ -161,41 +161,60 @@ def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: n
         raise TemporalWeightsError(path, problems)
 
 
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the dtypes a weights file may hold
+
+
 def _read_tensors(path: Path, temporal: TemporalModules) -> dict[str, torch.Tensor]:
-    expected = {k: v.shape for k, v in temporal.site_state_dict().items()}
-    tensors: dict[str, torch.Tensor] = {}
+    """The file's tensors, after their names, shapes and dtypes in the header match ``temporal``.
+
+    ``temporal`` may live on the meta device: the header is checked before any tensor is read,
+    so a file that claims more than it holds never makes anything allocate."""
+    expected = {k: tuple(v.shape) for k, v in temporal.site_state_dict().items()}
     try:
         with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            problems = [f"missing tensor {k!r}" for k in expected if k not in keys]
-            problems += [f"unexpected tensor {k!r}" for k in sorted(keys - set(expected))]
-            for k in expected:
-                if k in keys:
-                    tensor = f.get_tensor(k)
-                    if tensor.shape != expected[k]:
-                        problems.append(
-                            f"tensor {k!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[k])}"
-                        )
-                    tensors[k] = tensor
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as err:
         raise TemporalWeightsError(path, f"its tensors cannot be read ({err})") from None
+    problems = [f"missing tensor {k!r}" for k in expected if k not in stored]
+    problems += [f"unexpected tensor {k!r}" for k in sorted(set(stored) - set(expected))]
+    problems += [
+        f"tensor {k!r} has shape {stored[k][0]}, expected {expected[k]}"
+        for k in expected
+        if k in stored and stored[k][0] != expected[k]
+    ]
+    problems += [
+        f"tensor {k!r} is {dtype}; expected floating point ({', '.join(sorted(FLOAT_DTYPES))})"
+        for k, (_, dtype) in stored.items()
+        if k in expected and dtype not in FLOAT_DTYPES
+    ]
     if problems:
         raise TemporalWeightsError(path, problems)
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in expected}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise TemporalWeightsError(path, f"its tensors cannot be read ({err})") from None
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise TemporalWeightsError(path, [f"tensor {k!r} holds NaN or infinite values" for k in bad])
     return tensors
 
 
 def load_temporal_modules(path: str | os.PathLike, unet: nn.Module) -> TemporalModules:
-    """Build the modules described by the file, check them against ``unet`` and load them."""
+    """Build the modules described by the file, check them against ``unet`` and load them.
+
+    The modules are made in the UNet's dtype and on its device (an fp64 UNet gets the file's
+    fp64 values exactly), and only once the file's header matches them."""
     path = Path(path)
     header = read_temporal_header(path)
     _check_against_unet(path, header.config, header.base_family, unet)
-    temporal = TemporalModules(header.config)
-    temporal.load_site_state_dict(_read_tensors(path, temporal))
+    with torch.device("meta"):
+        temporal = TemporalModules(header.config)
+    tensors = _read_tensors(path, temporal)
     param = next(unet.parameters())
-    return temporal.to(device=param.device, dtype=param.dtype)
+    temporal = temporal.to(dtype=param.dtype).to_empty(device=param.device)
+    temporal.load_site_state_dict(tensors)
+    return temporal
 
 
 def load_lookback_unet(path: str | os.PathLike, unet: nn.Module) -> LookBackUNet:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,57 @@ def test_non_finite_weights_are_refused(trained, tmp_path) -> None:
     path = save_temporal_weights(tmp_path / "w.safetensors", trained)
     with pytest.raises(TemporalWeightsError, match="'middle.mix.weight' holds NaN"):
         load_lookback_unet(path, make_tiny_unet())
+
+
+def _claim_depth(path: Path, depth: int) -> None:
+    """Rewrite the header's config to claim look-back depth ``depth``, keeping the small tensors."""
+    meta = _metadata(path)
+    config = json.loads(meta["config"])
+    _rewrite(path, load_file(path), {**meta, "config": json.dumps({**config, "depth": depth})})
+
+
+def test_a_header_claiming_huge_modules_is_refused_before_anything_is_allocated(trained, tmp_path) -> None:
+    """A small file whose config claims d=1500 (about 3.5 GB of fp32 modules for this UNet) must be
+    refused on its header: the child process's peak memory stays far below what the claim needs."""
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    _claim_depth(path, 1500)
+    claimed = 1500 * sum(n * n * 9 * 4 for n in trained.config.channels.values())
+    assert claimed > 3e9
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import make_tiny_unet
+from lookback_core.weights import TemporalWeightsError, load_lookback_unet
+try:
+    load_lookback_unet({str(path)!r}, make_tiny_unet())
+except TemporalWeightsError as err:
+    print("refused:", err)
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "refused:" in out and "'input.1.lookback.weight' has shape" in out, out
+    peak = int(out.rsplit("peak", 1)[1])
+    assert peak < 1e9 < claimed, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_integer_tensors_are_refused(trained, tmp_path) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained)
+    tensors = load_file(path)
+    tensors["middle.mix.bias"] = tensors["middle.mix.bias"].to(torch.int32)
+    _rewrite(path, tensors, _metadata(path))
+    with pytest.raises(TemporalWeightsError, match=r"'middle.mix.bias' is I32; expected floating point"):
+        load_lookback_unet(path, make_tiny_unet())
+
+
+def test_fp64_weights_load_exactly_into_an_fp64_unet(trained, tmp_path) -> None:
+    """Values that fp32 cannot hold survive: the modules are made in the UNet's dtype before loading."""
+    model = trained.double()
+    with torch.no_grad():
+        for param in model.temporal.parameters():
+            param += 1e-12 * torch.randn_like(param)
+    path = save_temporal_weights(tmp_path / "w.safetensors", model)
+    stored = load_file(path)
+    assert not torch.equal(stored["middle.mix.bias"], stored["middle.mix.bias"].float().double())
+    loaded = load_lookback_unet(path, make_tiny_unet().double())
+    for key, value in loaded.temporal.site_state_dict().items():
+        assert value.dtype == torch.float64 and torch.equal(value, stored[key]), key
