@@ -29,6 +29,36 @@ def chunk_count(num_frames: int, chunk_frames: int, context_frames: int) -> int:
     return 1 + math.ceil((num_frames - chunk_frames) / (chunk_frames - context_frames))
 
 
+def resolve_chunking(
+    num_frames: int,
+    chunk_frames: int | None,
+    context_frames: int | None,
+    depth: int | None,
+    names: tuple[str, str, str] = ("num_frames", "chunk_frames", "context_frames"),
+) -> tuple[int, int]:
+    """Check the frame counts of a run and fill in the defaults; returns ``(chunk_frames, context_frames)``.
+
+    ``chunk_frames`` None: one pass over all frames. ``context_frames`` None: the look-back
+    depth ``depth`` (what one look-back conv reads; 1 for the base UNet alone, ``depth`` None),
+    at most ``chunk_frames - 1``. ``names`` are how the caller's user calls the three numbers
+    (flags, node inputs), for the messages."""
+    frames_name, chunk_name, context_name = names
+    if num_frames < 2:
+        raise ValueError(f"{frames_name} must be at least 2 (the image and one new frame), got {num_frames}")
+    if chunk_frames is not None and chunk_frames < 2:
+        raise ValueError(f"{chunk_name} must be at least 2 (context and one new frame), got {chunk_frames}")
+    if context_frames is not None and chunk_frames is None:
+        raise ValueError(f"{context_name} needs {chunk_name}")
+    chunk = chunk_frames or num_frames
+    if context_frames is None:
+        return chunk, max(1, min(depth or 1, chunk - 1))
+    if not 1 <= context_frames < chunk:
+        raise ValueError(
+            f"{context_name} must be between 1 and {chunk_name} - 1 ({chunk - 1}), got {context_frames}"
+        )
+    return chunk, context_frames
+
+
 def sample_long_video(
     model: LookBackUNet,
     image_latent: torch.Tensor,
@@ -50,21 +80,14 @@ def sample_long_video(
     :func:`~lookback_core.sampler.sample_video` pass. ``context_frames`` (``c``, 1 <= c <
     ``chunk_frames``; default the model's look-back depth ``d``, which is what one look-back
     conv reads, or 1 for the base UNet alone) clean frames of the previous chunk start each following chunk. Chunk ``i``
-    draws its noise from ``seed + i``.
+    draws its noise from ``seed + i`` (modulo 2^64).
     ``on_step`` counts steps over all chunks; ``on_chunk(start, frames)`` receives each chunk's
     new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
     on the CPU.
     """
-    chunk_frames = chunk_frames or num_frames
-    if context_frames is None:
-        depth = model.config.depth if model.config is not None else 1
-        context_frames = max(1, min(depth, chunk_frames - 1))
-    if not 1 <= context_frames < chunk_frames:
-        raise ValueError(
-            f"context_frames must be in [1, chunk_frames - 1], got {context_frames} with chunk_frames {chunk_frames}"
-        )
-    if num_frames < 2:
-        raise ValueError(f"num_frames must be >= 2, got {num_frames}")
+    chunk_frames, context_frames = resolve_chunking(
+        num_frames, chunk_frames, context_frames, model.config.depth if model.config is not None else None
+    )
     b, c, h, w = image_latent.shape
     video = torch.empty(b, c, num_frames, h, w, dtype=torch.float32)
     video[:, :, 0] = image_latent.float().cpu()
@@ -76,7 +99,7 @@ def sample_long_video(
         if on_step is not None:
             progress = lambda step, total, x, i=index: on_step(i * total + step, chunks * total, x)  # noqa: E731
         chunk = sample_video(
-            model, pinned, positive, negative, frames, replace(settings, seed=settings.seed + index),
+            model, pinned, positive, negative, frames, replace(settings, seed=(settings.seed + index) % 2**64),
             scheduler_config, on_step=progress, should_cancel=should_cancel,
         )  # fmt: skip
         new = chunk[:, :, pinned.shape[2] :]

@@ -8,6 +8,7 @@ pinned clean frames, which is how a long video's next chunk continues the previo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,41 @@ class SamplingCancelled(RuntimeError):
     """Raised between steps when the host asked to stop."""
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each sampler setting must be, checked in one place for every front end and for the
+# settings a weights file recommends: (test, what is expected).
+SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
+        "an integer in 1..1000 (the schedule has 1000 timesteps)",
+    ),
+    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0 (1 disables guidance)"),
+    "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in 0..1 (0: DDIM, 1: DDPM-like)"),
+    "seed": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64,
+        "an integer in 0..2^64-1",
+    ),
+}
+
+
+class InvalidSetting(ValueError):
+    """A sampler setting out of range; ``name`` is the field, the message says what is expected."""
+
+    def __init__(self, name: str, value: Any, expected: str) -> None:
+        super().__init__(f"{name}={value!r} must be {expected}")
+        self.name, self.value, self.expected = name, value, expected
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise :class:`InvalidSetting` unless ``value`` is a valid ``name`` (a key of :data:`SETTING_RULES`)."""
+    valid, expected = SETTING_RULES[name]
+    if not valid(value):
+        raise InvalidSetting(name, value, expected)
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """What a DDIM run takes besides the model and its inputs."""
@@ -34,10 +70,8 @@ class SamplerSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        for name in SETTING_RULES:
+            check_setting(name, getattr(self, name))
 
 
 def resolve_settings(

@@ -15,7 +15,6 @@ Header metadata (all strings, as safetensors requires):
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from .atomic import save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
+from .sampler import InvalidSetting, check_setting
 from .sites import site_channels
 from .temporal_unet import LookBackUNet, TemporalModules
 
@@ -65,21 +65,11 @@ def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, float]:
     unknown = sorted(set(settings) - set(RECOMMENDABLE))
     if unknown:
         raise ValueError(f"unknown recommended sampler setting(s) {unknown}; known: {list(RECOMMENDABLE)}")
-    checks = {
-        "steps": (
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
-            "an integer in 1..1000",
-        ),
-        "cfg_scale": (
-            lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 1,
-            "a finite number >= 1",
-        ),
-        "eta": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "a number in 0..1"),
-    }
     for key, value in settings.items():
-        valid, expected = checks[key]
-        if not valid(value):
-            raise ValueError(f"recommended sampler setting {key}={value!r} must be {expected}")
+        try:
+            check_setting(key, value)
+        except InvalidSetting as err:
+            raise ValueError(f"recommended sampler setting {err}") from None
     return dict(settings)
 
 

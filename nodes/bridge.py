@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 
@@ -28,14 +26,6 @@ def conditioning_embeddings(conditioning: list, name: str, context_dim: int) -> 
             f"(expected [1, tokens, {context_dim}]); encode the prompt with the same checkpoint's CLIP"
         )
     return embeddings[:1]
-
-
-def match_token_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat 77-token chunks so long and short prompts can share a batch, as ComfyUI does."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    length = math.lcm(a.shape[1], b.shape[1])
-    return a.repeat(1, length // a.shape[1], 1), b.repeat(1, length // b.shape[1], 1)
 
 
 def latent_in(samples: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from lookback_core.precision import DTYPES, dtype_named
+
 try:
     import comfy.model_management as model_management
     import comfy.utils
@@ -66,12 +68,12 @@ def offload_device() -> torch.device:
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
     """fp16/bf16/fp32 as asked; ``auto`` is ComfyUI's choice on GPUs and fp32 on CPUs."""
     if precision != "auto":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        return dtype_named(precision)
     if device.type == "cpu":
         return torch.float32
     if IN_COMFYUI:
         return model_management.unet_dtype(
-            device, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
+            device, supported_dtypes=[DTYPES["fp16"], DTYPES["bf16"], DTYPES["fp32"]]
         )
     return torch.float16
 

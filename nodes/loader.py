@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lookback_core.precision import DTYPES
 from lookback_core.sd15 import load_sd15
 from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.weights import load_lookback_unet
@@ -66,7 +67,7 @@ class LookBackModelLoader:
                     {"tooltip": "Look-back temporal weights (.safetensors) from models/lookback."},
                 ),
                 "precision": (
-                    ["auto", "fp16", "bf16", "fp32"],
+                    ["auto", *DTYPES],
                     {
                         "default": "auto",
                         "tooltip": "Compute precision; auto is fp16/bf16 on GPUs, fp32 on CPUs.",

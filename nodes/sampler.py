@@ -6,8 +6,9 @@ import logging
 
 import torch
 
-from lookback_core.long_video import sample_long_video
+from lookback_core.long_video import resolve_chunking, sample_long_video
 from lookback_core.sampler import SamplerSettings
+from lookback_core.sd15 import match_token_lengths
 
 from . import bridge, host
 from .loader import CATEGORY, LookBackModel
@@ -37,7 +38,7 @@ def sample_frames(
     dim = bundle.context_dim
     pos = bridge.conditioning_embeddings(positive, "positive", dim)
     neg = bridge.conditioning_embeddings(negative, "negative", dim)
-    pos, neg = bridge.match_token_lengths(pos, neg)
+    pos, neg = match_token_lengths(pos, neg)
     device = host.compute_device()
     dtype = host.compute_dtype(device, bundle.precision)
     model = bundle.model
@@ -120,6 +121,12 @@ class LookBackSampler:
         chunk_frames: int = 0,
         context_frames: int = 0,
     ) -> tuple[dict]:
+        settings = SamplerSettings(steps=steps, cfg_scale=cfg, eta=eta, seed=seed)
+        config = lookback_model.model.config
+        resolve_chunking(
+            frames, chunk_frames or None, context_frames or None, config.depth if config is not None else None,
+            names=("frames", "chunk_frames", "context_frames"),
+        )  # fmt: skip
         if start_latent is not None:
             start = start_latent["samples"]
         elif image is not None and vae is not None:
@@ -129,11 +136,6 @@ class LookBackSampler:
             start = vae.encode(image[:, :, :, :3])
         else:
             raise ValueError("Look-Back I2V Sampler needs a start: connect image and vae, or start_latent")
-        settings = SamplerSettings(steps=steps, cfg_scale=cfg, eta=eta, seed=seed)
-        if chunk_frames and not 1 <= (context_frames or 1) < chunk_frames:
-            raise ValueError(
-                f"context_frames must be between 1 and chunk_frames - 1 ({chunk_frames - 1}), got {context_frames}"
-            )
         return (
             sample_frames(
                 lookback_model, start, positive, negative, frames, settings, chunk_frames, context_frames

@@ -73,7 +73,9 @@ def test_chunks_continue_from_pinned_context_and_never_exceed_the_chunk(model) -
 
 def test_bad_chunking_is_refused(model) -> None:
     z0, pos, neg = _inputs()
-    with pytest.raises(ValueError, match="context_frames must be in"):
+    with pytest.raises(
+        ValueError, match=r"context_frames must be between 1 and chunk_frames - 1 \(3\), got 4"
+    ):
         sample_long_video(
             model, z0, pos, neg, 20, SamplerSettings(steps=1), SCHEDULER, chunk_frames=4, context_frames=4
         )

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core.config import preset  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
+from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
 from lookback_core.weights import save_temporal_weights  # noqa: E402
@@ -165,9 +166,7 @@ def train(args) -> Path:
             logger.warning("removed incomplete checkpoint %s (a run was stopped while saving it)", leftover)
     accelerator.wait_for_everyone()
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
     model = create_lookback_unet(components.unet, preset(args.preset))
     components.vae.requires_grad_(False)
