@@ -15,6 +15,7 @@ and the first mismatches, never a model left partly at random initialisation.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,16 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], di
     return shapes, metadata
 
 
+def tensor_elements(path: Path) -> int:
+    """Elements of all tensors in a weights file: from the header of a ``.safetensors`` file, without
+    reading its data; for a ``.ckpt`` file estimated from its size (as fp16, the common case)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        shapes, _ = _read_safetensors_header(path)
+        return sum(math.prod(shape) for shape in shapes.values())
+    return path.stat().st_size // 2
+
+
 def _refuse_other_families(path: Path, shapes: Mapping[str, Any]) -> None:
     """Refuse another model family by name, and an SD1.5 file that lacks one of its three parts."""
     family = detect_family(shapes)
@@ -196,6 +207,26 @@ def _unpickling_refusal(path: Path, torch_message: str) -> str:
     )
 
 
+def _check_values(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse integer-typed model weights and NaN or infinite values, naming the first few keys.
+
+    (Only ``position_ids`` of the text encoder are integers in an SD1.5 file.)"""
+    model_keys = [k for k in state if k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))]
+    integer = [k for k in model_keys if not state[k].is_floating_point() and not k.endswith("position_ids")]
+    if integer:
+        shown = ", ".join(f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k in integer[:_SHOWN])
+        raise CheckpointError(
+            f"{path}: {len(integer)} model weights are not floating point, e.g. {shown}; "
+            "expected fp16, bf16 or fp32 weights"
+        )
+    broken = [k for k in model_keys if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} weights hold NaN or infinite values, e.g. {', '.join(broken[:_SHOWN])}; "
+            "the file is damaged (or was saved from a diverged training run)"
+        )
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint once, refusing other model families before its tensors are loaded when possible.
 
@@ -209,9 +240,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         shapes, metadata = _read_safetensors_header(path)
         _refuse_other_families(path, shapes)
         try:
-            return load_file(path), metadata
+            state = load_file(path)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{path}: could not read the safetensors data ({err})") from err
+        _check_values(path, state)
+        return state, metadata
     if suffix not in (".ckpt", ".pt", ".pth"):
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
     try:
@@ -234,6 +267,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             f"{path}: holds no tensors; expected an SD1.5 state dict (optionally under 'state_dict')"
         )
     _refuse_other_families(path, state)
+    _check_values(path, state)
     return state, {}
 
 
@@ -484,3 +518,34 @@ def encode_prompt(
     ).input_ids
     with torch.no_grad():
         return text_encoder(ids.to(device)).last_hidden_state
+
+
+def encode_long_prompt(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str, device: torch.device | str
+) -> tuple[torch.Tensor, int]:
+    """Encode a prompt of any length as ComfyUI does: ``[1, 77 * k, dim]`` and its token count.
+
+    The prompt's tokens are cut into windows of 75, each encoded as its own 77-token sequence
+    (start token, the window, end token, padding), and the results are joined along the
+    sequence; nothing is dropped. A prompt of up to 75 tokens gives exactly
+    :func:`encode_prompt`'s ``[1, 77, dim]``."""
+    length = text_encoder.config.max_position_embeddings
+    window = length - 2
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    pieces = [ids[i : i + window] for i in range(0, len(ids), window)] or [[]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = [
+        [tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (window - len(piece))
+        for piece in pieces
+    ]
+    with torch.no_grad():
+        hidden = text_encoder(torch.tensor(batch, device=device)).last_hidden_state
+    return hidden.reshape(1, -1, hidden.shape[-1]), len(ids)
+
+
+def match_token_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat 77-token windows so a long and a short prompt can share a batch, as ComfyUI does."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    length = math.lcm(a.shape[1], b.shape[1])
+    return a.repeat(1, length // a.shape[1], 1), b.repeat(1, length // b.shape[1], 1)

@@ -35,8 +35,10 @@ from lookback_core.sd15 import (
     SD15Components,
     detect_family,
     embedded_configs_metadata,
+    encode_long_prompt,
     encode_prompt,
     load_sd15,
+    match_token_lengths,
 )
 
 
@@ -240,6 +242,41 @@ def test_tokenizer_ids_and_prompt_encoding(loaded) -> None:
     # Padding never changes the tokens before it: the causal text encoder sees the same prefix.
     alone = encode_prompt(loaded.tokenizer, loaded.text_encoder, ["a photo of a cat"], "cpu")
     assert torch.allclose(alone[0], embeddings[0])
+
+
+def test_long_prompts_are_encoded_whole_in_windows_of_75_tokens(loaded) -> None:
+    short, count = encode_long_prompt(loaded.tokenizer, loaded.text_encoder, "a photo of a cat", "cpu")
+    assert count == 5
+    torch.testing.assert_close(
+        short, encode_prompt(loaded.tokenizer, loaded.text_encoder, ["a photo of a cat"], "cpu")
+    )
+    words = " ".join(f"cat{i}" for i in range(60))  # well over 75 tokens
+    long, count = encode_long_prompt(loaded.tokenizer, loaded.text_encoder, words, "cpu")
+    assert count > 75 and long.shape == (1, 77 * -(-count // 75), 32)
+    ids = loaded.tokenizer(words, add_special_tokens=False).input_ids
+    tail = loaded.tokenizer.decode(ids[75:150])
+    # the second window is the encoding of the tokens after the first 75, on their own
+    second = encode_prompt(loaded.tokenizer, loaded.text_encoder, [tail], "cpu")
+    assert loaded.tokenizer(tail, add_special_tokens=False).input_ids == ids[75:150]
+    torch.testing.assert_close(long[:, 77:154], second)
+    a, b = match_token_lengths(long, short)
+    assert a.shape == b.shape and torch.equal(b[:, 77:154], short)
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "integer"])
+def test_damaged_weight_values_are_refused_at_load(files, tmp_path, damage) -> None:
+    state = load_file(files["safetensors"])
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    if damage == "integer":
+        state[key] = state[key].to(torch.int16)
+    else:
+        state[key] = state[key].clone()
+        state[key].view(-1)[3] = float(damage)
+    path = tmp_path / f"{damage}.safetensors"
+    save_file(state, path)
+    message = "not floating point" if damage == "integer" else "hold NaN or infinite values"
+    with pytest.raises(CheckpointError, match=f"{path.name}: 1 (model )?weights? .*{message}.*{key}"):
+        load_sd15(path, config_dir=files["config_dir"])
 
 
 def test_loads_with_no_network(files, monkeypatch) -> None:
