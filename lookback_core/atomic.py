@@ -1,8 +1,14 @@
-"""Files that are never seen half-written: write to a hidden temporary name, then rename."""
+"""Files that are never seen half-written: write to a hidden temporary name, then rename.
+
+The temporary file is ``.<name>.<pid>-<random>.part`` beside the target. A writer that is killed
+outright (SIGKILL, power loss) cannot remove its own; the next write to the same target removes
+every such leftover whose process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from collections.abc import Iterator
@@ -11,16 +17,44 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 
+def _partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+
+
+def _writer_alive(partial: Path) -> bool:
+    """Whether the process named in a temporary file's name still runs (names without one: no)."""
+    pid = partial.name.rsplit(".", 2)[-2].partition("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of earlier writes to ``path`` whose writer is gone; returns them."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.part") if not _writer_alive(p)]
+    for partial in stale:
+        partial.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
-    Missing parent folders are created. If the block fails, the temporary file is removed and an
-    existing ``path`` is left as it was.
+    Missing parent folders are created, and leftovers of killed earlier writes removed. If the
+    block fails, the temporary file is removed and an existing ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    remove_stale_partials(path)
+    partial = _partial_path(path)
     try:
         yield partial
         os.replace(partial, path)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .sampler import SamplerSettings, resolve_settings
+from .precision import DTYPES, dtype_named
+from .sampler import InvalidSetting, SamplerSettings, resolve_settings
 from .toybuild import ToyRecipe
 from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toyworld import HELD_OUT_SEED
@@ -30,59 +33,175 @@ def _existing_file(flag: str, value: str) -> Path:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The ``--device`` and ``--dtype`` to use, checked against this machine."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device: {device!r} is not a device; use auto, cpu, cuda, cuda:1, mps ..."
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch build or machine has no CUDA; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: only cpu, cuda and mps devices are supported")
     if dtype == "auto":
         # fp16/bf16 are slow or unsupported on CPUs: CPU paths run fp32.
         dtype = "fp16" if dev.type == "cuda" else "fp32"
-    return dev, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    return dev, dtype_named(dtype)
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    """A ``generate`` run with every argument checked, before anything heavy loads."""
+
+    checkpoint: Path
+    weights: Path | None
+    image: Path
+    out: Path
+    settings: SamplerSettings
+    settings_origin: str
+    device: torch.device
+    dtype: torch.dtype
+    size: tuple[int, int]
+    image_size: tuple[int, int]
+    chunk_frames: int
+    context_frames: int
+
+
+def plan_generate(args: argparse.Namespace) -> GeneratePlan:
+    """Check every ``generate`` argument (files, numbers, output, device, memory) without loading a model."""
+    from .image_prep import fitted_size, image_size
+    from .long_video import resolve_chunking
+    from .video_io import check_video_target
+    from .weights import read_temporal_header
+
+    checkpoint = _existing_file("--checkpoint", args.checkpoint)
+    weights = _existing_file("--weights", args.weights) if args.weights else None
+    image = _existing_file("--image", args.image)
+    header = read_temporal_header(weights) if weights else None
+    settings, origin = _sampler_settings(args, header.recommended_sampler if header else {})
+    try:
+        check_video_target(args.out, fps=args.fps)
+    except ValueError as err:
+        flag = "--fps" if str(err).startswith("fps") else "--out"
+        raise UsageError(f"{flag}: {err}") from None
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of pixels, got {value}")
+    try:
+        chunk, context = resolve_chunking(
+            args.frames, args.chunk_frames, args.context_frames, header.config.depth if header else None,
+            names=("--frames", "--chunk-frames", "--context-frames"),
+        )  # fmt: skip
+        original = image_size(image)
+        size = fitted_size(*original, width=args.width, height=args.height)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    plan = GeneratePlan(
+        checkpoint,
+        weights,
+        image,
+        Path(args.out),
+        settings,
+        origin,
+        device,
+        dtype,
+        size,
+        original,
+        chunk,
+        context,
+    )
+    if not args.skip_memory_check:
+        _check_memory(plan, args.frames)
+    return plan
+
+
+def _check_memory(plan: GeneratePlan, frames: int) -> None:
+    """Refuse a run whose estimated memory (:mod:`lookback_core.memory`) exceeds what is available."""
+    from .memory import GiB, estimate_generate, largest_chunk_that_fits, shortfall
+    from .sd15 import tensor_elements
+
+    files = [plan.checkpoint] + ([plan.weights] if plan.weights else [])
+    parameters = sum(tensor_elements(path) for path in files)
+
+    def estimate(frames_at_once: int):
+        return estimate_generate(
+            width=plan.size[0], height=plan.size[1], frames=frames, frames_at_once=frames_at_once,
+            guidance=plan.settings.cfg_scale != 1, parameters=parameters,
+            file_bytes=sum(path.stat().st_size for path in files), dtype=plan.dtype,
+            image_pixels=plan.image_size[0] * plan.image_size[1],
+        )  # fmt: skip
+
+    needed = estimate(plan.chunk_frames)
+    problem = shortfall(needed, plan.device)
+    if problem is None:
+        return
+    fixes = []
+    chunk = largest_chunk_that_fits(
+        lambda n: shortfall(estimate(n), plan.device) is None, plan.context_frames + 1, plan.chunk_frames - 1
+    )
+    if chunk is not None:
+        fixes.append(f"--chunk-frames {chunk} (sampling in the memory of {chunk} frames)")
+    fixes += ["a smaller --width/--height", "fewer --frames"]
+    raise UsageError(
+        f"this run {problem} (estimated for {frames} frames of {plan.size[0]}x{plan.size[1]}, "
+        f"{plan.chunk_frames} at a time, {str(plan.dtype).removeprefix('torch.')} on {plan.device}: "
+        f"{needed.describe()}). Use {', or '.join(fixes)}; --skip-memory-check runs it anyway "
+        f"(estimates are rough; {needed.device_bytes / GiB:.1f} GiB on the device)"
+    )
 
 
 def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     """``generate``: returns the frames ``[f, 3, h, w]`` in ``[0, 1]`` and the video file written."""
     from .image_prep import fit_to_multiple, load_image
     from .pipeline import generate_video
-    from .sd15 import encode_prompt, load_sd15
+    from .sd15 import encode_long_prompt, load_sd15, match_token_lengths
     from .temporal_unet import LookBackUNet
     from .video_io import write_video
-    from .weights import load_lookback_unet, read_temporal_header
+    from .weights import load_lookback_unet
 
-    checkpoint = _existing_file("--checkpoint", args.checkpoint)
-    weights = _existing_file("--weights", args.weights) if args.weights else None
-    settings, origin = _sampler_settings(
-        args, read_temporal_header(weights).recommended_sampler if weights else {}
-    )
-    image_path = _existing_file("--image", args.image)
-    out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif", ".webp"):
-        raise UsageError(f"--out: the file name must end in .mp4, .gif or .webp, got {out.name!r}")
-    if args.frames < 2:
-        raise UsageError(f"--frames must be at least 2 (the image and one new frame), got {args.frames}")
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-
-    image, message = fit_to_multiple(load_image(image_path), width=args.width, height=args.height)
+    plan = plan_generate(args)
+    image, message = fit_to_multiple(load_image(plan.image), width=args.width, height=args.height)
     if message:
         print(message, file=sys.stderr)
     what = (
-        f"{checkpoint.name} and {weights.name}" if weights else f"{checkpoint.name} (base UNet, no look-back)"
+        f"{plan.checkpoint.name} and {plan.weights.name}"
+        if plan.weights
+        else f"{plan.checkpoint.name} (base UNet, no look-back)"
     )
-    print(f"loading {what} on {device} ({str(dtype).removeprefix('torch.')})")
-    components = load_sd15(checkpoint, config_dir=args.config_dir, device=device, dtype=dtype)
-    model = load_lookback_unet(weights, components.unet) if weights else LookBackUNet(components.unet, None)
-    texts = encode_prompt(
-        components.tokenizer, components.text_encoder, [args.prompt, args.negative_prompt], device
+    print(f"loading {what} on {plan.device} ({str(plan.dtype).removeprefix('torch.')})")
+    components = load_sd15(plan.checkpoint, config_dir=args.config_dir, device=plan.device, dtype=plan.dtype)
+    model = (
+        load_lookback_unet(plan.weights, components.unet)
+        if plan.weights
+        else LookBackUNet(components.unet, None)
     )
-    positive, negative = texts[:1], texts[1:]
-
-    if args.context_frames and not args.chunk_frames:
-        raise UsageError("--context-frames needs --chunk-frames")
-    if args.chunk_frames and not 1 <= (args.context_frames or 1) < args.chunk_frames:
-        raise UsageError(
-            f"--context-frames must be between 1 and --chunk-frames - 1 ({args.chunk_frames - 1})"
+    texts = {}
+    for flag, prompt in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        texts[flag], tokens = encode_long_prompt(
+            components.tokenizer, components.text_encoder, prompt, plan.device
         )
+        if texts[flag].shape[1] > components.text_encoder.config.max_position_embeddings:
+            print(
+                f"{flag}: {tokens} tokens, more than CLIP's 75 per sequence: encoded whole in "
+                f"{texts[flag].shape[1] // components.text_encoder.config.max_position_embeddings} windows "
+                "of 75 tokens, as ComfyUI does (nothing is cut)"
+            )
+    positive, negative = match_token_lengths(texts["--prompt"], texts["--negative-prompt"])
+    settings = plan.settings
     print(
-        f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g} ({origin})"
+        f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g} ({plan.settings_origin})"
     )
     with tqdm(desc="denoising", unit="step") as bar:
 
@@ -100,11 +219,11 @@ def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
             settings,
             components.scheduler_config,
             on_step=advance,
-            chunk_frames=args.chunk_frames,
-            context_frames=args.context_frames,
+            chunk_frames=plan.chunk_frames,
+            context_frames=plan.context_frames,
         )
     metadata = {"lookback": json.dumps({k: str(v) for k, v in vars(args).items() if k != "func"})}
-    written = write_video(frames.permute(0, 2, 3, 1), out, fps=args.fps, metadata=metadata)
+    written = write_video(frames.permute(0, 2, 3, 1), plan.out, fps=args.fps, metadata=metadata)
     print(f"wrote {len(frames)} frames ({frames.shape[-1]}x{frames.shape[-2]}) to {written}")
     return frames, written
 
@@ -121,7 +240,13 @@ def _sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[Samp
     """Flags given by the user, else the weights file's recommended settings, else the defaults.
 
     Returns the settings and a phrase saying where they came from."""
-    settings, used = resolve_settings({k: getattr(args, k) for k in SAMPLER_FLAGS}, recommended, args.seed)
+    try:
+        settings, used = resolve_settings(
+            {k: getattr(args, k) for k in SAMPLER_FLAGS}, recommended, args.seed
+        )
+    except InvalidSetting as err:
+        flag = SAMPLER_FLAGS.get(err.name, f"--{err.name}")
+        raise UsageError(f"{flag} must be {err.expected}, got {err.value!r}") from None
     origin = (
         f"{', '.join(SAMPLER_FLAGS[k] for k in used)} as the weights file recommends" if used else "as given"
     )
@@ -243,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=float, default=8.0)
     gen.add_argument("--out", required=True, help="output video: .mp4, .gif or .webp")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    gen.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    gen.add_argument(
+        "--skip-memory-check", action="store_true",
+        help="run even when the memory estimate says the run does not fit",
+    )  # fmt: skip
     gen.add_argument("--config-dir", default=None, help=argparse.SUPPRESS)  # tiny test models only
     gen.set_defaults(func=_generate)
 
@@ -299,14 +428,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_cleanly_on_sigterm() -> object:
+    """Turn SIGTERM into ``SystemExit``, so half-written outputs are removed on the way out (a
+    SIGKILL leaves them for the next write to the same file to remove); returns the old handler."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .sd15 import CheckpointError
     from .video_io import VideoReadError
     from .weights import TemporalWeightsError
 
+    previous = _stop_cleanly_on_sigterm()
     try:
         return args.func(args)
     except (UsageError, CheckpointError, TemporalWeightsError, VideoReadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from .video_io import _rgb_array, _uint8_frames
 
+EXIF_ORIENTATION = 0x0112
 MIN_SIZE = 64  # SD1.5: the VAE divides by 8 and the UNet halves 3 times, so 64 px is 1 cell at its deepest
 
 
@@ -77,33 +78,15 @@ def fit_to_multiple(
         if value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
     h, w = image.shape[-2:]
-
+    target_w, target_h = fitted_size(w, h, width=width, height=height, multiple=multiple, min_size=min_size)
+    if (target_w, target_h) == (w, h):
+        return image, None
     if width is None and height is None:
-        target_w, target_h = w - w % multiple, h - h % multiple
-        if (target_w, target_h) == (w, h):
-            _check_size((w, h), min_size, f"image size {w}x{h}")
-            return image, None
-        _check_size(
-            (target_w, target_h),
-            min_size,
-            f"image size {w}x{h} (to multiples of {multiple}: {target_w}x{target_h})",
-        )
         if mode == "crop":
             out, done = _centre_crop(image, target_w, target_h), "centre-cropped"
         else:
             out, done = _resize(image, target_w, target_h), "resized"
         return out, f"image {w}x{h} is not a multiple of {multiple}; {done} to {target_w}x{target_h}"
-
-    target_w = width if width is not None else _round_half_up(w * height / h)
-    target_h = height if height is not None else _round_half_up(h * width / w)
-    target_w, target_h = target_w - target_w % multiple, target_h - target_h % multiple
-    _check_size(
-        (target_w, target_h),
-        min_size,
-        f"requested size {target_w}x{target_h} (width={width}, height={height}, image {w}x{h})",
-    )
-    if (target_w, target_h) == (w, h):
-        return image, None
     if mode == "resize":
         return _resize(image, target_w, target_h), f"image {w}x{h} resized to {target_w}x{target_h}"
     scale = max(target_w / w, target_h / h)
@@ -114,6 +97,42 @@ def fit_to_multiple(
     if (cover_w, cover_h) == (w, h):
         return out, f"image {w}x{h} centre-cropped to {target_w}x{target_h}"
     return out, f"image {w}x{h} resized to {cover_w}x{cover_h} and centre-cropped to {target_w}x{target_h}"
+
+
+def fitted_size(
+    w: int,
+    h: int,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    multiple: int = 8,
+    min_size: int = MIN_SIZE,
+) -> tuple[int, int]:
+    """The size :func:`fit_to_multiple` gives an image of ``w`` x ``h``; raises ``ValueError`` if too small."""
+    if width is None and height is None:
+        target = (w - w % multiple, h - h % multiple)
+        what = f"image size {w}x{h}" + (
+            "" if target == (w, h) else f" (to multiples of {multiple}: {target[0]}x{target[1]})"
+        )
+    else:
+        target_w = width if width is not None else _round_half_up(w * height / h)
+        target_h = height if height is not None else _round_half_up(h * width / w)
+        target = (target_w - target_w % multiple, target_h - target_h % multiple)
+        what = f"requested size {target[0]}x{target[1]} (width={width}, height={height}, image {w}x{h})"
+    if min(target) < min_size:
+        raise ValueError(f"{what} is too small: each side must be at least {min_size} pixels")
+    return target
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """An image file's width and height as :func:`load_image` will see them, read from its header only."""
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image '{path}': {error}") from error
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these orientations turn it a quarter
 
 
 def to_uint8_frames(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -129,11 +148,6 @@ def to_uint8_frames(images: torch.Tensor | np.ndarray) -> np.ndarray:
             images.permute(0, 2, 3, 1) if isinstance(images, torch.Tensor) else images.transpose(0, 2, 3, 1)
         )
     return _uint8_frames(images, "images")
-
-
-def _check_size(size: tuple[int, int], min_size: int, what: str) -> None:
-    if min(size) < min_size:
-        raise ValueError(f"{what} is too small: each side must be at least {min_size} pixels")
 
 
 def _resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

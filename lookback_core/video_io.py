@@ -90,9 +90,7 @@ def write_video(
     Missing parent folders are created. Returns the path written.
     """
     path = Path(path)
-    kind = _format_of(path, format)
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    kind = check_video_target(path, fps=fps, format=format)
     if not (isinstance(crf, int) and 0 <= crf <= 51):
         raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
     if not (isinstance(quality, int) and 0 <= quality <= 100):
@@ -101,12 +99,32 @@ def write_video(
         raise ValueError(f"loop must be an integer >= 0 (0 loops forever), got {loop!r}")
     metadata = _checked_metadata(metadata, kind)
     data = _uint8_frames(frames, "frames")
-    if path.is_dir():
-        raise ValueError(f"path '{path}' is a folder, not a video file")
-
     with atomic_path(path) as partial:
         _write(data, partial, kind, fps, crf, quality, lossless, loop, metadata)
     return path
+
+
+def check_video_target(path: str | os.PathLike[str], *, fps: float, format: str | None = None) -> str:
+    """Check, before any work, that a video can be written at ``path`` at ``fps``; returns the format.
+
+    Raises ``ValueError`` naming the problem: an unknown suffix or format, an fps that is not a
+    positive finite number, a path that is a folder, or a folder that cannot be created or
+    written to."""
+    path = Path(path)
+    kind = _format_of(path, format)
+    if not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if path.is_dir():
+        raise ValueError(f"path '{path}' is a folder, not a video file")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if existing != path.absolute():
+        if not existing.is_dir():
+            raise ValueError(f"cannot write '{path}': '{existing}' is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write '{path}': the folder '{existing}' is not writable")
+    elif not os.access(path.absolute().parent, os.W_OK | os.X_OK):  # replacing a file needs its folder
+        raise ValueError(f"cannot write '{path}': its folder is not writable")
+    return kind
 
 
 def _format_of(path: Path, format: str | None) -> str:

@@ -87,20 +87,128 @@ def test_same_seed_same_gif(assets, tmp_path) -> None:
     [
         (("--weights", "missing.safetensors"), "--weights: no such file"),
         (("--image", "nowhere.png"), "--image: no such file"),
-        (("--out", "video.avi"), "--out: the file name must end in"),
+        (("--out", "video.avi"), "--out: unknown video format from the suffix of path 'video.avi'"),
+        (("--out", "{tmp}/v.mp4"), "--out: path '{tmp}/v.mp4' is a folder"),
+        (("--out", "{tmp}/afile/v.mp4"), "--out: cannot write '{tmp}/afile/v.mp4': '{tmp}/afile' is a file"),
+        (("--fps", "0"), "--fps: fps must be a positive number, got 0.0"),
+        (("--fps", "nan"), "--fps: fps must be a positive number, got nan"),
         (("--frames", "1"), "--frames must be at least 2"),
-        (("--chunk-frames", "4", "--context-frames", "4"), "--context-frames must be between 1 and"),
+        (
+            ("--chunk-frames", "4", "--context-frames", "4"),
+            "--context-frames must be between 1 and --chunk-frames - 1 (3), got 4",
+        ),
+        (("--context-frames", "2"), "--context-frames needs --chunk-frames"),
+        (("--steps", "0"), "--steps must be an integer in 1..1000"),
+        (("--eta", "1.5"), "--eta must be a number in 0..1"),
+        (("--eta", "nan"), "--eta must be a number in 0..1"),
+        (("--cfg", "nan"), "--cfg must be a finite number >= 0"),
+        (("--cfg", "inf"), "--cfg must be a finite number >= 0"),
+        (("--seed", "-1"), "--seed must be an integer in 0..2^64-1"),
+        (("--width", "0"), "--width must be a positive number of pixels"),
+        (("--width", "40"), "requested size 40x"),
+        (("--device", "potato"), "--device: 'potato' is not a device"),
+        (("--device", "cuda:99"), "--device cuda:99: "),
+        (("--frames", "100000"), "estimated for 100000 frames of 88x64"),
+        (("--width", "20000"), "estimated for 5 frames of 20000x"),
     ],
 )
-def test_bad_input_is_a_clear_error(assets, tmp_path, capsys, change, message) -> None:
-    args = _args(assets, tmp_path / "v.mp4")
+def test_bad_input_is_refused_before_the_model_loads(
+    assets, tmp_path, capsys, monkeypatch, change, message
+) -> None:
+    import lookback_core.sd15 as sd15
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sd15, "load_sd15", never)
+    (tmp_path / "v.mp4").mkdir()
+    (tmp_path / "afile").write_text("a file, not a folder")
+    args = _args(assets, tmp_path / "v.gif")
+    change = [value.replace("{tmp}", str(tmp_path)) for value in change]
     for flag, value in zip(change[::2], change[1::2], strict=True):
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
     assert main(args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err, err
+    if "estimated for" in message:  # a refusal names the estimate and the ways out
+        assert "--skip-memory-check" in err and "GiB" in err
+
+
+def test_an_oversized_image_is_refused_with_little_memory(assets, tmp_path) -> None:
+    """A 9000x9000 image is refused from its header: the process never decodes it (about 1 GB as floats)."""
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (9000, 9000), (90, 120, 200)).save(big)
+    args = _args(assets, tmp_path / "v.gif")
+    args[args.index("--image") + 1] = str(big)
+    script = (
+        "import resource, sys\n"
+        "from lookback_core.cli import main\n"
+        f"code = main({args!r})\n"
+        "print('exit', code, 'peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "estimated for 5 frames of 9000x9000" in result.stderr, result.stderr
+    code, peak = result.stdout.split()[1], int(result.stdout.split()[3])
+    assert code == "2" and peak < 2**30, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_long_prompts_are_encoded_whole_and_said_so(assets, tmp_path, capsys) -> None:
+    args = _args(assets, tmp_path / "v.gif")
+    args[args.index("--prompt") + 1] = " ".join(f"word{i}" for i in range(80))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "--prompt: " in out and "tokens, more than CLIP's 75 per sequence: encoded whole in" in out
+
+
+def test_sigterm_removes_the_half_written_video(assets, tmp_path) -> None:
+    """Killed while writing, generate leaves neither the video nor its hidden temporary file."""
+    out = tmp_path / "v.mp4"
+    script = (
+        "import time, sys\n"
+        "import lookback_core.video_io as video_io\n"
+        "real = video_io._write\n"
+        "def slow(data, partial, *rest):\n"
+        "    real(data, partial, *rest)\n"
+        "    print('written', flush=True)\n"
+        "    time.sleep(60)\n"
+        "video_io._write = slow\n"
+        "from lookback_core.cli import main\n"
+        f"sys.exit(main({_args(assets, out)!r}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:
+        if line.startswith("written"):
+            break
+    assert list(tmp_path.glob(".v.mp4.*.part")), "the temporary file should exist while writing"
+    process.terminate()
+    assert process.wait(timeout=60) == 128 + 15
+    assert not out.exists() and not list(tmp_path.glob(".v.mp4.*")), list(tmp_path.iterdir())
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write(tmp_path) -> None:
+    from lookback_core.atomic import atomic_path
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".v.mp4.{dead.stdout.strip()}-0badc0de.part"
+    stale.write_bytes(b"half a video")
+    live = tmp_path / f".v.mp4.{os.getpid()}-0badc0de.part"  # a writer that still runs: kept
+    live.write_bytes(b"being written")
+    with atomic_path(tmp_path / "v.mp4") as partial:
+        partial.write_bytes(b"video")
+    assert not stale.exists() and live.exists() and (tmp_path / "v.mp4").read_bytes() == b"video"
 
 
 def test_checkpoint_passed_as_weights_is_named(assets, tmp_path, capsys) -> None:
