@@ -285,3 +285,31 @@ def test_killed_run_resumes_where_it_stopped(setup, tmp_path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noising_is_fp32_whatever_the_training_precision(dtype, monkeypatch) -> None:
+    """At t=0 and t=1 in bf16, sqrt(1 - alpha_bar) rounds to 0: the model input must still carry
+    the noise, exactly as fp64 arithmetic gives it (up to the input's own rounding)."""
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    latents = torch.randn(4, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    timesteps = torch.tensor([0, 1, 10, 999])
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: timesteps)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, ctx):
+            seen["x"] = x
+            return torch.zeros_like(x)
+
+    lookback_loss(
+        Spy(), latents, torch.zeros(4, 3, 4, dtype=dtype), scheduler, torch.Generator().manual_seed(0), dtype
+    )
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).double()
+    alpha_bar = scheduler.alphas_cumprod.double()[timesteps].view(-1, 1, 1, 1, 1)
+    exact = (alpha_bar.sqrt() * latents.double() + (1 - alpha_bar).sqrt() * noise)[:, :, 1:]
+    got = seen["x"][:, :, 1:]
+    assert got.dtype == dtype
+    # the fp64 value, rounded to the input dtype (one unit in the last place at most)
+    torch.testing.assert_close(got.double(), exact, rtol=torch.finfo(dtype).eps, atol=1e-6)
+    assert not torch.equal(got[:2], latents[:2, :, 1:])  # t=0 and t=1 are noised

@@ -28,17 +28,24 @@ def lookback_loss(
     text: torch.Tensor,
     scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``."""
+    """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``.
+
+    Noise, noising and target are computed in fp32 whatever the training precision (in bf16,
+    ``sqrt(1 - alpha_bar_t)`` rounds to 0 for the smallest ``t``: no noise would be added while
+    the target is pure noise); only the model's input is cast, to ``input_dtype`` (default
+    ``text``'s dtype)."""
+    latents = latents.float()
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
     )
     noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
-    prediction = model(noisy, timesteps, text)
+    prediction = model(noisy.to(input_dtype or text.dtype), timesteps, text)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return F.mse_loss(prediction[:, :, 1:].float(), target[:, :, 1:].float())
+    return F.mse_loss(prediction[:, :, 1:].float(), target[:, :, 1:])

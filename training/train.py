@@ -303,11 +303,7 @@ def train(args) -> Path:
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
-                        model,
-                        latents.to(weight_dtype),
-                        text.to(weight_dtype),
-                        noise_scheduler,
-                        rng.generator,
+                        model, latents, text.to(weight_dtype), noise_scheduler, rng.generator, weight_dtype
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
