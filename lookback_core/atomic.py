@@ -11,6 +11,8 @@ import contextlib
 import glob
 import os
 import secrets
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,19 @@ def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
+def remove_stale_partials_under(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove every temporary file under ``folder`` (recursively) whose writer is gone; returns them."""
+    folder = Path(folder)
+    stale = (
+        [p for p in folder.rglob(".*.part") if p.is_file() and not _writer_alive(p)]
+        if folder.is_dir()
+        else []
+    )
+    for partial in stale:
+        partial.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; rename it to ``path`` if the block succeeds.
@@ -69,3 +84,21 @@ def save_safetensors(
     with atomic_path(path) as partial:
         save_file(tensors, partial, metadata=metadata or None)
     return Path(path)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Inside the block, SIGTERM raises ``SystemExit(143)`` (in the main thread; elsewhere nothing
+    changes), so writes in flight remove their temporary files on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

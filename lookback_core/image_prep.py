@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .video_io import _rgb_array, _uint8_frames
+from .video_io import _uint8_frames, rgb_array
 
 EXIF_ORIENTATION = 0x0112
 MIN_SIZE = 64  # SD1.5: the VAE divides by 8 and the UNet halves 3 times, so 64 px is 1 cell at its deepest
@@ -40,7 +40,7 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
                 gray = np.asarray(image, dtype=np.float32) / (1.0 if image.mode == "F" else 65535.0)
                 pixels = torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, -1, -1)
                 return pixels.unsqueeze(0).contiguous()
-            rgb = _rgb_array(image)
+            rgb = rgb_array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image '{path}': {error}") from error
     return torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()

@@ -462,7 +462,7 @@ def _iter_frames(path: str | os.PathLike[str]) -> Iterator[Callable[[], np.ndarr
         for index in range(getattr(image, "n_frames", 1)):
             image.seek(index)
             image.load()  # decode here, where errors become VideoReadError
-            yield functools.partial(_rgb_array, image)
+            yield functools.partial(rgb_array, image)
 
 
 def _durations(image: Image.Image) -> list[float]:
@@ -475,7 +475,7 @@ def _durations(image: Image.Image) -> list[float]:
     return durations
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image) -> np.ndarray:
     """A Pillow image as uint8 RGB ``[h, w, 3]``; transparency is composited on white."""
     if image.mode == "RGB":
         return np.asarray(image)

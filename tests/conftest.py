@@ -49,3 +49,35 @@ def tiny_files(tmp_path_factory) -> dict:
     randomize(model.temporal, scale=0.02)
     weights = save_temporal_weights(root / "lookback.safetensors", model, training={"frames": 4})
     return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "weights": weights}
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory) -> dict:
+    """For trainer runs: a tiny SD1.5 checkpoint, its config folder and 8 toy-world videos."""
+    from toy_clips import write_toy_videos
+
+    from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    config_dir = tiny_config_dir(root)
+    checkpoint = write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir)
+    data = write_toy_videos(root / "videos", 8, frames=10, size=40)
+    return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "data": data}
+
+
+def train_args(setup: dict, output_dir, *extra: str) -> list[str]:
+    """``training/train.py`` arguments for a tiny, fast run on ``setup``'s model and videos."""
+    return [
+        "--pretrained_model", str(setup["checkpoint"]),
+        "--config_dir", str(setup["config_dir"]),
+        "--train_data_dir", str(setup["data"]),
+        "--output_dir", str(output_dir),
+        "--preset", "light",
+        "--resolution", "32",
+        "--num_frames", "4",
+        "--frame_stride", "2",
+        "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "1",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip

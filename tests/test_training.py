@@ -15,7 +15,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, train_args
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from toy_clips import toy_frames, write_toy_videos
@@ -23,7 +23,6 @@ from toy_clips import toy_frames, write_toy_videos
 from lookback_core.config import preset
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
 from lookback_core.temporal_unet import create_lookback_unet
-from lookback_core.tiny import tiny_config_dir, write_tiny_sd15_checkpoint
 from lookback_core.video_io import write_video
 from lookback_core.weights import load_lookback_unet, read_temporal_header
 from training import checkpoints
@@ -35,36 +34,10 @@ REPO = Path(__file__).parents[1]
 SCHEDULER_CONFIG = json.loads((SHIPPED_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    config_dir = tiny_config_dir(root)
-    checkpoint = write_tiny_sd15_checkpoint(root / "tiny.safetensors", config_dir=config_dir)
-    data = write_toy_videos(root / "videos", 8, frames=10, size=40)
-    return {"root": root, "config_dir": config_dir, "checkpoint": checkpoint, "data": data}
-
-
-def _args(setup, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model", str(setup["checkpoint"]),
-        "--config_dir", str(setup["config_dir"]),
-        "--train_data_dir", str(setup["data"]),
-        "--output_dir", str(output_dir),
-        "--preset", "light",
-        "--resolution", "32",
-        "--num_frames", "4",
-        "--frame_stride", "2",
-        "--train_batch_size", "2",
-        "--gradient_accumulation_steps", "1",
-        "--report_to", "none",
-        *extra,
-    ]  # fmt: skip
-
-
 def test_a_few_steps_end_to_end_write_deployable_weights(setup, tmp_path) -> None:
     out = tmp_path / "run"
     args = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
-    assert train_main(_args(setup, out, *args)) == 0
+    assert train_main(train_args(setup, out, *args)) == 0
     header = read_temporal_header(out / "lookback_weights.safetensors")
     assert header.base_family == "sd15" and header.config.depth == 3
     assert header.training["steps"] == 3 and header.training["frames"] == 4 and header.training["stride"] == 2
@@ -87,7 +60,9 @@ def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp
 
     out = tmp_path / "run"
     assert (
-        train_main(_args(setup, out, "--max_train_steps", "2", "--train_backbone", "--learning_rate", "1e-3"))
+        train_main(
+            train_args(setup, out, "--max_train_steps", "2", "--train_backbone", "--learning_rate", "1e-3")
+        )
         == 0
     )
     base = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
@@ -110,7 +85,7 @@ def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
     out = tmp_path / "run"
     extra = ["--max_train_steps", "2", "--validation_image", str(image), "--validation_prompt", "a square",
              "--validation_steps", "2", "--validation_frames", "3", "--validation_inference_steps", "2"]  # fmt: skip
-    assert train_main(_args(setup, out, *extra)) == 0
+    assert train_main(train_args(setup, out, *extra)) == 0
     assert (out / "validation" / "step-0000002.mp4").is_file()
     last = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["isim_latent_first"] == pytest.approx(1.0)
@@ -222,7 +197,7 @@ def test_stride_follows_fps_when_a_reference_fps_is_given(tmp_path) -> None:
 
 def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache"
-    assert train_main(_args(setup, out, "--max_train_steps", "8", "--cache_dir", str(cache))) == 0
+    assert train_main(train_args(setup, out, "--max_train_steps", "8", "--cache_dir", str(cache))) == 0
     entries = list(cache.rglob("*.safetensors"))
     assert len(entries) == 8  # one clip per video, encoded once although each was used twice
     entry = load_file(entries[0])
@@ -231,7 +206,7 @@ def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup, tmp_path, caplog) -> None:
     out = tmp_path / "run"
-    args = _args(setup, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
+    args = train_args(setup, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
                  "--learning_rate", "1e30", "--max_grad_norm", "0")  # fmt: skip
     assert train_main(args) == 3
     assert "the loss became" in caplog.text and "last good checkpoint" in caplog.text
@@ -243,7 +218,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setu
 
 def _train_subprocess(setup, out: Path, steps: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "training" / "train.py"),
-           *_args(setup, out, "--max_train_steps", str(steps), "--checkpointing_steps", "2", *extra)]  # fmt: skip
+           *train_args(setup, out, "--max_train_steps", str(steps), "--checkpointing_steps", "2", *extra)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -7,6 +7,7 @@ lr 1e-4, batch 4 with 4 gradient-accumulation steps.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,7 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps"
     )
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument(
+        "--resume_from_checkpoint", default=None,
+        help="'latest' (the newest checkpoint that loads; none yet: start at step 0) or a checkpoint folder",
+    )  # fmt: skip
+    out.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="delete an earlier run's checkpoints and weights in --output_dir and start over (without it, "
+        "a folder holding checkpoints is only continued with --resume_from_checkpoint)",
+    )  # fmt: skip
     out.add_argument(
         "--report_to", default="tensorboard", choices=("tensorboard", "none"), help="JSONL is always written"
     )
@@ -125,6 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _at_least(low: float) -> tuple:
+    return (lambda v: v >= low, f">= {low:g}")
+
+
+# Every numeric flag, checked before anything loads (None: the flag is unset, which is allowed).
+NUMBER_RULES = {
+    "num_frames": (lambda v: v >= 2, ">= 2 (the clean first frame and a frame to learn)"),
+    "resolution": _at_least(8),
+    "frame_stride": _at_least(1),
+    "reference_fps": (lambda v: v > 0, "> 0"),
+    "dataloader_num_workers": _at_least(0),
+    "train_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "backbone_learning_rate": (lambda v: v > 0, "> 0"),
+    "lr_warmup_steps": _at_least(0),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_weight_decay": _at_least(0),
+    "adam_epsilon": (lambda v: v > 0, "> 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "max_train_steps": _at_least(1),
+    "num_train_epochs": _at_least(1),
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "in 0..2^32-1"),
+    "checkpointing_steps": _at_least(1),
+    "checkpoints_total_limit": _at_least(1),
+    "validation_steps": _at_least(1),
+    "validation_frames": _at_least(2),
+}
+
+
 def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
     """The validation sampler settings, which the weights file records as its recommended ones."""
     return {"steps": args.validation_inference_steps, "cfg_scale": args.validation_guidance_scale}
@@ -133,14 +175,12 @@ def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_frames < 2:
-        parser.error(
-            f"--num_frames must be >= 2 (the clean first frame and a frame to learn), got {args.num_frames}"
-        )
+    for flag, (valid, expected) in NUMBER_RULES.items():
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            parser.error(f"--{flag} must be {expected}, got {value}")
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
-    if not 0 <= args.text_dropout <= 1:
-        parser.error(f"--text_dropout must be in [0, 1], got {args.text_dropout}")
     try:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:

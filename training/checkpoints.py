@@ -1,9 +1,12 @@
-"""Resumable checkpoints that are never half-written.
+"""Resumable checkpoints that are never half-written, and read without running pickled code.
 
-A checkpoint ``checkpoint-<step>`` holds accelerate's full state (trained weights, optimizer,
-lr scheduler, EMA, RNG states), the deployable temporal weights file and ``trainer_state.json``.
-It is written into ``checkpoint-<step>.tmp``, marked complete, and only then renamed into place;
-older checkpoints are pruned after that. Resume picks the newest complete one.
+A checkpoint ``checkpoint-<step>`` holds accelerate's state of the trained weights (safetensors),
+optimizer and lr scheduler (read back by accelerate with ``torch.load(weights_only=True)``), the
+trainer's own state as safetensors + JSON (the EMA weights ``ema.safetensors``, each process's
+training RNG ``rng_<rank>.safetensors``, ``trainer_state.json``) and the deployable temporal
+weights file. Nothing is registered with accelerate as a custom (pickled) object. A checkpoint
+is written into ``checkpoint-<step>.tmp``, marked complete, and only then renamed into place;
+older checkpoints are pruned after that. Resume picks the newest complete one that loads.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
+from lookback_core.atomic import save_safetensors
+
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_NAME = "lookback_weights.safetensors"
 BACKBONE_NAME = "base_checkpoint.safetensors"  # with --train_backbone: the base with the trained UNet
+EMA_NAME = "ema.safetensors"
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -88,3 +97,42 @@ def remove_incomplete(output_dir: Path) -> list[Path]:
     for p in leftovers:
         shutil.rmtree(p)
     return leftovers
+
+
+def save_ema(folder: Path, ema: Any) -> None:
+    """A diffusers ``EMAModel``'s state: shadow weights as tensors, the rest as JSON metadata."""
+    state = ema.state_dict()
+    tensors = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(state.pop("shadow_params"))}
+    save_safetensors(tensors, folder / EMA_NAME, {"state": json.dumps(state)})
+
+
+def load_ema(folder: Path, ema: Any) -> None:
+    from safetensors import safe_open
+
+    path = folder / EMA_NAME
+    with safe_open(path, framework="pt") as f:
+        state = json.loads((f.metadata() or {})["state"])
+    tensors = load_file(path)
+    state["shadow_params"] = [tensors[f"shadow.{i}"] for i in range(len(tensors))]
+    ema.load_state_dict(state)
+
+
+def rng_path(folder: Path, rank: int) -> Path:
+    return folder / f"rng_{rank}.safetensors"
+
+
+def save_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    save_safetensors({"state": generator.get_state()}, rng_path(folder, rank))
+
+
+def load_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    generator.set_state(load_file(rng_path(folder, rank))["state"])
+
+
+def remove_run(output_dir: Path) -> list[Path]:
+    """Delete an earlier run's checkpoints and deployable files (``--overwrite_output_dir``)."""
+    doomed = [p for p in output_dir.iterdir() if _NAME.fullmatch(p.name.removesuffix(".tmp"))]
+    doomed += [output_dir / n for n in (WEIGHTS_NAME, BACKBONE_NAME) if (output_dir / n).exists()]
+    for path in doomed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return doomed

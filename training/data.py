@@ -15,13 +15,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lookback_core.image_prep import fit_to_multiple
-from lookback_core.video_io import VideoReadError, read_frames, video_info
+from lookback_core.video_io import VideoReadError, read_frames, rgb_array, video_info
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -30,25 +30,47 @@ MAX_SKIPS_PER_ITEM = 50
 
 @dataclass(frozen=True)
 class Sample:
-    """One source of clips: a video file or a folder of frames, and its caption."""
+    """One source of clips: a video file or a folder of frames, and its caption.
+
+    The caption is given (a CSV's) or read from ``caption_file`` when a clip is made, so a caption
+    that cannot be read skips that sample like an unreadable video instead of stopping the run."""
 
     path: Path
-    caption: str
+    given_caption: str | None = None
+    caption_file: Path | None = None
 
     @property
     def is_frame_folder(self) -> bool:
         return self.path.is_dir()
+
+    @property
+    def caption(self) -> str:
+        """The caption text; raises ``ValueError`` naming the file if it is not UTF-8 text."""
+        if self.given_caption is not None:
+            return self.given_caption
+        if self.caption_file is None:
+            return ""
+        try:
+            return self.caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.caption_file}: the caption is not UTF-8 text ({err.reason})") from None
 
 
 class ClipTooShort(ValueError):
     """A sample with fewer frames than one clip needs."""
 
 
-def _caption_for(path: Path) -> str:
+def _caption_file(path: Path) -> Path | None:
     for candidate in (path.with_suffix(".txt"), path / "caption.txt", path.parent / f"{path.name}.txt"):
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip()
-    return ""
+            return candidate
+    return None
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB, whatever its mode (grayscale, RGBA, palette, 16-bit)."""
+    with Image.open(path) as image:
+        return rgb_array(image)
 
 
 def _frame_files(folder: Path) -> list[Path]:
@@ -69,21 +91,23 @@ def discover_samples(
                     f"{csv_path}: the CSV needs the columns videoid, name, page_dir; missing {sorted(missing)}"
                 )
             return [
-                Sample(root / row["page_dir"] / f"{row['videoid']}{video_extension}", row["name"].strip())
+                Sample(
+                    root / row["page_dir"] / f"{row['videoid']}{video_extension}", (row["name"] or "").strip()
+                )
                 for row in reader
             ]
     samples = []
     for path in sorted(root.iterdir()):
         if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES or path.is_dir() and _frame_files(path):
-            samples.append(Sample(path, _caption_for(path)))
+            samples.append(Sample(path, caption_file=_caption_file(path)))
     if not samples:
         raise ValueError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders found")
     return samples
 
 
-def clip_key(sample: Sample, start: int, stride: int, num_frames: int, resolution: int) -> str:
-    """A stable name for one clip, used by the latent cache."""
-    text = f"{sample.path.resolve()}|{start}|{stride}|{num_frames}|{resolution}"
+def clip_key(sample: Sample, caption: str, start: int, stride: int, num_frames: int, resolution: int) -> str:
+    """A stable name for one clip and its caption, used by the latent cache."""
+    text = f"{sample.path.resolve()}|{caption}|{start}|{stride}|{num_frames}|{resolution}"
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -139,8 +163,8 @@ class VideoClipDataset(Dataset):
         indices = [start + i * stride for i in range(self.num_frames)]
         if sample.is_frame_folder:
             try:
-                frames = np.stack([iio.imread(files[i])[..., :3] for i in indices])
-            except (OSError, ValueError) as err:
+                frames = np.stack([_read_rgb(files[i]) for i in indices])
+            except (OSError, ValueError) as err:  # unreadable images, or frames of different sizes
                 raise VideoReadError(sample.path, str(err)) from None
         else:
             frames = read_frames(sample.path, indices)
@@ -150,6 +174,11 @@ class VideoClipDataset(Dataset):
         skipped: list[tuple[str, str]] = []
         for attempt in range(min(MAX_SKIPS_PER_ITEM, len(self.samples))):
             sample = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                caption = sample.caption
+            except ValueError:
+                skipped.append((str(sample.path), "unreadable caption"))
+                continue
             try:
                 frames, start, stride = self._read(sample, index)
             except (ClipTooShort, VideoReadError, OSError, ValueError) as err:
@@ -161,8 +190,8 @@ class VideoClipDataset(Dataset):
             video, _ = fit_to_multiple(video, width=self.resolution, height=self.resolution, min_size=8)
             return {
                 "pixels": video * 2 - 1,
-                "caption": sample.caption,
-                "key": clip_key(sample, start, stride, self.num_frames, self.resolution),
+                "caption": caption,
+                "key": clip_key(sample, caption, start, stride, self.num_frames, self.resolution),
                 "skipped": skipped,
             }
         raise RuntimeError(

@@ -9,9 +9,12 @@ written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -28,41 +31,25 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  # noqa: E402
 from lookback_core.config import preset  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
-from lookback_core.weights import save_temporal_weights  # noqa: E402
+from lookback_core.weights import TemporalWeightsError, read_temporal_header, save_temporal_weights  # noqa: E402
 from training import checkpoints  # noqa: E402
 from training.args import parse_args, recommended_sampler  # noqa: E402
-from training.cache import LatentCache  # noqa: E402
+from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
 from training.objective import lookback_loss  # noqa: E402
-from training.validation import run_validation  # noqa: E402
+from training.validation import check_validation_inputs, run_validation  # noqa: E402
 
 logger = logging.getLogger("lookback.train")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class TrainingRNG:
-    """The generator behind noise, timesteps and text dropout, saved with every checkpoint.
-
-    Kept apart from the global RNG, which data loaders draw from whenever they start an epoch,
-    so a resumed run draws exactly what an uninterrupted one would have.
-    """
-
-    def __init__(self, device: torch.device, seed: int) -> None:
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
 
 
 class MetricsLog:
@@ -144,10 +131,67 @@ def _save_only_trainable_weights(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_temporal)
 
 
+class ResumeError(ValueError):
+    """The output folder's checkpoints cannot be continued as asked; the message says why and what to do."""
+
+
+def resume(
+    args, accelerator: Accelerator, lookback, ema, rng: torch.Generator, output_dir: Path
+) -> Path | None:
+    """Load the newest checkpoint that loads (``--resume_from_checkpoint latest``) or the one named.
+
+    A damaged checkpoint is skipped with a warning naming it and why, and the next older one is
+    tried; a checkpoint of another preset stops the run with both configs named."""
+    if args.resume_from_checkpoint == "latest":
+        candidates = checkpoints.complete_checkpoints(output_dir)[::-1]
+    else:
+        candidates = [checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)]
+    for candidate in candidates:
+        try:
+            stored = read_temporal_header(candidate / checkpoints.WEIGHTS_NAME).config
+        except TemporalWeightsError as err:
+            logger.warning("skipped %s: %s", candidate, err)
+            continue
+        if (stored.depth, stored.kernel, stored.sites) != (
+            lookback.config.depth,
+            lookback.config.kernel,
+            lookback.config.sites,
+        ):
+            raise ResumeError(
+                f"{candidate} holds look-back modules with d={stored.depth}, k={stored.kernel} at "
+                f"{len(stored.sites)} sites, but --preset {args.preset} asks for d={lookback.config.depth}, "
+                f"k={lookback.config.kernel} at {len(lookback.config.sites)} sites; resume with the preset it "
+                f"was trained with, or start over in another --output_dir"
+            )
+        try:
+            accelerator.load_state(str(candidate))
+            checkpoints.load_rng(candidate, accelerator.process_index, rng)
+            if ema is not None:
+                checkpoints.load_ema(candidate, ema)
+            checkpoints.read_state(candidate)["global_step"]
+        except (
+            Exception
+        ) as err:  # a damaged checkpoint fails in many ways (safetensors, torch.load, JSON, keys)
+            logger.warning(
+                "skipped %s: it cannot be loaded (%s: %s)", candidate, type(err).__name__, str(err)[:300]
+            )
+            continue
+        return candidate
+    if candidates:
+        raise ResumeError(
+            f"none of the checkpoints in {output_dir} could be loaded ({', '.join(c.name for c in candidates)}; "
+            "see the warnings above); move them away or pass --overwrite_output_dir to start over"
+        )
+    return None
+
+
 def train(args) -> Path:
     output_dir = Path(args.output_dir)
     log_with = "tensorboard" if args.report_to == "tensorboard" and _tensorboard_available() else None
     accelerator = Accelerator(
+        # Several processes on a machine without CUDA (accelerate launch on CPUs): without cpu=True
+        # accelerate would not join them (gloo) and every process would act as the only one.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
@@ -164,7 +208,25 @@ def train(args) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in checkpoints.remove_incomplete(output_dir):
             logger.warning("removed incomplete checkpoint %s (a run was stopped while saving it)", leftover)
+        for folder in filter(None, (output_dir, args.cache_dir)):
+            for leftover in remove_stale_partials_under(folder):
+                logger.warning("removed %s (a file a stopped run was writing)", leftover)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for old in checkpoints.remove_run(output_dir):
+                logger.warning("--overwrite_output_dir: removed %s of an earlier run", old)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # a read-only folder is named now, not at the first checkpoint
+        probe.unlink()
     accelerator.wait_for_everyone()
+    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
+    check_validation_inputs(args)
+    earlier = checkpoints.complete_checkpoints(output_dir)
+    if earlier and not args.resume_from_checkpoint:
+        raise ResumeError(
+            f"--output_dir {output_dir} holds another run's checkpoints ({', '.join(p.name for p in earlier)}); "
+            "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them and "
+            "start over, or choose another --output_dir"
+        )
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
@@ -186,11 +248,11 @@ def train(args) -> Path:
     ema = EMAModel(model.temporal.parameters(), decay=args.ema_decay) if args.use_ema else None
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    rng = TrainingRNG(accelerator.device, args.seed + accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
+    # The generator behind noise, timesteps and text dropout, saved with every checkpoint. Kept
+    # apart from the global RNG, which data loaders draw from whenever they start an epoch, so a
+    # resumed run draws exactly what an uninterrupted one would have.
+    rng = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 
-    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
     dataset = VideoClipDataset(
         samples,
         num_frames=args.num_frames,
@@ -204,7 +266,10 @@ def train(args) -> Path:
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )  # fmt: skip
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    # each process sees its share of the batches (accelerate's even_batches pads the last one)
+    updates_per_epoch = math.ceil(
+        math.ceil(len(loader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     epochs = math.ceil(max_steps / updates_per_epoch)
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -222,9 +287,15 @@ def train(args) -> Path:
     if not args.train_backbone:
         _save_only_trainable_weights(accelerator)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if math.ceil(len(loader) / args.gradient_accumulation_steps) != updates_per_epoch:
+        raise RuntimeError(f"{len(loader)} batches per process after sharding, expected {updates_per_epoch}")
     lookback = accelerator.unwrap_model(model)
     noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
-    cache = LatentCache(args.cache_dir) if args.cache_dir else None
+    cache = (
+        LatentCache(args.cache_dir, encoder_fingerprint(components.vae, components.text_encoder))
+        if args.cache_dir
+        else None
+    )
     empty_text = encode_prompt(components.tokenizer, components.text_encoder, [""], accelerator.device)[
         0
     ].float()
@@ -232,18 +303,18 @@ def train(args) -> Path:
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
         "preset": args.preset, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
-        "train_backbone": args.train_backbone,
+        "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
+        "effective_batch_size": scale,
     }  # fmt: skip
     if args.train_backbone:
         facts["backbone_learning_rate"] = groups[1]["lr"]
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        found = checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)
+        found = resume(args, accelerator, lookback, ema, rng, output_dir)
         if found is None:
             logger.info("no complete checkpoint in %s yet; starting from step 0", output_dir)
         else:
-            accelerator.load_state(str(found))
             global_step = checkpoints.read_state(found)["global_step"]
             first_epoch = global_step // updates_per_epoch
             skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -255,7 +326,11 @@ def train(args) -> Path:
             checkpoints.begin(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        checkpoints.save_rng(tmp, accelerator.process_index, rng)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if ema is not None:
+                checkpoints.save_ema(tmp, ema)
             write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
             final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
             write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
@@ -299,11 +374,11 @@ def train(args) -> Path:
                 skipped[path] += 1
             with accelerator.accumulate(model):
                 latents, text = _encode_batch(batch, components, cache, accelerator.device, weight_dtype)
-                drop = torch.rand(len(text), device=text.device, generator=rng.generator) < args.text_dropout
+                drop = torch.rand(len(text), device=text.device, generator=rng) < args.text_dropout
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
-                        model, latents, text.to(weight_dtype), noise_scheduler, rng.generator, weight_dtype
+                        model, latents, text.to(weight_dtype), noise_scheduler, rng, weight_dtype
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
@@ -358,19 +433,48 @@ def train(args) -> Path:
         if global_step >= max_steps:
             break
     bar.close()
+    if accelerator.is_main_process and global_step >= max_steps:
+        # also when a resumed run found the last checkpoint already written: a kill between that
+        # checkpoint and the deployable file's rewrite must not leave an older file in place
+        write_weights(output_dir / checkpoints.WEIGHTS_NAME, global_step)
+        if args.train_backbone:
+            replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+    accelerator.wait_for_everyone()
     if skipped:
         logger.warning("skipped %d unusable samples %d times in all", len(skipped), sum(skipped.values()))
     accelerator.end_training()
     return output_dir / checkpoints.WEIGHTS_NAME
 
 
+def describe_os_error(err: OSError) -> str:
+    """An OSError in the user's words: which file, and for a full or read-only disk, what to do."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        folder = Path(err.filename).parent if err.filename else Path.cwd()
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+        return (
+            f"{where}no space left on the disk ({free / 2**30:.1f} GiB free); free some space or choose "
+            "another --output_dir / --cache_dir, then resume with --resume_from_checkpoint latest"
+        )
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}cannot write there ({err.strerror}); choose a writable --output_dir / --cache_dir"
+    return f"{where}{err.strerror or err}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        weights = train(args)
+        with sigterm_as_exit():  # a stopped run removes the files it was writing
+            weights = train(args)
     except NonFiniteLoss as err:
         logger.error("%s", err)
         return 3
+    except OSError as err:
+        logger.error("%s", describe_os_error(err))
+        return 2
+    except ValueError as err:  # the user's inputs: data, CSV, checkpoints, resume, validation inputs
+        logger.error("%s", err)
+        return 2
     print(f"temporal weights: {weights}")
     return 0
 

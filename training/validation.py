@@ -16,6 +16,24 @@ from lookback_core.video_io import write_video
 from training.args import recommended_sampler
 
 
+def check_validation_inputs(args) -> None:
+    """Read ``--validation_image`` and load ``--isim_clip_model`` once, before training starts, so
+    that a bad one is named at once instead of at the first validation step."""
+    if args.validation_image:
+        try:
+            load_image(args.validation_image)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--validation_image: {err}") from None
+    if args.isim_clip_model:
+        try:
+            ClipImageFeatures(args.isim_clip_model)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"--isim_clip_model {args.isim_clip_model}: not a loadable CLIP vision model folder "
+                f"(a transformers CLIPVisionModelWithProjection: config.json and its weights) ({err})"
+            ) from None
+
+
 @torch.no_grad()
 def run_validation(
     args, model: LookBackUNet, components: SD15Components, folder: Path, step: int
