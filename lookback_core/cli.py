@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import sigterm_as_exit
 from .precision import DTYPES, dtype_named
 from .sampler import InvalidSetting, SamplerSettings, resolve_settings
 from .toybuild import ToyRecipe
@@ -428,30 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_cleanly_on_sigterm() -> object:
-    """Turn SIGTERM into ``SystemExit``, so half-written outputs are removed on the way out (a
-    SIGKILL leaves them for the next write to the same file to remove); returns the old handler."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, stop)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .sd15 import CheckpointError
     from .video_io import VideoReadError
     from .weights import TemporalWeightsError
 
-    previous = _stop_cleanly_on_sigterm()
     try:
-        return args.func(args)
+        with sigterm_as_exit():
+            return args.func(args)
     except (UsageError, CheckpointError, TemporalWeightsError, VideoReadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
