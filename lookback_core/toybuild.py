@@ -9,7 +9,9 @@ Stages, each resumable (run the same command again after an interruption):
    together with the modules, to read the motion words of the caption (the direction of a
    clip is in its caption alone);
 4. package: the trained checkpoint and temporal weights as fp16, the recipe and the stages'
-   wall times recorded in the weights' metadata (``training.toy_build``);
+   wall times recorded in the weights' metadata (``training.toy_build``; a stage that picked up
+   an earlier run's work is named in ``resumed_stages``, and a skipped base stage counts the
+   training time its ``base_facts.json`` recorded);
 5. eval: held-out clips, with look-back and with the base UNet alone.
 """
 
@@ -95,15 +97,17 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     stage = StageTimer()
-    started = time.time()
+    commit = _git_commit()  # the code the stages run, before anything changes in the checkout
 
     with stage("data"):
         toyworld.write_dataset(out / "data", range(recipe.train_clips))
 
     base = out / "base" / "base.safetensors"
+    resumed = []
     with stage("base"):
         if base.is_file():
             print(f"{base} exists: the base stage is skipped (delete it to retrain)")
+            resumed.append("base")
         else:
             _run(
                 [
@@ -117,6 +121,8 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
             )  # fmt: skip
 
     lookback = out / "lookback"
+    if any(lookback.glob("checkpoint-*")):
+        resumed.append("lookback")
     with stage("lookback"):
         _run(
             [
@@ -148,7 +154,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
 
     record = {
         "recipe": asdict(recipe),
-        "commit": _git_commit(),
+        "commit": commit,
         "command": "python -m lookback_core toyworld build",
         "base_facts": json.loads((base.parent / "base_facts.json").read_text()),
     }
@@ -168,8 +174,11 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     write_report(reports, out / "eval.json")
     table = markdown_table(reports)
     (out / "eval.md").write_text(table + "\n")
+    if "base" in resumed:  # the earlier run's training time, as base_facts.json recorded it
+        stage.seconds["base_s"] = record["base_facts"]["seconds"]
     record |= {
-        "wall_time_s": {**stage.seconds, "total_s": round(time.time() - started)},
+        "wall_time_s": {**stage.seconds, "total_s": sum(stage.seconds.values())},
+        "resumed_stages": resumed,
         "eval": {k: round(v, 4) for k, v in reports[0].summary.items()},
         "eval_base": {k: round(v, 4) for k, v in reports[1].summary.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",

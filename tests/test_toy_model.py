@@ -1,0 +1,133 @@
+"""The shipped toy model: it must keep reaching its bars, and every command around it must run."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lookback_core import toyworld
+from lookback_core.cli import main
+from lookback_core.demo import run_demo
+from lookback_core.sd15 import load_sd15
+from lookback_core.toybuild import ToyRecipe, build
+from lookback_core.toyeval import BARS, TOY_CHECKPOINT, TOY_WEIGHTS, evaluate, load_toy_model
+from lookback_core.weights import read_temporal_header
+
+EVAL_CLIPS = 12
+
+
+@pytest.fixture(scope="module")
+def lookback_report():
+    return evaluate(load_toy_model(), EVAL_CLIPS, progress=False)
+
+
+def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
+    size = TOY_CHECKPOINT.stat().st_size + TOY_WEIGHTS.stat().st_size
+    assert size < 30 * 2**20, f"{size / 2**20:.1f} MiB"
+    for path in (TOY_CHECKPOINT, TOY_WEIGHTS):
+        with safe_open(path, framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}, path  # noqa: SIM118 (safe_open is not iterable)
+    header = read_temporal_header(TOY_WEIGHTS)
+    build_record = header.training["toy_build"]
+    assert build_record["recipe"]["preset"] == header.training["preset"]
+    assert build_record["wall_time_s"]["total_s"] <= 3600
+    assert set(header.recommended_sampler) == {"steps", "cfg_scale"}
+
+
+# What the shipped model measured on the first 12 held-out clips, less a margin: a regression
+# guard. The issue's bars (toyeval.BARS) are what `toyworld eval --check` holds it to; the README
+# says which of them the shipped model misses (background drift, and on 32 clips direction and
+# speed).
+FLOORS = {"frame0_psnr": 28.0, "persistence": 0.9, "direction_accuracy": 0.6, "speed": 1.2}
+DRIFT_CEILING = 16.0
+
+
+def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
+    summary = lookback_report.summary
+    for key, floor in FLOORS.items():
+        assert summary[key] >= floor, (key, lookback_report.summary)
+    assert summary["background_drift"] <= DRIFT_CEILING, lookback_report.summary
+    assert summary["speed"] <= BARS["speed"][2]  # never faster than the world moves
+
+
+def test_the_base_alone_does_not_move_the_object_the_captioned_way(lookback_report) -> None:
+    """The baseline row: same checkpoint and sampler, no look-back modules."""
+    base = evaluate(
+        load_toy_model(TOY_CHECKPOINT, None, settings_from=TOY_WEIGHTS), EVAL_CLIPS, progress=False
+    )
+    assert base.settings == lookback_report.settings
+    summary = base.summary
+    assert summary["frame0_psnr"] == pytest.approx(
+        lookback_report.summary["frame0_psnr"]
+    )  # same pinned frame
+    assert summary["direction_accuracy"] <= 0.3 < lookback_report.summary["direction_accuracy"]
+    assert summary["background_drift"] > 1.5 * lookback_report.summary["background_drift"]
+    assert summary["persistence"] < lookback_report.summary["persistence"]
+    assert lookback_report.summary["isim_latent_avg"] > summary["isim_latent_avg"]
+
+
+def test_eval_command_reports_and_checks_the_bars(tmp_path, capsys) -> None:
+    report = tmp_path / "eval.json"
+    assert main(["toyworld", "eval", "--clips", "2", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "| direction accuracy | >= 0.8 |" in out
+    data = json.loads(report.read_text())
+    assert [clip["seed"] for clip in data[0]["clips"]] == [toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 1]
+    # a run far too short to draw anything misses the bars, and --check says so with its exit code
+    assert main(["toyworld", "eval", "--clips", "1", "--steps", "1", "--check"]) == 1
+    assert "below the bars" in capsys.readouterr().err
+
+
+def test_generate_loads_the_toy_files_with_no_extra_flag(tmp_path, capsys) -> None:
+    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    start = tmp_path / "start.png"
+    iio.imwrite(start, clip.frames[0])
+    out = tmp_path / "v.gif"
+    command = [
+        "generate",
+        "--checkpoint",
+        str(TOY_CHECKPOINT),
+        "--image",
+        str(start),
+        "--prompt",
+        clip.caption,
+    ]
+    assert main([*command, "--weights", str(TOY_WEIGHTS), "--frames", "4", "--out", str(out)]) == 0
+    assert "as the weights file recommends" in capsys.readouterr().out
+    assert main([*command, "--frames", "3", "--steps", "2", "--out", str(tmp_path / "base.gif")]) == 0
+    assert iio.imread(out).shape[0] == 4
+
+
+def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
+    metrics = run_demo(tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert "frame-0 PSNR" in out and "contact sheet" in out
+    for name in ("start.png", "video.mp4", "contact_sheet.png", "caption.txt"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    sheet = iio.imread(tmp_path / "demo" / "contact_sheet.png")
+    assert sheet.shape[0] == 2 * 3 * (toyworld.SIZE + 2)  # three rows at 2x
+    assert metrics["frame0_psnr"] >= BARS["frame0_psnr"][1]
+
+
+def test_toyworld_build_smoke(tmp_path) -> None:
+    """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
+    recipe = ToyRecipe(
+        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, lookback_batch_size=2, eval_clips=1,
+        sampler_steps=2,
+    )  # fmt: skip
+    record = build(tmp_path / "toy", recipe)
+    assert record["recipe"]["lookback_steps"] == 2 and set(record["wall_time_s"]) >= {"base_s", "lookback_s"}
+    weights = tmp_path / "toy" / "lookback_toy.safetensors"
+    header = read_temporal_header(weights)
+    assert header.training["toy_build"]["eval"]["clips"] == 1
+    assert header.recommended_sampler == {"steps": 2, "cfg_scale": recipe.sampler_cfg_scale}
+    components = load_sd15(tmp_path / "toy" / "sd15_toy.safetensors")
+    assert components.unet.dtype == torch.float32  # stored as fp16, loaded for the CPU
+    assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
+    frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
+    assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])
