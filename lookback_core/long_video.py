@@ -85,9 +85,8 @@ def sample_long_video(
     new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
     on the CPU.
     """
-    chunk_frames, context_frames = resolve_chunking(
-        num_frames, chunk_frames, context_frames, model.config.depth if model.config is not None else None
-    )
+    depth = model.config.depth if context_frames is None and model.config is not None else None
+    chunk_frames, context_frames = resolve_chunking(num_frames, chunk_frames, context_frames, depth)
     b, c, h, w = image_latent.shape
     video = torch.empty(b, c, num_frames, h, w, dtype=torch.float32)
     video[:, :, 0] = image_latent.float().cpu()

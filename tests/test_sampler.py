@@ -153,5 +153,13 @@ def test_bad_arguments_are_named(model, kwargs, message) -> None:
         sample_video(
             model, z0, pos, args["negative"], args["num_frames"], SamplerSettings(steps=2), SCHEDULER_CONFIG
         )
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match=r"steps=0 must be an integer in 1\.\.1000"):
         SamplerSettings(steps=0)
+    for field, value in (
+        ("eta", 1.5),
+        ("eta", float("nan")),
+        ("cfg_scale", float("inf")),
+        ("cfg_scale", -1.0),
+    ):
+        with pytest.raises(ValueError, match=f"{field}="):
+            SamplerSettings(**{field: value})
