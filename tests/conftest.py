@@ -81,3 +81,27 @@ def train_args(setup: dict, output_dir, *extra: str) -> list[str]:
         "--report_to", "none",
         *extra,
     ]  # fmt: skip
+
+
+def wait_for_checkpoint(run, output_dir, step: int, timeout: float = 240) -> None:
+    """Poll until ``checkpoint-<step>`` of a training subprocess ``run`` is complete."""
+    import time
+    from pathlib import Path
+
+    from training import checkpoints
+
+    marker = Path(output_dir) / f"checkpoint-{step}" / checkpoints.COMPLETE_MARKER
+    deadline = time.time() + timeout
+    while not marker.is_file():
+        assert run.poll() is None and time.time() < deadline, f"the run ended before checkpoint-{step}"
+        time.sleep(0.02)
+
+
+def assert_same_weights(a, b) -> None:
+    """Two weights files hold the same tensors (to float rounding: resumed runs reorder nothing else)."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=key)

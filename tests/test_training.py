@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_unet, train_args
+from conftest import assert_same_weights, make_tiny_unet, train_args, wait_for_checkpoint
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from toy_clips import toy_frames, write_toy_videos
@@ -232,10 +231,7 @@ def test_killed_run_resumes_where_it_stopped(setup, tmp_path) -> None:
 
     out = tmp_path / "killed"
     run = _train_subprocess(setup, out, steps)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-2" / checkpoints.COMPLETE_MARKER).is_file():
-        assert run.poll() is None and time.time() < deadline, "the run ended before checkpoint-2"
-        time.sleep(0.02)
+    wait_for_checkpoint(run, out, 2)
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert not (out / f"checkpoint-{steps}").exists(), "the kill came too late to test anything"
@@ -255,11 +251,9 @@ def test_killed_run_resumes_where_it_stopped(setup, tmp_path) -> None:
     ]
     assert steps_logged[-(steps - resumed_from) :] == list(range(resumed_from + 1, steps + 1))
     # optimizer, lr scheduler, data order and RNG all continued: the same weights as the straight run
-    a = load_file(tmp_path / "straight" / "lookback_weights.safetensors")
-    b = load_file(out / "lookback_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_weights(
+        tmp_path / "straight" / "lookback_weights.safetensors", out / "lookback_weights.safetensors"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

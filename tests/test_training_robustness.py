@@ -11,14 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import train_args
+from conftest import assert_same_weights, train_args, wait_for_checkpoint
 from safetensors.torch import load_file
 from toy_clips import toy_frames, write_toy_videos
 
@@ -340,18 +339,11 @@ def test_two_processes_train_together_and_resume_after_a_kill(setup, tmp_path) -
 
     out = tmp_path / "killed"
     run = _launch(setup, out, steps)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-2" / checkpoints.COMPLETE_MARKER).is_file():
-        assert run.poll() is None and time.time() < deadline, "the run ended before checkpoint-2"
-        time.sleep(0.02)
+    wait_for_checkpoint(run, out, 2)
     os.killpg(run.pid, signal.SIGKILL)  # the launcher and both ranks
     run.wait()
     assert not (out / f"checkpoint-{steps}").exists(), "the kill came too late to test anything"
     resumed = _launch(setup, out, steps, "--resume_from_checkpoint", "latest")
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
-    a = load_file(tmp_path / "straight" / checkpoints.WEIGHTS_NAME)
-    b = load_file(out / checkpoints.WEIGHTS_NAME)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_weights(tmp_path / "straight" / checkpoints.WEIGHTS_NAME, out / checkpoints.WEIGHTS_NAME)
