@@ -46,6 +46,7 @@ class ToyRecipe:
     vae_steps: int = 2000
     unet_steps: int = 800
     lookback_steps: int = 2400
+    lookback_frames: int = toyworld.FRAMES  # frames per training clip (generation always makes 16)
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
     preset: str = "light"
@@ -134,7 +135,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
             "--train_backbone",
             "--preset", recipe.preset,
             "--resolution", str(toyworld.SIZE),
-            "--num_frames", str(toyworld.FRAMES),
+            "--num_frames", str(recipe.lookback_frames),
             "--frame_stride", "1",
             "--train_batch_size", str(recipe.lookback_batch_size),
             "--gradient_accumulation_steps", "1",
