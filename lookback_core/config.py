@@ -66,9 +66,11 @@ class LookBackConfig:
 
     def with_channels(self, channels: dict[str, int]) -> LookBackConfig:
         """Return a copy whose ``channels`` holds the channel count of every configured site."""
-        missing = [s for s in self.sites if s not in channels]
-        if missing:
-            raise ValueError(f"the UNet has no site(s) {missing}; it has {sorted(channels)}")
+        from .sites import site_problems
+
+        problems = site_problems(dict.fromkeys(self.sites), channels)
+        if problems:
+            raise ValueError("; ".join(problems))
         return replace(self, channels={s: int(channels[s]) for s in self.sites})
 
     def to_json(self) -> str:

@@ -13,6 +13,7 @@ ComfyUI's UNet:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -66,3 +67,22 @@ def find_sites(unet: nn.Module) -> dict[str, Site]:
 def site_channels(unet: nn.Module) -> dict[str, int]:
     """Channel count ``n`` of the hidden state at every site of ``unet``."""
     return {name: site.channels for name, site in find_sites(unet).items()}
+
+
+def site_problems(
+    wanted: Mapping[str, int | None], channels: Mapping[str, int], source: str = "the modules"
+) -> list[str]:
+    """Why look-back modules for the sites of ``wanted`` (site -> channels, or None: any) do not fit a
+    UNet whose sites have ``channels``; empty when they fit. The one check of sites and channels,
+    for configs, modules and weights files alike; ``source`` names where ``wanted`` came from."""
+    problems = [
+        f"site {s!r} does not exist in this UNet (its sites: {', '.join(channels)})"
+        for s in wanted
+        if s not in channels
+    ]
+    problems += [
+        f"site {s!r} has {channels[s]} channels in this UNet but {n} in {source}"
+        for s, n in wanted.items()
+        if s in channels and n is not None and channels[s] != n
+    ]
+    return problems

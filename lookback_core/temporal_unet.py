@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LookBackConfig
 from .lookback import LookBackModule
-from .sites import find_sites, site_channels
+from .sites import find_sites, site_channels, site_problems
 
 
 def _key(site: str) -> str:
@@ -75,16 +75,15 @@ class LookBackUNet(nn.Module):
         if temporal is None:
             return
         sites = find_sites(unet)
-        unknown = [s for s in temporal.config.sites if s not in sites]
-        if unknown:
-            raise ValueError(f"the UNet has no site(s) {unknown}; it has {sorted(sites)}")
-        for name, module in temporal.items():
+        problems = site_problems(
+            {name: module.channels for name, module in temporal.items()},
+            {name: site.channels for name, site in sites.items()},
+            "its look-back module",
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        for name, _module in temporal.items():
             site = sites[name]
-            if site.channels != module.channels:
-                raise ValueError(
-                    f"site {name} has {site.channels} channels in the UNet but its look-back "
-                    f"module was built for {module.channels}"
-                )
             self._handles.append(site.module.register_forward_hook(self._hook(name, site.returns_tuple)))
 
     @property

@@ -27,7 +27,7 @@ from torch import nn
 from .atomic import save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
 from .sampler import InvalidSetting, check_setting
-from .sites import site_channels
+from .sites import site_channels, site_problems
 from .temporal_unet import LookBackUNet, TemporalModules
 
 FORMAT_TAG = "lookback-i2v-temporal"
@@ -140,13 +140,9 @@ def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: n
         raise TemporalWeightsError(
             path, f"it was trained for base family {family!r}, but this UNet is {BASE_FAMILY!r}"
         )
-    channels = site_channels(unet)
-    problems = [f"site {s!r} does not exist in this UNet" for s in config.sites if s not in channels]
-    problems += [
-        f"site {s!r} has {channels[s]} channels in this UNet but {config.channels.get(s)} in the file"
-        for s in config.sites
-        if s in channels and channels[s] != config.channels.get(s)
-    ]
+    problems = site_problems(
+        {s: config.channels.get(s) for s in config.sites}, site_channels(unet), "the file"
+    )
     if problems:
         raise TemporalWeightsError(path, problems)
 

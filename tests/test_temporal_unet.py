@@ -99,7 +99,9 @@ def test_site_subset_preset(tiny_unet) -> None:
 
 
 def test_unknown_site_is_refused(tiny_unet) -> None:
-    with pytest.raises(ValueError, match="no site"):
+    with pytest.raises(
+        ValueError, match=r"site 'input.3' does not exist in this UNet \(its sites: input.1, "
+    ):
         create_lookback_unet(tiny_unet, LookBackConfig(sites=("input.3",)))
 
 

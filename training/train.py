@@ -137,8 +137,9 @@ class ResumeError(ValueError):
 
 def resume(
     args, accelerator: Accelerator, lookback, ema, rng: torch.Generator, output_dir: Path
-) -> Path | None:
-    """Load the newest checkpoint that loads (``--resume_from_checkpoint latest``) or the one named.
+) -> tuple[Path | None, int]:
+    """Load the newest checkpoint that loads (``--resume_from_checkpoint latest``) or the one named;
+    returns it and its step (``None, 0`` when there is none yet).
 
     A damaged checkpoint is skipped with a warning naming it and why, and the next older one is
     tried; a checkpoint of another preset stops the run with both configs named."""
@@ -152,37 +153,32 @@ def resume(
         except TemporalWeightsError as err:
             logger.warning("skipped %s: %s", candidate, err)
             continue
-        if (stored.depth, stored.kernel, stored.sites) != (
-            lookback.config.depth,
-            lookback.config.kernel,
-            lookback.config.sites,
-        ):
+        wanted = lookback.config
+        if (stored.depth, stored.kernel, stored.sites) != (wanted.depth, wanted.kernel, wanted.sites):
             raise ResumeError(
                 f"{candidate} holds look-back modules with d={stored.depth}, k={stored.kernel} at "
-                f"{len(stored.sites)} sites, but --preset {args.preset} asks for d={lookback.config.depth}, "
-                f"k={lookback.config.kernel} at {len(lookback.config.sites)} sites; resume with the preset it "
-                f"was trained with, or start over in another --output_dir"
+                f"{len(stored.sites)} sites, but --preset {args.preset} asks for d={wanted.depth}, "
+                f"k={wanted.kernel} at {len(wanted.sites)} sites; resume with the preset it was trained "
+                "with, or start over in another --output_dir"
             )
+        # A damaged checkpoint fails in many ways (safetensors, torch.load, JSON, missing keys).
         try:
             accelerator.load_state(str(candidate))
             checkpoints.load_rng(candidate, accelerator.process_index, rng)
             if ema is not None:
                 checkpoints.load_ema(candidate, ema)
-            checkpoints.read_state(candidate)["global_step"]
-        except (
-            Exception
-        ) as err:  # a damaged checkpoint fails in many ways (safetensors, torch.load, JSON, keys)
-            logger.warning(
-                "skipped %s: it cannot be loaded (%s: %s)", candidate, type(err).__name__, str(err)[:300]
-            )
+            step = int(checkpoints.read_state(candidate)["global_step"])
+        except Exception as err:
+            reason = f"{type(err).__name__}: {str(err)[:300]}"
+            logger.warning("skipped %s: it cannot be loaded (%s)", candidate, reason)
             continue
-        return candidate
+        return candidate, step
     if candidates:
         raise ResumeError(
             f"none of the checkpoints in {output_dir} could be loaded ({', '.join(c.name for c in candidates)}; "
             "see the warnings above); move them away or pass --overwrite_output_dir to start over"
         )
-    return None
+    return None, 0
 
 
 def train(args) -> Path:
@@ -311,11 +307,10 @@ def train(args) -> Path:
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        found = resume(args, accelerator, lookback, ema, rng, output_dir)
+        found, global_step = resume(args, accelerator, lookback, ema, rng, output_dir)
         if found is None:
             logger.info("no complete checkpoint in %s yet; starting from step 0", output_dir)
         else:
-            global_step = checkpoints.read_state(found)["global_step"]
             first_epoch = global_step // updates_per_epoch
             skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
             logger.info("resumed from %s at step %d", found, global_step)
