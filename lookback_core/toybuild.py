@@ -45,8 +45,8 @@ class ToyRecipe:
     train_clips: int = 2000
     vae_steps: int = 2000
     unet_steps: int = 800
-    lookback_steps: int = 2400
-    lookback_frames: int = toyworld.FRAMES  # frames per training clip (generation always makes 16)
+    lookback_steps: int = 4000
+    lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
     preset: str = "light"
