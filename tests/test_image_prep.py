@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lookback_core.image_prep import fit_to_multiple, load_image, to_uint8_frames
+from lookback_core.image_prep import fit_to_multiple, image_size, load_image, to_uint8_frames
 
 
 def save(tmp_path, array: np.ndarray, name: str) -> str:
@@ -202,3 +202,20 @@ def test_to_uint8_frames_bad_input_names_images():
         to_uint8_frames(torch.rand(3, 16, 16))
     with pytest.raises(ValueError, match="images"):
         to_uint8_frames(torch.rand(2, 4, 16, 16))
+
+
+def test_image_size_reads_the_header_only(tmp_path):
+    """The size comes without decoding the pixels: a PNG cut short after its header still gives it
+    (decoding it fails), and so does a JPEG turned a quarter by its EXIF."""
+    whole = tmp_path / "whole.png"
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:100])
+    assert image_size(cut) == (300, 200)
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(cut)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = tmp_path / "turned.jpg"
+    Image.new("RGB", (40, 24)).save(turned, exif=exif)
+    assert image_size(turned) == (24, 40) == tuple(load_image(turned).shape[-1:-3:-1])
