@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Python that evaluates to this process's own peak resident memory in bytes, for child processes
+# whose peak a test bounds. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss does not (it
+# keeps the forked test runner's peak, which would make the bound depend on the tests before).
+PEAK_RSS_EXPRESSION = (
+    "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
+)
+
+
 def make_tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**TINY_UNET_CONFIG).eval()

@@ -12,6 +12,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import PEAK_RSS_EXPRESSION
 
 from lookback_core.cli import main
 from lookback_core.image_prep import fit_to_multiple, load_image
@@ -146,10 +147,10 @@ def test_an_oversized_image_is_refused_with_little_memory(assets, tmp_path) -> N
     args = _args(assets, tmp_path / "v.gif")
     args[args.index("--image") + 1] = str(big)
     script = (
-        "import resource, sys\n"
+        "import sys\n"
         "from lookback_core.cli import main\n"
         f"code = main({args!r})\n"
-        "print('exit', code, 'peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        f"print('exit', code, 'peak', {PEAK_RSS_EXPRESSION})\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

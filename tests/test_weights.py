@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_UNET_CONFIG, make_tiny_unet, randomize
+from conftest import PEAK_RSS_EXPRESSION, TINY_UNET_CONFIG, make_tiny_unet, randomize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -223,7 +223,7 @@ def test_a_header_claiming_huge_modules_is_refused_before_anything_is_allocated(
     claimed = 1500 * sum(n * n * 9 * 4 for n in trained.config.channels.values())
     assert claimed > 3e9
     script = f"""
-import resource, sys
+import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import make_tiny_unet
 from lookback_core.weights import TemporalWeightsError, load_lookback_unet
@@ -231,7 +231,7 @@ try:
     load_lookback_unet({str(path)!r}, make_tiny_unet())
 except TemporalWeightsError as err:
     print("refused:", err)
-print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print("peak", {PEAK_RSS_EXPRESSION})
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "refused:" in out and "'input.1.lookback.weight' has shape" in out, out
