@@ -328,11 +328,19 @@ def train(args) -> Path:
                 checkpoints.save_ema(tmp, ema)
             write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
             final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
-            write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
-            if args.train_backbone:
-                replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+            export(step)
             logger.info("saved %s", final)
         accelerator.wait_for_everyone()
+
+    exported_step = None
+
+    def export(step: int) -> None:
+        """The deployable files in ``output_dir``: the weights and, with --train_backbone, the checkpoint."""
+        nonlocal exported_step
+        write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
+        if args.train_backbone:
+            replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+        exported_step = step
 
     def write_weights(path: Path, step: int) -> Path:
         if ema is not None:
@@ -428,12 +436,10 @@ def train(args) -> Path:
         if global_step >= max_steps:
             break
     bar.close()
-    if accelerator.is_main_process and global_step >= max_steps:
-        # also when a resumed run found the last checkpoint already written: a kill between that
-        # checkpoint and the deployable file's rewrite must not leave an older file in place
-        write_weights(output_dir / checkpoints.WEIGHTS_NAME, global_step)
-        if args.train_backbone:
-            replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+    if accelerator.is_main_process and global_step >= max_steps and exported_step != global_step:
+        # a resumed run that found the last checkpoint already written: a kill between that
+        # checkpoint and the deployable files' rewrite must not leave older files in place
+        export(global_step)
     accelerator.wait_for_everyone()
     if skipped:
         logger.warning("skipped %d unusable samples %d times in all", len(skipped), sum(skipped.values()))
