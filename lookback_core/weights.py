@@ -158,25 +158,22 @@ def _read_tensors(path: Path, temporal: TemporalModules) -> dict[str, torch.Tens
     expected = {k: tuple(v.shape) for k, v in temporal.site_state_dict().items()}
     try:
         with safe_open(path, framework="pt") as f:
-            stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError) as err:
-        raise TemporalWeightsError(path, f"its tensors cannot be read ({err})") from None
-    problems = [f"missing tensor {k!r}" for k in expected if k not in stored]
-    problems += [f"unexpected tensor {k!r}" for k in sorted(set(stored) - set(expected))]
-    problems += [
-        f"tensor {k!r} has shape {stored[k][0]}, expected {expected[k]}"
-        for k in expected
-        if k in stored and stored[k][0] != expected[k]
-    ]
-    problems += [
-        f"tensor {k!r} is {dtype}; expected floating point ({', '.join(sorted(FLOAT_DTYPES))})"
-        for k, (_, dtype) in stored.items()
-        if k in expected and dtype not in FLOAT_DTYPES
-    ]
-    if problems:
-        raise TemporalWeightsError(path, problems)
-    try:
-        with safe_open(path, framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            stored = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+            problems = [f"missing tensor {k!r}" for k in expected if k not in stored]
+            problems += [f"unexpected tensor {k!r}" for k in sorted(set(stored) - set(expected))]
+            problems += [
+                f"tensor {k!r} has shape {stored[k][0]}, expected {expected[k]}"
+                for k in expected
+                if k in stored and stored[k][0] != expected[k]
+            ]
+            problems += [
+                f"tensor {k!r} is {dtype}; expected floating point ({', '.join(sorted(FLOAT_DTYPES))})"
+                for k, (_, dtype) in stored.items()
+                if k in expected and dtype not in FLOAT_DTYPES
+            ]
+            if problems:  # a TemporalWeightsError, which the except below lets through
+                raise TemporalWeightsError(path, problems)
             tensors = {k: f.get_tensor(k) for k in expected}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise TemporalWeightsError(path, f"its tensors cannot be read ({err})") from None
