@@ -13,7 +13,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -37,26 +37,23 @@ def _writer_alive(partial: Path) -> bool:
     return True
 
 
-def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files of earlier writes to ``path`` whose writer is gone; returns them."""
-    path = Path(path)
-    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.part") if not _writer_alive(p)]
+def _remove_dead_writers(partials: Iterable[Path]) -> list[Path]:
+    stale = [p for p in partials if p.is_file() and not _writer_alive(p)]
     for partial in stale:
         partial.unlink(missing_ok=True)
     return stale
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of earlier writes to ``path`` whose writer is gone; returns them."""
+    path = Path(path)
+    return _remove_dead_writers(path.parent.glob(f".{glob.escape(path.name)}.*.part"))
 
 
 def remove_stale_partials_under(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove every temporary file under ``folder`` (recursively) whose writer is gone; returns them."""
     folder = Path(folder)
-    stale = (
-        [p for p in folder.rglob(".*.part") if p.is_file() and not _writer_alive(p)]
-        if folder.is_dir()
-        else []
-    )
-    for partial in stale:
-        partial.unlink(missing_ok=True)
-    return stale
+    return _remove_dead_writers(folder.rglob(".*.part")) if folder.is_dir() else []
 
 
 @contextlib.contextmanager

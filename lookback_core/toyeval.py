@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,7 @@ def generate_clip(toy: ToyModel, clip: toyworld.ToyClip, seed: int) -> tuple[np.
     """Frames ``[f, h, w, 3]`` uint8 and latents ``[c, f, h/8, w/8]`` generated from ``clip``'s first frame."""
     image = torch.from_numpy(clip.frames[0]).permute(2, 0, 1)[None].float() / 255
     texts = encode_prompt(toy.components.tokenizer, toy.components.text_encoder, [clip.caption, ""], "cpu")
-    settings = SamplerSettings(
-        steps=toy.settings.steps, cfg_scale=toy.settings.cfg_scale, eta=toy.settings.eta, seed=seed
-    )
+    settings = replace(toy.settings, seed=seed)
     latents = generate_latents(
         toy.model,
         toy.components.vae,

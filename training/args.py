@@ -134,37 +134,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _at_least(low: float) -> tuple:
+def at_least(low: float) -> tuple:
     return (lambda v: v >= low, f">= {low:g}")
 
 
 # Every numeric flag, checked before anything loads (None: the flag is unset, which is allowed).
 NUMBER_RULES = {
     "num_frames": (lambda v: v >= 2, ">= 2 (the clean first frame and a frame to learn)"),
-    "resolution": _at_least(8),
-    "frame_stride": _at_least(1),
+    "resolution": at_least(8),
+    "frame_stride": at_least(1),
     "reference_fps": (lambda v: v > 0, "> 0"),
-    "dataloader_num_workers": _at_least(0),
-    "train_batch_size": _at_least(1),
-    "gradient_accumulation_steps": _at_least(1),
+    "dataloader_num_workers": at_least(0),
+    "train_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
     "learning_rate": (lambda v: v > 0, "> 0"),
     "backbone_learning_rate": (lambda v: v > 0, "> 0"),
-    "lr_warmup_steps": _at_least(0),
+    "lr_warmup_steps": at_least(0),
     "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_weight_decay": _at_least(0),
+    "adam_weight_decay": at_least(0),
     "adam_epsilon": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-    "max_train_steps": _at_least(1),
-    "num_train_epochs": _at_least(1),
+    "max_train_steps": at_least(1),
+    "num_train_epochs": at_least(1),
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2^32-1"),
-    "checkpointing_steps": _at_least(1),
-    "checkpoints_total_limit": _at_least(1),
-    "validation_steps": _at_least(1),
-    "validation_frames": _at_least(2),
+    "checkpointing_steps": at_least(1),
+    "checkpoints_total_limit": at_least(1),
+    "validation_steps": at_least(1),
+    "validation_frames": at_least(2),
 }
+
+
+def check_number_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: dict) -> None:
+    """Exit through ``parser.error`` naming the first flag of ``rules`` (flag -> (test, expected))
+    whose value is not finite or fails its test; unset (None) flags pass."""
+    for flag, (valid, expected) in rules.items():
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            parser.error(f"--{flag} must be {expected}, got {value}")
 
 
 def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
@@ -175,10 +184,7 @@ def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, (valid, expected) in NUMBER_RULES.items():
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and valid(value)):
-            parser.error(f"--{flag} must be {expected}, got {value}")
+    check_number_flags(parser, args, NUMBER_RULES)
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:

@@ -43,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from lookback_core import toyworld  # noqa: E402
 from lookback_core.ldm_export import save_ldm_checkpoint  # noqa: E402
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR  # noqa: E402
+from training.args import at_least, check_number_flags  # noqa: E402
 
 logger = logging.getLogger("lookback.toy_base")
 
@@ -82,6 +83,14 @@ TEXT_OVERRIDES = dict(
     projection_dim=64,
 )
 EVAL_FRAMES = 128  # held-out frames for the VAE's PSNR
+NUMBER_RULES = {
+    **{
+        flag: at_least(1)
+        for flag in ("train_clips", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size")
+    },
+    **{flag: (lambda v: v > 0, "> 0") for flag in ("vae_learning_rate", "unet_learning_rate")},
+    "text_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,14 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("train_clips", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("vae_learning_rate", "unet_learning_rate"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    if not 0 <= args.text_dropout < 1:
-        parser.error(f"--text_dropout must be in [0, 1), got {args.text_dropout}")
+    check_number_flags(parser, args, NUMBER_RULES)
     return args
 
 
