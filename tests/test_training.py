@@ -78,6 +78,29 @@ def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp
     assert any(p.abs().sum() > 0 for p in model.temporal.parameters())
 
 
+def test_ema_covers_the_backbone_too_and_the_exported_files_hold_the_average(setup, tmp_path) -> None:
+    from lookback_core.sd15 import load_sd15
+
+    out = tmp_path / "run"
+    extra = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--train_backbone", "--use_ema",
+             "--ema_decay", "0.5", "--learning_rate", "1e-3"]  # fmt: skip
+    assert train_main(train_args(setup, out, *extra)) == 0
+    # the shadow weights follow the trainer's order of trained parameters: the whole model's
+    base = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
+    names = [name for name, _ in create_lookback_unet(base.unet, preset("light")).named_parameters()]
+    shadow = load_file(out / "checkpoint-3" / "ema.safetensors")
+    average = {name: shadow[f"shadow.{i}"] for i, name in enumerate(names)}
+    assert len(shadow) == len(names)
+    exported = load_sd15(out / checkpoints.BACKBONE_NAME, config_dir=setup["config_dir"]).unet
+    model = load_lookback_unet(out / "lookback_weights.safetensors", exported)
+    for name, value in model.named_parameters():
+        assert torch.allclose(value, average[name], atol=1e-6), name
+    # the average, not the last step's weights (the checkpoint's model state, in the file layout)
+    raw, state = load_file(out / "checkpoint-3" / "model.safetensors"), model.state_dict()
+    differs = sum(not torch.allclose(state[name], raw[name], atol=1e-6) for name in names)
+    assert differs > 0.5 * len(names)
+
+
 def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
     image = tmp_path / "start.png"
     iio.imwrite(image, toy_frames(5, size=40)[0])

@@ -9,6 +9,7 @@ written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -18,6 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 # Run as a script from a checkout: make the repository root (lookback_core, training) importable.
@@ -241,9 +243,6 @@ def train(args) -> Path:
         model.checkpoint_sites = set(model.config.sites)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    ema = EMAModel(model.temporal.parameters(), decay=args.ema_decay) if args.use_ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
     # The generator behind noise, timesteps and text dropout, saved with every checkpoint. Kept
     # apart from the global RNG, which data loaders draw from whenever they start an epoch, so a
     # resumed run draws exactly what an uninterrupted one would have.
@@ -286,6 +285,25 @@ def train(args) -> Path:
     if math.ceil(len(loader) / args.gradient_accumulation_steps) != updates_per_epoch:
         raise RuntimeError(f"{len(loader)} batches per process after sharding, expected {updates_per_epoch}")
     lookback = accelerator.unwrap_model(model)
+    # the EMA follows every trained weight: the temporal modules and, with --train_backbone, the UNet
+    trained = [p for p in lookback.parameters() if p.requires_grad]
+    ema = EMAModel(trained, decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    @contextlib.contextmanager
+    def averaged_weights() -> Iterator[None]:
+        """The EMA's weights in the model for the duration (the trained ones without --use_ema)."""
+        if ema is None:
+            yield
+            return
+        ema.store(trained)
+        ema.copy_to(trained)
+        try:
+            yield
+        finally:
+            ema.restore(trained)
+
     noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
     cache = (
         LatentCache(args.cache_dir, encoder_fingerprint(components.vae, components.text_encoder))
@@ -326,7 +344,8 @@ def train(args) -> Path:
         if accelerator.is_main_process:
             if ema is not None:
                 checkpoints.save_ema(tmp, ema)
-            write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
+            with averaged_weights():
+                write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
             final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
             export(step)
             logger.info("saved %s", final)
@@ -337,25 +356,19 @@ def train(args) -> Path:
     def export(step: int) -> None:
         """The deployable files in ``output_dir``: the weights and, with --train_backbone, the checkpoint."""
         nonlocal exported_step
-        write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
-        if args.train_backbone:
-            replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+        with averaged_weights():
+            write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
+            if args.train_backbone:
+                replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
         exported_step = step
 
     def write_weights(path: Path, step: int) -> Path:
-        if ema is not None:
-            ema.store(lookback.temporal.parameters())
-            ema.copy_to(lookback.temporal.parameters())
-        try:
-            return save_temporal_weights(
-                path,
-                lookback.temporal,
-                training={**facts, "steps": step},
-                recommended_sampler=recommended_sampler(args),
-            )
-        finally:
-            if ema is not None:
-                ema.restore(lookback.temporal.parameters())
+        return save_temporal_weights(
+            path,
+            lookback.temporal,
+            training={**facts, "steps": step},
+            recommended_sampler=recommended_sampler(args),
+        )
 
     metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
     if log_with is not None:
@@ -400,7 +413,7 @@ def train(args) -> Path:
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
-                ema.step(lookback.temporal.parameters())
+                ema.step(trained)
             global_step += 1
             bar.update(1)
             elapsed = max(time.time() - started, 1e-9)
@@ -421,14 +434,12 @@ def train(args) -> Path:
                 and global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                if ema is not None:
-                    ema.store(lookback.temporal.parameters())
-                    ema.copy_to(lookback.temporal.parameters())
                 model.eval()
-                result = run_validation(args, lookback, components, output_dir / "validation", global_step)
+                with averaged_weights():
+                    result = run_validation(
+                        args, lookback, components, output_dir / "validation", global_step
+                    )
                 model.train()
-                if ema is not None:
-                    ema.restore(lookback.temporal.parameters())
                 metrics(global_step, result)
             if global_step >= max_steps:
                 break
