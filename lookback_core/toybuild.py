@@ -49,7 +49,6 @@ class ToyRecipe:
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
-    lookback_ema_decay: float = 0.999  # the exported weights are the EMA's (modules and UNet alike)
     preset: str = "light"
     sampler_steps: int = 25
     sampler_cfg_scale: float = 3.0
@@ -141,7 +140,6 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
             "--train_batch_size", str(recipe.lookback_batch_size),
             "--gradient_accumulation_steps", "1",
             "--learning_rate", str(recipe.lookback_learning_rate),
-            "--use_ema", "--ema_decay", str(recipe.lookback_ema_decay),
             "--lr_scheduler", "cosine",
             "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
             "--max_train_steps", str(recipe.lookback_steps),
