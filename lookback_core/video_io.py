@@ -85,8 +85,9 @@ def write_video(
     repeated edge pixel, as H.264 in yuv420p needs even sizes. WebP is lossy at ``quality``
     (0..100) unless ``lossless``. GIF and WebP loop ``loop`` times (0: forever); GIF stores frame
     durations in hundredths of a second (browsers slow down GIFs above 50 fps). ``metadata``
-    (for example ComfyUI's ``prompt`` and ``workflow`` JSON) is embedded: MP4 and GIF carry it as
-    a JSON comment, WebP as ComfyUI's EXIF entries (``prompt`` plus at most three other keys).
+    (for example ComfyUI's ``prompt`` and ``workflow`` JSON) is embedded where ComfyUI looks when a
+    file is dropped on its canvas: MP4 as one tag per key (as ComfyUI's own Save Video), WebP as
+    ComfyUI's EXIF entries (``prompt`` plus at most three other keys), GIF as one JSON comment.
     Missing parent folders are created. Returns the path written.
     """
     path = Path(path)
@@ -179,7 +180,7 @@ def _output_options(kind: str, crf: int, quality: int, lossless: bool, loop: int
         return (
             ["-vf", "scale=out_color_matrix=bt709:out_range=tv", "-c:v", "libx264", "-crf", str(crf)]
             + ["-pix_fmt", "yuv420p", "-colorspace", "bt709", "-color_primaries", "bt709"]
-            + ["-color_trc", "bt709", "-movflags", "+faststart"]
+            + ["-color_trc", "bt709", "-movflags", "+faststart+use_metadata_tags"]
         )
     if kind == "gif":
         # One palette for the whole clip, so colours do not flicker. (stats_mode=diff would leave
@@ -235,7 +236,8 @@ def _write(
                 tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False)
             )
             stack.callback(os.unlink, meta_file.name)
-            meta_file.write(";FFMETADATA1\ncomment=" + _ffmetadata_escape(json.dumps(metadata)) + "\n")
+            lines = [f"{_ffmetadata_escape(k)}={_ffmetadata_escape(v)}" for k, v in metadata.items()]
+            meta_file.write(";FFMETADATA1\n" + "\n".join(lines) + "\n")
             meta_file.close()
             command += ["-f", "ffmetadata", "-i", meta_file.name, "-map", "0:v", "-map_metadata", "1"]
         command += [*_output_options(kind, crf, quality, lossless, loop), "-f", kind, str(target)]
@@ -358,13 +360,18 @@ def video_info(path: str | os.PathLike[str]) -> VideoInfo:
         )
 
 
+# what FFmpeg's mp4 muxer writes itself: not the caller's metadata
+_CONTAINER_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder", "creation_time"}
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata`` that :func:`write_video` embedded (also reads VideoHelperSuite's MP4 comment
-    and ComfyUI's WebP EXIF entries); ``{}`` when there is none."""
+    """The ``metadata`` that :func:`write_video` embedded (also reads ComfyUI's MP4 tags and WebP
+    EXIF entries, and VideoHelperSuite's MP4 comment); ``{}`` when there is none."""
     kind = _kind_of_file(path)
     if kind == "av":
         with _av_errors(path), av.open(str(path)) as container:
-            return _parse_comment(container.metadata.get("comment"))
+            tags = {k: v for k, v in container.metadata.items() if k not in _CONTAINER_TAGS}
+            return {**_parse_comment(tags.pop("comment", None)), **tags}
     with _pillow_errors(path), Image.open(path) as image:
         if kind == "gif":
             comment = image.info.get("comment")

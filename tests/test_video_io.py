@@ -137,8 +137,8 @@ def test_metadata_round_trip(tmp_path, fmt):
 def test_metadata_is_where_other_tools_look(tmp_path):
     frames = colour_frames(f=3)
     mp4 = write_video(frames, tmp_path / "m.mp4", metadata=METADATA)
-    with av.open(str(mp4)) as container:  # VideoHelperSuite's place: one JSON comment
-        assert json.loads(container.metadata["comment"]) == METADATA
+    with av.open(str(mp4)) as container:  # ComfyUI's place (its Save Video): one tag per key
+        assert {k: container.metadata[k] for k in METADATA} == METADATA
     gif = write_video(frames, tmp_path / "m.gif", metadata=METADATA)
     with Image.open(gif) as image:
         assert json.loads(image.info["comment"].decode("utf-8")) == METADATA
@@ -147,6 +147,18 @@ def test_metadata_is_where_other_tools_look(tmp_path):
         exif = image.getexif()
         assert exif[0x0110] == "prompt:{}"
         assert exif[0x010F] == 'workflow:{"a": 1}'
+
+
+def test_videohelpersuites_mp4_comment_is_read(tmp_path):
+    path = tmp_path / "vhs.mp4"
+    with av.open(str(path), "w") as container:
+        container.metadata["comment"] = json.dumps({"prompt": {"1": {}}, "workflow": {"nodes": []}})
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height = 64, 48
+        for packet in stream.encode(av.VideoFrame.from_ndarray(colour_frames(f=1)[0], format="rgb24")):
+            container.mux(packet)
+        container.mux(stream.encode())
+    assert read_metadata(path) == {"prompt": '{"1": {}}', "workflow": '{"nodes": []}'}
 
 
 def test_no_metadata_reads_empty(tmp_path):
