@@ -105,6 +105,7 @@ def sample_video(
     *,
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample ``num_frames`` latent frames that begin with the clean ``image_latent``.
 
@@ -113,7 +114,9 @@ def sample_video(
     ``positive`` and ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be
     ``None`` for no guidance). ``on_step(step, total, estimate)`` is called after every step
     with the current estimate of the clean video (for previews); ``should_cancel`` before every
-    step, and a true answer raises :class:`SamplingCancelled`. Returns ``[b, c, f, h, w]``.
+    step, and a true answer raises :class:`SamplingCancelled`. ``noise``: the starting state of
+    the new frames ``[b, c, f - k, h, w]`` (default: drawn from the seed; another front end's noise
+    to reproduce its video). Returns ``[b, c, f, h, w]``.
     """
     if image_latent.ndim == 4:
         image_latent = image_latent.unsqueeze(2)
@@ -136,9 +139,11 @@ def sample_video(
     context = torch.cat([negative, positive]) if guided else positive
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(settings.steps, device=image_latent.device)
-    noise = initial_noise(
-        (b, c, num_frames - k, h, w), settings.seed, image_latent.device, image_latent.dtype
-    )
+    shape = (b, c, num_frames - k, h, w)
+    if noise is None:
+        noise = initial_noise(shape, settings.seed, image_latent.device, image_latent.dtype)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {list(shape)} (the new frames), got shape {tuple(noise.shape)}")
     generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
     pinned = image_latent
     moving = noise * scheduler.init_noise_sigma

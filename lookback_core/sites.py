@@ -13,7 +13,7 @@ ComfyUI's UNet:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -67,6 +67,29 @@ def find_sites(unet: nn.Module) -> dict[str, Site]:
 def site_channels(unet: nn.Module) -> dict[str, int]:
     """Channel count ``n`` of the hidden state at every site of ``unet``."""
     return {name: site.channels for name, site in find_sites(unet).items()}
+
+
+def ldm_site_channels(
+    model_channels: int, channel_mult: Sequence[int], num_res_blocks: int | Sequence[int]
+) -> dict[str, int]:
+    """Channel count at every site of an LDM-layout UNet described by its config (the keys of
+    ComfyUI's ``unet_config``); equal to :func:`site_channels` of the same UNet in diffusers."""
+    levels = len(channel_mult)
+    blocks = [num_res_blocks] * levels if isinstance(num_res_blocks, int) else list(num_res_blocks)
+    sites: dict[str, int] = {}
+    k = 1  # input block 0 is conv_in
+    for level, mult in enumerate(channel_mult):
+        for _ in range(blocks[level]):
+            sites[f"input.{k}"] = model_channels * mult
+            k += 1
+        k += level < levels - 1  # the down-sampler's block carries no module
+    sites["middle"] = model_channels * channel_mult[-1]
+    k = 0
+    for level in reversed(range(levels)):
+        for _ in range(blocks[level] + 1):
+            sites[f"output.{k}"] = model_channels * channel_mult[level]
+            k += 1
+    return sites
 
 
 def site_problems(

@@ -135,11 +135,15 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
     return TemporalHeader(config, training, metadata.get("base_family", ""), recommended)
 
 
-def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: nn.Module) -> None:
+def _check_family(path: Path, family: str) -> None:
     if family != BASE_FAMILY:
         raise TemporalWeightsError(
             path, f"it was trained for base family {family!r}, but this UNet is {BASE_FAMILY!r}"
         )
+
+
+def _check_against_unet(path: Path, config: LookBackConfig, family: str, unet: nn.Module) -> None:
+    _check_family(path, family)
     problems = site_problems(
         {s: config.channels.get(s) for s in config.sites}, site_channels(unet), "the file"
     )
@@ -191,13 +195,31 @@ def load_temporal_modules(path: str | os.PathLike, unet: nn.Module) -> TemporalM
     path = Path(path)
     header = read_temporal_header(path)
     _check_against_unet(path, header.config, header.base_family, unet)
-    with torch.device("meta"):
-        temporal = TemporalModules(header.config)
-    tensors = _read_tensors(path, temporal)
     param = next(unet.parameters())
-    temporal = temporal.to(dtype=param.dtype).to_empty(device=param.device)
+    return _build_modules(path, header.config, param.dtype, param.device)
+
+
+def _build_modules(
+    path: Path, config: LookBackConfig, dtype: torch.dtype, device: torch.device | str
+) -> TemporalModules:
+    with torch.device("meta"):
+        temporal = TemporalModules(config)
+    tensors = _read_tensors(path, temporal)  # before anything is allocated
+    temporal = temporal.to(dtype=dtype).to_empty(device=device)
     temporal.load_site_state_dict(tensors)
     return temporal
+
+
+def load_temporal_weights(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[TemporalModules, TemporalHeader]:
+    """The modules of a weights file on the CPU in ``dtype``, with its header, for a UNet that is
+    not at hand yet (a front end checks them against its own UNet's sites later)."""
+    path = Path(path)
+    header = read_temporal_header(path)
+    _check_family(path, header.base_family)
+    temporal = _build_modules(path, header.config, dtype, "cpu")
+    return temporal.eval().requires_grad_(False), header
 
 
 def load_lookback_unet(path: str | os.PathLike, unet: nn.Module) -> LookBackUNet:
