@@ -12,7 +12,7 @@ import torch
 from lookback_core.video_io import write_video
 
 from . import host
-from .loader import CATEGORY
+from .native import CATEGORY
 
 FORMATS = {"video/h264-mp4": ".mp4", "image/gif": ".gif", "image/webp": ".webp"}
 

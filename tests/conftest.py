@@ -113,3 +113,12 @@ def assert_same_weights(a, b) -> None:
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="session")
+def random_sd15(tmp_path_factory):
+    """A full-size SD1.5 LDM checkpoint with random weights (about 2 GB, fp16), for the tests in a
+    real ComfyUI, which refuses tiny checkpoints."""
+    from ldm_checkpoint import write_random_sd15_checkpoint
+
+    return write_random_sd15_checkpoint(tmp_path_factory.mktemp("sd15") / "sd15_random.safetensors")

@@ -1,15 +1,14 @@
-"""The pack inside a real ComfyUI server, end to end on CPU.
+"""The pack inside a real ComfyUI server: the shipped API workflow, end to end on CPU.
 
 Skipped unless ``COMFYUI_PATH`` points at a ComfyUI checkout whose requirements are installed in
 the Python named by ``COMFYUI_PYTHON`` (default: this one). The server runs on loopback with a
 temporary base directory (models, input, output, custom_nodes with this pack linked in), so
 the checkout itself is not touched. ComfyUI refuses tiny checkpoints, so a full-size SD1.5
-checkpoint with random weights is generated (about 2 GB, fp16).
+checkpoint with random weights is generated (about 2 GB, fp16), with a random LoRA for it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -23,11 +22,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from ldm_checkpoint import write_random_sd15_checkpoint
 from safetensors.torch import save_file
 
 from lookback_core.config import FORMAT_VERSION, LookBackConfig
-from lookback_core.video_io import read_video
+from lookback_core.video_io import read_metadata, read_video
 from lookback_core.weights import BASE_FAMILY, FORMAT_TAG
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -43,9 +41,9 @@ def _free_port() -> int:
 
 
 def _write_small_weights(path: Path) -> None:
-    """Temporal weights for full SD1.5 channels, on two sites only, with random small values."""
-    config = LookBackConfig(depth=2, kernel=1, adapter_kernel=1, sites=("middle", "output.11"),
-                            channels={"middle": 1280, "output.11": 320})  # fmt: skip
+    """Temporal weights for full SD1.5 channels, at one site of each patch point, small random values."""
+    channels = {"input.1": 320, "middle": 1280, "output.3": 1280, "output.11": 320}
+    config = LookBackConfig(depth=2, kernel=1, adapter_kernel=1, sites=tuple(channels), channels=channels)
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for site, n in config.channels.items():
@@ -58,6 +56,14 @@ def _write_small_weights(path: Path) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
+def _write_lora(path: Path) -> None:
+    """A rank-4 LoRA (kohya keys) on one UNet attention layer, strong enough to change every frame."""
+    key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(1)
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 320, generator=g),
+               f"{key}.lora_up.weight": torch.randn(320, 4, generator=g), f"{key}.alpha": torch.tensor(4.0)}, path)  # fmt: skip
+
+
 def _request(port: int, path: str, payload: dict | None = None) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     with urllib.request.urlopen(
@@ -67,12 +73,13 @@ def _request(port: int, path: str, payload: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, random_sd15):
     base = tmp_path_factory.mktemp("comfy")
-    for sub in ("models/checkpoints", "models/lookback", "input", "output", "custom_nodes"):
+    for sub in ("models/checkpoints", "models/loras", "models/lookback", "input", "output", "custom_nodes"):
         (base / sub).mkdir(parents=True)
-    write_random_sd15_checkpoint(base / "models/checkpoints/sd15_random.safetensors")
+    (base / "models/checkpoints/sd15_random.safetensors").symlink_to(random_sd15)
     _write_small_weights(base / "models/lookback/lookback_small.safetensors")
+    _write_lora(base / "models/loras/test_lora.safetensors")
     rng = np.random.default_rng(0)
     ys, xs = np.mgrid[0:SIZE, 0:SIZE]
     image = np.stack([xs * 4, ys * 4, (xs + ys) * 2], -1).astype(np.uint8) + rng.integers(
@@ -93,12 +100,12 @@ def server(tmp_path_factory):
         while True:
             assert proc.poll() is None, (base / "server.log").read_text()[-4000:]
             try:
-                info = _request(port, "/object_info/LookBackSampler")
+                info = _request(port, "/object_info/LookBackApply")
                 break
             except OSError:
                 assert time.time() < deadline, "ComfyUI did not start in 300 s"
                 time.sleep(1)
-        assert "LookBackSampler" in info, "the pack's nodes were not loaded"
+        assert "LookBackApply" in info, "the pack's nodes were not loaded"
         yield {"port": port, "base": base, "log": base / "server.log"}
     finally:
         proc.terminate()
@@ -121,46 +128,75 @@ def _run(server, prompt: dict) -> dict:
     raise AssertionError("the workflow did not finish in 20 minutes")
 
 
-def test_api_workflow_runs_end_to_end(server) -> None:
-    prompt = json.loads((REPO / "workflows" / "lookback_i2v_api.json").read_text())
+def _shipped_prompt(**changes) -> dict:
+    """The shipped API workflow on the test's files; ``changes``: class_type -> inputs to set."""
+    prompt = json.loads((REPO / "workflows" / "api" / "lookback_i2v_api.json").read_text())
+    files = {"ckpt_name": "sd15_random.safetensors", "lookback_name": "lookback_small.safetensors",
+             "lora_name": "test_lora.safetensors", "image": "start.png"}  # fmt: skip
     for node in prompt.values():
         node.pop("_meta", None)
         inputs = node["inputs"]
-        if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = "sd15_random.safetensors"
-        if node["class_type"] == "LookBackModelLoader":
-            inputs["lookback_name"] = "lookback_small.safetensors"
-        if node["class_type"] == "LoadImage":
-            inputs["image"] = "start.png"
-        if node["class_type"] == "ImageScale":
-            inputs["width"] = inputs["height"] = SIZE
-        if node["class_type"] == "LookBackSampler":
-            inputs.update(frames=FRAMES, steps=2)
-    # The same image through ComfyUI's VAE alone, saved losslessly: what frame 0 must show.
-    roundtrip = copy.deepcopy({k: prompt[k] for k in ("1", "5", "6")})
-    roundtrip["20"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["6", 0], "vae": ["1", 2]}}
-    roundtrip["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}}
-    roundtrip["22"] = {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["21", 0], "filename_prefix": "roundtrip"},
-    }
+        inputs.update({k: v for k, v in files.items() if isinstance(inputs.get(k), str)})  # not links
+        inputs.update(changes.get(node["class_type"], {}))
+    return prompt
 
-    outputs = _run(server, prompt)
-    video_entry = next(
-        o for o in outputs.values() if "images" in o and o["images"][0]["filename"].endswith(".mp4")
-    )
-    video = read_video(
-        server["base"]
-        / "output"
-        / video_entry["images"][0]["subfolder"]
-        / video_entry["images"][0]["filename"]
-    )
+
+def _video(server, outputs: dict) -> np.ndarray:
+    entry = next(o for o in outputs.values() if "images" in o and o["images"][0]["filename"].endswith(".mp4"))
+    saved = entry["images"][0]
+    return read_video(server["base"] / "output" / saved["subfolder"] / saved["filename"])
+
+
+SMALL = {"ImageScale": {"width": SIZE, "height": SIZE}, "LookBackImageToVideo": {"frames": FRAMES},
+         "KSampler": {"steps": 3}}  # fmt: skip
+
+
+_ROUNDTRIPS: dict[int, np.ndarray] = {}
+
+
+def _roundtrip(server, size: int) -> np.ndarray:
+    """The start image scaled to ``size`` through ComfyUI's VAE alone (which crops to multiples of
+    8 as Look-Back Image To Video does), saved losslessly: what frame 0 must show."""
+    if size not in _ROUNDTRIPS:
+        prompt = _shipped_prompt(ImageScale={"width": size, "height": size})
+        graph = {k: prompt[k] for k in ("1", "7", "8")}
+        graph["20"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["1", 2]}}
+        graph["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["1", 2]}}
+        graph["22"] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["21", 0], "filename_prefix": "roundtrip"},
+        }
+        saved = _run(server, graph)["22"]["images"][0]
+        image = iio.imread(server["base"] / "output" / saved["subfolder"] / saved["filename"])
+        _ROUNDTRIPS[size] = image[..., :3].astype(np.float32)
+    return _ROUNDTRIPS[size]
+
+
+def _check_frames(video: np.ndarray, roundtrip: np.ndarray) -> None:
     assert video.shape == (FRAMES, SIZE, SIZE, 3)
-
-    saved = _run(server, roundtrip)["22"]["images"][0]
-    expected = iio.imread(server["base"] / "output" / saved["subfolder"] / saved["filename"])[..., :3].astype(
-        np.float32
-    )
-    frame0_error = np.abs(video[0].astype(np.float32) - expected).mean()
-    later_error = np.abs(video[-1].astype(np.float32) - expected).mean()
+    frame0_error = np.abs(video[0].astype(np.float32) - roundtrip).mean()
+    later_error = np.abs(video[-1].astype(np.float32) - roundtrip).mean()
     assert frame0_error < 12 and frame0_error < later_error, (frame0_error, later_error)
+
+
+def test_shipped_workflow_with_a_lora_reaching_the_unet(server) -> None:
+    roundtrip = _roundtrip(server, SIZE)
+    shipped = _run(server, _shipped_prompt(**SMALL))  # the LoRA at strength 0, as shipped
+    off = _video(server, shipped)
+    _check_frames(off, roundtrip)
+    on = _video(server, _run(server, _shipped_prompt(**SMALL, LoraLoader={"strength_model": 1.0})))
+    _check_frames(on, roundtrip)
+    assert np.abs(on[0].astype(np.float32) - off[0]).mean() < 2  # frame 0 is the image either way
+    assert np.abs(on[1:].astype(np.float32) - off[1:]).mean() > 2  # the LoRA changed frames 1..
+    # the mp4 carries the prompt and the workflow where ComfyUI looks when it is dropped on the canvas
+    entry = next(o for o in shipped.values() if "images" in o)["images"][0]
+    tags = read_metadata(server["base"] / "output" / entry["subfolder"] / entry["filename"])
+    assert json.loads(tags["prompt"])["10"]["class_type"] == "KSampler"
+
+
+def test_dpmpp_2m_karras_from_an_odd_sized_image_keeps_frame_zero_the_image(server) -> None:
+    odd = {"ImageScale": {"width": SIZE + 4, "height": SIZE + 4},
+           "KSampler": {"steps": 3, "sampler_name": "dpmpp_2m", "scheduler": "karras"}}  # fmt: skip
+    video = _video(server, _run(server, _shipped_prompt(**SMALL | odd)))
+    _check_frames(video, _roundtrip(server, SIZE + 4))  # both cropped to SIZE
+    assert "centre-cropped to 64x64" in server["log"].read_text()

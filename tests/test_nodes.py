@@ -1,40 +1,36 @@
-"""The ComfyUI nodes called directly on real tensors, without the host (CI).
+"""The ComfyUI nodes' logic called directly on real tensors, without the host (CI).
 
-With ``COMFYUI_PATH`` set, tests/test_comfyui_server.py runs them inside a real ComfyUI.
+With ``COMFYUI_PATH`` set, tests/test_comfyui_native.py runs it inside ComfyUI's own sampling and
+tests/test_comfyui_server.py inside a real ComfyUI server.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_unet, randomize
+from diffusers import UNet2DConditionModel
 
+from lookback_core.config import LookBackConfig, preset
+from lookback_core.sd15 import SHIPPED_CONFIG_DIR, load_sd15
+from lookback_core.sites import ldm_site_channels, site_channels
+from lookback_core.temporal_unet import TemporalModules, create_lookback_unet
 from lookback_core.video_io import read_metadata, read_video
-from nodes import bridge, host
-from nodes.loader import load_lookback_model
-from nodes.sampler import LookBackSampler
+from lookback_core.weights import TemporalWeightsError
+from nodes import host, lookback_patch
+from nodes.lookback_patch import LookBackPatches, SiteMarker
+from nodes.native import LookBackExtendVideo, LookBackImageToVideo, LookBackJoinVideo, read_weights
 from nodes.video import LookBackVideoCombine
 
 REPO = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_files):
-    files = tiny_files
-    return load_lookback_model(
-        str(files["checkpoint"]), str(files["weights"]), "fp32", config_dir=str(files["config_dir"])
-    )
-
-
-def _conditioning(seed: int, tokens: int = 77, dim: int = 32) -> list:
-    return [
-        [torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed)), {"pooled_output": None}]
-    ]
+SD15_LDM = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2]}
 
 
 def test_pack_imports_the_way_comfyui_loads_it() -> None:
@@ -49,7 +45,10 @@ def test_pack_imports_the_way_comfyui_loads_it() -> None:
     finally:
         del sys.modules[spec.name]
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert {"LookBackModelLoader", "LookBackSampler", "LookBackVideoCombine"} <= set(pack.NODE_CLASS_MAPPINGS)
+    assert set(pack.NODE_CLASS_MAPPINGS) == {
+        "LookBackWeightsLoader", "LookBackApply", "LookBackImageToVideo", "LookBackExtendVideo", "LookBackJoinVideo",
+        "LookBackVideoCombine",
+    }  # fmt: skip
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "Look-Back I2V" and callable(getattr(cls(), cls.FUNCTION)), name
         inputs = cls.INPUT_TYPES()
@@ -58,84 +57,183 @@ def test_pack_imports_the_way_comfyui_loads_it() -> None:
                 assert spec_[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
-def test_loader_drops_the_unused_vae_and_text_encoder(bundle) -> None:
-    assert bundle.context_dim == 32 and bundle.precision == "fp32"
-    assert len(bundle.model.config.sites) == 21
-    assert bundle.scheduler_config["beta_schedule"] == "scaled_linear"
+def test_ldm_site_channels_match_the_diffusers_unet() -> None:
+    tiny = make_tiny_unet()
+    config = tiny.config
+    assert ldm_site_channels(config.block_out_channels[0], [c // config.block_out_channels[0] for c in
+                             config.block_out_channels], config.layers_per_block) == site_channels(tiny)  # fmt: skip
+    with torch.device("meta"):
+        full = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SHIPPED_CONFIG_DIR / "unet"))
+    sd15 = ldm_site_channels(**SD15_LDM)
+    assert sd15 == site_channels(full) and len(sd15) == 21
 
 
-def test_sampler_node_returns_latent_frames_starting_with_the_start_latent(bundle) -> None:
-    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 5
-    (out,) = LookBackSampler().sample(
-        bundle, _conditioning(1), _conditioning(2), frames=4, steps=2, cfg=3.0, eta=0.0, seed=1,
-        start_latent={"samples": start},
-    )  # fmt: skip
-    samples = out["samples"]
-    assert samples.shape == (8, 4, 8, 8) and samples.dtype == torch.float32
-    # frame order: video 0's four frames, then video 1's; each starts with its own start latent
-    torch.testing.assert_close(samples[0], start[0])
-    torch.testing.assert_close(samples[4], start[1])
-    assert not torch.allclose(samples[1], start[0], atol=0.5)
-    (again,) = LookBackSampler().sample(
-        bundle, _conditioning(1), _conditioning(2), 4, 2, 3.0, 0.0, 1, start_latent={"samples": start}
+def test_sdxl_sites_are_refused_naming_the_mismatch() -> None:
+    sd15_weights = preset("light").with_channels(ldm_site_channels(**SD15_LDM))
+    sdxl = ldm_site_channels(model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=2)
+    problems = lookback_patch.unet_problems(sd15_weights, sdxl, context_dim=2048)
+    assert any("site 'input.10' does not exist in this UNet" in p for p in problems)
+    assert "site 'output.3' has 640 channels in this UNet but 1280 in the weights" in problems
+    assert "its text context has 2048 channels, SD1.5's has 768" in problems
+    assert lookback_patch.unet_problems(sd15_weights, ldm_site_channels(**SD15_LDM), 768) == []
+
+
+@pytest.fixture(scope="module")
+def temporal() -> TemporalModules:
+    modules = create_lookback_unet(make_tiny_unet(), LookBackConfig(depth=2, kernel=3)).temporal
+    randomize(modules, scale=0.05)
+    return modules
+
+
+def _hidden(temporal: TemporalModules, site: str, batch: int, seed: int = 0) -> torch.Tensor:
+    n = temporal.config.channels[site]
+    return torch.randn(batch, n, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patches_apply_each_site_at_its_comfyui_patch_point(temporal) -> None:
+    patches, frames = LookBackPatches(temporal), 3
+    options = {"cond_or_uncond": [0]}
+    for site in temporal.config.sites:
+        h = _hidden(temporal, site, frames)
+        expected = temporal[site](h, frames)
+        assert not torch.allclose(expected, h)
+        kind, _, k = site.partition(".")
+        if kind == "input":
+            got = patches.input_block(h, {**options, "block": ("input", int(k))})
+        elif kind == "middle":
+            out = patches.middle_block({"h": h, "x": "kept", "transformer_options": options})
+            assert out["x"] == "kept"
+            got = out["h"]
+        else:  # the output of block K is patched when block K+1 starts
+            hsp = torch.zeros(1)
+            got, hsp_out = patches.output_block(h, hsp, {**options, "block": ("output", int(k) + 1)})
+            assert hsp_out is hsp
+        torch.testing.assert_close(got, expected)
+    last = SiteMarker("output.11")
+    h = _hidden(temporal, "output.11", frames)
+    torch.testing.assert_close(
+        patches.after_last_block(last, h, None, None, options), temporal["output.11"](h, frames)
     )
-    assert torch.equal(again["samples"], samples)
-    assert next(bundle.model.parameters()).device == host.offload_device()
+    torch.testing.assert_close(last(h), h)  # unpatched: passes through
+    # blocks without a site pass through untouched: conv_in, the down-samplers, output block 0's start
+    for block in (("input", 0), ("input", 3), ("input", 6)):
+        h = _hidden(temporal, "input.1", frames)
+        assert patches.input_block(h, {**options, "block": block}) is h
+    assert patches.output_block(h, None, {**options, "block": ("output", 0)})[0] is h
 
 
-def test_sampler_node_makes_long_videos_in_chunks(bundle) -> None:
-    start = torch.randn(1, 4, 8, 8)
-    (out,) = LookBackSampler().sample(
-        bundle, _conditioning(1), _conditioning(2), 9, 1, 2.0, 0.0, 0, start_latent={"samples": start},
-        chunk_frames=4, context_frames=2,
-    )  # fmt: skip
-    assert out["samples"].shape == (9, 4, 8, 8)
-    torch.testing.assert_close(out["samples"][0], start[0])
-    with pytest.raises(ValueError, match="context_frames must be between 1 and"):
-        LookBackSampler().sample(
-            bundle, _conditioning(1), _conditioning(2), 9, 1, 2.0, 0.0, 0, start_latent={"samples": start},
-            chunk_frames=4, context_frames=4,
-        )  # fmt: skip
+def test_patches_fold_frames_per_conditioning_chunk_and_never_mix_chunks(temporal) -> None:
+    patches, frames, site = LookBackPatches(temporal), 4, "output.5"
+    chunks = [_hidden(temporal, site, frames, seed) for seed in range(3)]
+    options = {"cond_or_uncond": [0, 1, 0], "block": ("output", 6)}
+    got, _ = patches.output_block(torch.cat(chunks), None, options)
+    torch.testing.assert_close(got, torch.cat([temporal[site](c, frames) for c in chunks]))
+    # the same batch read as one chunk of 12 frames would differ: the chunks really are kept apart
+    assert not torch.allclose(got, temporal[site](torch.cat(chunks), 3 * frames))
+    with pytest.raises(ValueError, match="cannot hold 3 conditioning chunks"):
+        patches.output_block(torch.cat(chunks)[:-1], None, options)
 
 
-def test_sampler_node_accepts_long_prompts_against_short_negatives(bundle) -> None:
-    start = torch.randn(1, 4, 8, 8)
-    (out,) = LookBackSampler().sample(
-        bundle,
-        _conditioning(1, tokens=154),
-        _conditioning(2),
-        3,
-        1,
-        2.0,
-        0.0,
-        0,
-        start_latent={"samples": start},
-    )
-    assert out["samples"].shape == (3, 4, 8, 8)
+def test_patches_run_the_modules_in_their_dtype_and_return_the_callers(temporal) -> None:
+    h = _hidden(temporal, "middle", 2).double()
+    out = LookBackPatches(temporal).middle_block({"h": h, "transformer_options": {}})["h"]
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), temporal["middle"](h.float(), 2))
 
 
-def test_sampler_node_names_missing_and_mismatched_inputs(bundle) -> None:
-    with pytest.raises(ValueError, match="needs a start"):
-        LookBackSampler().sample(bundle, _conditioning(1), _conditioning(2), 3, 1, 2.0, 0.0, 0)
-    with pytest.raises(ValueError, match=r"positive: conditioning of shape \(1, 77, 768\)"):
-        LookBackSampler().sample(
-            bundle, _conditioning(1, dim=768), _conditioning(2), 3, 1, 2.0, 0.0, 0,
-            start_latent={"samples": torch.zeros(1, 4, 8, 8)},
-        )  # fmt: skip
+def test_start_latent_pins_frame_zero_and_starts_the_rest_from_zeros() -> None:
+    start = torch.randn(1, 4, 8, 6)
+    latent = lookback_patch.start_video_latent(start, 5)
+    assert latent["samples"].shape == (5, 4, 8, 6) and torch.equal(latent["samples"][0], start[0])
+    assert not latent["samples"][1:].any()
+    assert latent["noise_mask"].shape == (5, 1, 8, 6)
+    assert lookback_patch.pinned_frames(latent["noise_mask"]).tolist() == [True, False, False, False, False]
+    with pytest.raises(ValueError, match="frames must be at least 2"):
+        lookback_patch.start_video_latent(start, 1)
 
 
-def test_bridge_conversions() -> None:
-    latents = torch.randn(2, 4, 3, 8, 8)
-    out = bridge.video_latent_out(latents)["samples"]
-    assert out.shape == (6, 4, 8, 8)
-    torch.testing.assert_close(bridge.latent_in(out[3]), latents[1, :, 0])
-    image = torch.rand(1, 70, 91, 3)
-    cropped, message = bridge.crop_to_multiple_of_8(image)
-    assert cropped.shape == (1, 64, 88, 3) and "centre-cropped to 88x64" in message
-    torch.testing.assert_close(cropped, image[:, 3:67, 1:89])
-    assert bridge.crop_to_multiple_of_8(cropped)[1] is None
-    with pytest.raises(ValueError, match="conditioning is empty"):
-        bridge.conditioning_embeddings([], "negative", 768)
+def test_a_long_video_continues_from_pinned_context_and_joins_without_repeats() -> None:
+    video = {"samples": torch.randn(5, 4, 8, 8), "noise_mask": torch.ones(5, 1, 8, 8)}
+    (chunk,) = LookBackExtendVideo().extend(video, frames=4, context_frames=2)
+    assert chunk["samples"].shape == (6, 4, 8, 8)
+    assert torch.equal(chunk["samples"][:2], video["samples"][3:]) and not chunk["samples"][2:].any()
+    assert lookback_patch.pinned_frames(chunk["noise_mask"]).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    sampled = {
+        **chunk,
+        "samples": torch.cat([chunk["samples"][:2], torch.randn(4, 4, 8, 8)]),
+    }  # as KSampler returns it
+    (joined,) = LookBackJoinVideo().join(video, sampled)
+    assert torch.equal(joined["samples"], torch.cat([video["samples"], sampled["samples"][2:]]))
+    assert set(joined) == {"samples"}
+    with pytest.raises(ValueError, match="context_frames must be 1..5"):
+        LookBackExtendVideo().extend(video, frames=4, context_frames=6)
+    with pytest.raises(ValueError, match="cannot follow"):
+        LookBackJoinVideo().join(video, {"samples": torch.randn(3, 4, 8, 6)})
+
+
+def test_pinned_frames_are_only_those_the_mask_keeps_whole() -> None:
+    mask = torch.ones(4, 4, 8, 8)
+    mask[0] = 0
+    mask[2, :, :4] = 0  # partly kept: ordinary inpainting, not a pinned frame
+    assert lookback_patch.pinned_frames(mask).tolist() == [True, False, False, False]
+
+
+def test_pinned_model_input_is_the_clean_latent_after_the_models_input_scaling() -> None:
+    x = torch.randn(3, 4, 8, 8) * 14.6
+    start = torch.randn(3, 4, 8, 8)
+    sigma = torch.full((3,), 14.6)
+    c_in = (
+        1 / (sigma**2 + 1).sqrt().view(-1, 1, 1, 1) * torch.ones_like(x)
+    )  # SD1.5 (eps): 1 / sqrt(sigma^2 + 1)
+    pinned = torch.tensor([True, False, False])
+    out = lookback_patch.pin_model_input(x, start, pinned, c_in)
+    torch.testing.assert_close(out[0] * c_in[0], start[0])  # what the UNet sees
+    assert torch.equal(out[1:], x[1:])
+
+
+class _TinyVAE:
+    """ComfyUI's VAE.encode contract on the tiny diffusers VAE: IMAGE [b, h, w, 3] -> raw latent."""
+
+    def __init__(self, vae) -> None:
+        self.vae, self.seen = vae, []
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(pixels.shape))
+        with torch.no_grad():
+            return self.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean
+
+
+def test_image_to_video_encodes_one_start_image_cropped_to_multiples_of_8(tiny_files, caplog) -> None:
+    vae = _TinyVAE(load_sd15(tiny_files["checkpoint"], config_dir=tiny_files["config_dir"]).vae)
+    image = torch.rand(1, 70, 68, 4)  # RGBA, sides not multiples of 8
+    (latent,) = LookBackImageToVideo().encode(vae, image, 6)
+    assert vae.seen == [(1, 64, 64, 3)] and "centre-cropped to 64x64" in caplog.text
+    assert latent["samples"].shape == (6, 4, 8, 8) and latent["noise_mask"][0].max() == 0
+    with pytest.raises(ValueError, match="image: a batch of 2 images"):
+        LookBackImageToVideo().encode(vae, torch.rand(2, 64, 64, 3), 6)
+    with pytest.raises(ValueError, match="too small"):
+        LookBackImageToVideo().encode(vae, torch.rand(1, 40, 64, 3), 6)
+
+
+def test_weights_are_read_once_until_the_file_changes(tiny_files, tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(Path(tiny_files["weights"]).read_bytes())
+    first = read_weights(path)
+    assert read_weights(path) is first and first.name == "w.safetensors"
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in first.temporal.parameters())
+    path.write_bytes(path.read_bytes())  # same bytes, a newer file
+    os.utime(path, ns=(1, 1))
+    assert read_weights(path) is not first
+    path.write_bytes(b"not weights")
+    with pytest.raises(TemporalWeightsError, match="w.safetensors"):
+        read_weights(path)
 
 
 @pytest.mark.parametrize(

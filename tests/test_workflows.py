@@ -9,22 +9,48 @@ from nodes import NODE_CLASS_MAPPINGS
 
 REPO = Path(__file__).parents[1]
 UI = REPO / "workflows" / "lookback_i2v.json"
-API = REPO / "workflows" / "lookback_i2v_api.json"
-CORE_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "ImageScale", "VAEDecode"}
+API = REPO / "workflows" / "api" / "lookback_i2v_api.json"
+CORE_NODES = {
+    "CheckpointLoaderSimple",
+    "LoraLoader",
+    "CLIPTextEncode",
+    "LoadImage",
+    "ImageScale",
+    "KSampler",
+    "VAEDecode",
+}
+# the folders of a custom node pack that ComfyUI serves as templates (app/custom_node_manager.py)
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_template_browser_copy_is_the_shipped_workflow() -> None:
-    assert (REPO / "example_workflows" / "lookback_i2v.json").read_bytes() == UI.read_bytes()
+def test_templates_are_ui_workflows_with_thumbnails_listed_once() -> None:
+    served = [p for folder in TEMPLATE_FOLDERS for p in (REPO / folder).glob("*.json")]
+    assert [p.name for p in served] == ["lookback_i2v.json"]  # the API twin lives in workflows/api/
+    for path in served:
+        assert {"nodes", "links"} <= set(_load(path)), f"{path} is not in UI format"
+        assert path.with_suffix(".jpg").is_file(), f"{path} has no thumbnail"
 
 
 def test_only_core_nodes_and_this_pack() -> None:
     types = {node["class_type"] for node in _load(API).values()}
     assert types <= CORE_NODES | set(NODE_CLASS_MAPPINGS)
-    assert {"LookBackModelLoader", "LookBackSampler", "LookBackVideoCombine"} <= types
+    assert {"LookBackWeightsLoader", "LookBackApply", "LookBackImageToVideo", "LookBackVideoCombine"} <= types
+
+
+def test_the_checkpoint_is_loaded_once_and_the_lora_reaches_the_lookback_model() -> None:
+    api = _load(API)
+    assert sum("ckpt_name" in node["inputs"] for node in api.values()) == 1
+    by_type = {node["class_type"]: node for node in api.values()}
+    lora = by_type["LoraLoader"]
+    assert lora["inputs"]["strength_model"] == 0 == lora["inputs"]["strength_clip"]
+    assert by_type["LookBackApply"]["inputs"]["model"][0] == next(k for k, v in api.items() if v is lora)
+    assert by_type["KSampler"]["inputs"]["model"][0] == next(
+        k for k, v in api.items() if v["class_type"] == "LookBackApply"
+    )
 
 
 def test_ui_and_api_formats_hold_the_same_graph() -> None:

@@ -1,0 +1,214 @@
+"""Look-back modules inside ComfyUI's own SD1.5 UNet, and the hybrid start, free of host imports.
+
+Where the modules go. ComfyUI's ``UNetModel`` (LDM layout) offers these patch points, with
+``transformer_options["block"]`` naming the block being run:
+
+- ``input_block_patch(h, options)`` after input block K: site ``input.K``;
+- ``middle_block_after_patch({"h": h, ...})`` after the middle block: site ``middle``;
+- ``output_block_patch(h, hsp, options)`` before output block K+1, where ``h`` is the output of
+  block K: site ``output.K``;
+- nothing after the last output block: :class:`SiteMarker` is appended to that block by an
+  object patch, and a ``forward_timestep_embed_patch`` for its class applies the module.
+
+Frames. One UNet call holds ``len(cond_or_uncond)`` chunks (positive, negative, further
+conditionings), each all frames of the video in order, so frames = batch // chunks; the
+modules never mix chunks (they see ``[(chunks frames), n, h, w]`` as ``b = chunks``).
+
+The hybrid start (the paper's hybrid initialisation). The LATENT of Look-Back Image To Video
+holds the start latent as frame 0 and a noise mask that is 0 on it, so ComfyUI's own inpainting
+step returns the start latent as frame 0's denoised output at every step (and the sampler
+wrapper returns it exactly in the result, whatever the sampler's last step). A plain mask would also re-noise frame 0 before the model sees it; the paper shows that
+fails, so :func:`pin_model_input` sets every pinned frame of the model input back to the clean
+latent, divided by the model's input scale ``c_in(sigma)`` (for SD1.5 ``1 / sqrt(sigma^2 + 1)``),
+so that the UNet, which is fed ``c_in * x``, sees exactly the clean latent. The pinned frames
+travel from the sampler to the model calls in ``transformer_options[PIN_KEY]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lookback_core.config import LookBackConfig
+from lookback_core.sites import site_problems
+from lookback_core.temporal_unet import TemporalModules
+
+PIN_KEY = "lookback_pinned_frames"
+
+
+def frames_per_call(batch: int, options: dict) -> int:
+    """Frames of the video in one UNet call of ``batch`` hidden states."""
+    chunks = len(options.get("cond_or_uncond") or (0,))
+    if batch % chunks:
+        raise ValueError(
+            f"look-back: a UNet call of {batch} hidden states cannot hold {chunks} conditioning chunks of "
+            "whole videos; something split the frames of one video across calls"
+        )
+    return batch // chunks
+
+
+class SiteMarker(nn.Module):
+    """Appended to the last output block: where ``forward_timestep_embed_patch`` applies a module.
+
+    Without the patch (the model unpatched) it passes its input through unchanged."""
+
+    def __init__(self, site: str) -> None:
+        super().__init__()
+        self.site = site
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class LookBackPatches:
+    """The patch functions that apply ``temporal``'s modules at their sites."""
+
+    temporal: TemporalModules
+
+    def apply(self, site: str, h: torch.Tensor, options: dict) -> torch.Tensor:
+        if site not in self.temporal.config.sites:
+            return h
+        module = self.temporal[site]
+        weight = next(module.parameters())
+        out = module(h.to(device=weight.device, dtype=weight.dtype), frames_per_call(h.shape[0], options))
+        return out.to(device=h.device, dtype=h.dtype)
+
+    def input_block(self, h: torch.Tensor, options: dict) -> torch.Tensor:
+        _, k = options["block"]
+        return self.apply(f"input.{k}", h, options)
+
+    def middle_block(self, args: dict) -> dict:
+        return {**args, "h": self.apply("middle", args["h"], args["transformer_options"])}
+
+    def output_block(
+        self, h: torch.Tensor, hsp: torch.Tensor, options: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, k = options["block"]
+        return (self.apply(f"output.{k - 1}", h, options) if k > 0 else h), hsp
+
+    def after_last_block(
+        self, layer: SiteMarker, x: torch.Tensor, emb: Any, context: Any, options: dict, *_: Any
+    ) -> torch.Tensor:
+        return self.apply(layer.site, x, options)
+
+
+def with_marker(block: nn.Sequential, site: str) -> nn.Sequential:
+    """A copy of the (last output) block, sharing its layers, with a :class:`SiteMarker` appended."""
+    return type(block)(*block, SiteMarker(site))
+
+
+def unet_problems(
+    config: LookBackConfig, unet_channels: dict[str, int], context_dim: int | None
+) -> list[str]:
+    """Why modules of ``config`` do not fit a UNet with sites ``unet_channels``; empty when they do."""
+    problems = site_problems({s: config.channels.get(s) for s in config.sites}, unet_channels, "the weights")
+    if context_dim is not None and context_dim != 768:
+        problems.append(f"its text context has {context_dim} channels, SD1.5's has 768")
+    return problems
+
+
+def pinned_video_latent(pinned: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+    """A LATENT of ``frames`` frames (in the batch dimension) that begins with the clean frames
+    ``pinned`` ``[k, c, h, w]``, kept by a noise mask of 0; the other frames are zeros, so KSampler
+    starts them from pure noise, as the paper's hybrid initialisation does."""
+    if pinned.ndim != 4 or pinned.shape[0] < 1:
+        raise ValueError(f"the pinned latent frames must be [k, c, h, w], got shape {tuple(pinned.shape)}")
+    k, c, h, w = pinned.shape
+    if frames <= k:
+        raise ValueError(f"frames must be more than the {k} pinned frame(s), got {frames}")
+    samples = torch.zeros(frames, c, h, w, dtype=torch.float32)
+    samples[:k] = pinned
+    mask = torch.ones(frames, 1, h, w, dtype=torch.float32)
+    mask[:k] = 0
+    return {"samples": samples, "noise_mask": mask}
+
+
+def start_video_latent(start: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+    """The LATENT of a video of ``frames`` frames that starts with the start latent ``[1, c, h, w]``."""
+    if start.ndim != 4 or start.shape[0] != 1:
+        raise ValueError(f"start latent must be [1, c, h, w], got shape {tuple(start.shape)}")
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2 (the start image and one more), got {frames}")
+    return pinned_video_latent(start, frames)
+
+
+def continuation_latent(video: dict, frames: int, context_frames: int) -> dict[str, torch.Tensor]:
+    """The LATENT of the next chunk of ``video``: its last ``context_frames`` frames pinned as
+    clean context, then ``frames`` new ones (a long video in the memory of one chunk)."""
+    samples = video["samples"]
+    if not 1 <= context_frames <= samples.shape[0]:
+        raise ValueError(
+            f"context_frames must be 1..{samples.shape[0]} (the video's frames), got {context_frames}"
+        )
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    return pinned_video_latent(samples[-context_frames:].float().cpu(), context_frames + frames)
+
+
+def join_videos(video: dict, continuation: dict) -> dict[str, torch.Tensor]:
+    """``video`` followed by the new frames of ``continuation`` (its pinned context dropped)."""
+    ahead, more = video["samples"], continuation["samples"]
+    if ahead.shape[1:] != more.shape[1:]:
+        raise ValueError(
+            f"continuation: frames of shape {tuple(more.shape[1:])} cannot follow frames of shape {tuple(ahead.shape[1:])}"
+        )
+    mask = continuation.get("noise_mask")
+    new = more if mask is None else more[~pinned_frames(mask)]
+    return {"samples": torch.cat([ahead, new.to(ahead)])}
+
+
+def pinned_frames(denoise_mask: torch.Tensor) -> torch.Tensor:
+    """``[frames]`` booleans: the frames the mask keeps whole (0 everywhere)."""
+    return denoise_mask.flatten(1).amax(dim=1) == 0
+
+
+def _replace_frames(x: torch.Tensor, values: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    keep = pinned.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(keep, values.to(x), x)
+
+
+def pin_model_input(
+    x: torch.Tensor, start: torch.Tensor, pinned: torch.Tensor, c_in: torch.Tensor
+) -> torch.Tensor:
+    """``x`` with its pinned frames set to ``start / c_in``, so the UNet (fed ``c_in * x``) sees
+    the clean start latent there. ``x``, ``start`` and ``c_in``: ``[frames, c, h, w]``."""
+    return _replace_frames(x, start.to(x) / c_in.to(x), pinned)
+
+
+def _pinned_in(latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The pinned frames of a sampling run, or ``None`` when it pins none."""
+    if denoise_mask is None or latent_image is None or denoise_mask.shape[0] != latent_image.shape[0]:
+        return None
+    pinned = pinned_frames(denoise_mask)
+    return pinned if bool(pinned.any()) else None
+
+
+def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
+                           noise: torch.Tensor, latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None,
+                           disable_pbar: bool) -> torch.Tensor:  # fmt: skip
+    """ComfyUI's SAMPLER_SAMPLE wrapper: hands the pinned frames and their clean latents (already in
+    the model's latent space) to the model calls of this sampling run, and returns the pinned
+    frames exactly (a multistep sampler such as uni_pc ends a little off the last denoised output,
+    which ComfyUI's inpainting step pins)."""
+    pinned = _pinned_in(latent_image, denoise_mask)
+    if pinned is not None:
+        extra_args["model_options"].setdefault("transformer_options", {})[PIN_KEY] = (latent_image, pinned)
+    samples = executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+    return samples if pinned is None else _replace_frames(samples, latent_image, pinned)
+
+
+def predict_noise_wrapper(executor: Callable, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,
+                          seed: int | None = None) -> torch.Tensor:  # fmt: skip
+    """ComfyUI's PREDICT_NOISE wrapper: every model call (CFG, all conditionings, ControlNet) sees
+    the pinned frames clean."""
+    pin = model_options.get("transformer_options", {}).get(PIN_KEY)
+    if pin is not None and pin[0].shape == x.shape:
+        start, pinned = pin
+        sampling = executor.class_obj.inner_model.model_sampling
+        x = pin_model_input(x, start, pinned, sampling.calculate_input(timestep, torch.ones_like(x)))
+    return executor(x, timestep, model_options, seed)

@@ -1,0 +1,236 @@
+"""The pack's model nodes: look-back on the user's own MODEL, sampled by ComfyUI's KSampler.
+
+- Look-Back Weights Loader reads a temporal weights file once (checked, cached);
+- Apply Look-Back clones a MODEL and places the modules in it (:mod:`nodes.lookback_patch`
+  says where and how), registered with ComfyUI so they load, cast and offload with the UNet;
+- Look-Back Image To Video encodes the start image into a LATENT of frames that pins frame 0;
+- Look-Back Extend Video and Look-Back Join Video make long videos chunk by chunk, each chunk
+  sampled by its own KSampler, continuing from the last frames of the one before.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from lookback_core.image_prep import fit_to_multiple
+from lookback_core.sites import ldm_site_channels
+from lookback_core.temporal_unet import TemporalModules
+from lookback_core.weights import TemporalHeader, load_temporal_weights
+
+from . import host
+from .lookback_patch import (
+    LookBackPatches,
+    SiteMarker,
+    continuation_latent,
+    join_videos,
+    predict_noise_wrapper,
+    sampler_sample_wrapper,
+    start_video_latent,
+    unet_problems,
+    with_marker,
+)
+
+logger = logging.getLogger(__name__)
+CATEGORY = "Look-Back I2V"
+WRAPPER_KEY = "lookback_i2v"  # also the key of the modules among the MODEL's additional models
+
+
+@dataclass(frozen=True)
+class LookBackWeights:
+    """What flows along a LOOKBACK_WEIGHTS link: the modules (fp32, CPU) and the file's header."""
+
+    temporal: TemporalModules
+    header: TemporalHeader
+    name: str
+
+
+@functools.lru_cache(maxsize=4)
+def _read_weights(path: str, _mtime_ns: int, _size: int) -> LookBackWeights:
+    temporal, header = load_temporal_weights(path)
+    return LookBackWeights(temporal, header, os.path.basename(path))
+
+
+def read_weights(path: str | os.PathLike) -> LookBackWeights:
+    """The weights of ``path``, read once for as long as the file does not change."""
+    stat = os.stat(path)
+    return _read_weights(os.fspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+def apply_lookback(model, weights: LookBackWeights):
+    """A clone of the ComfyUI MODEL ``model`` with the look-back modules of ``weights`` in it."""
+    base = model.model
+    unet_config = base.model_config.unet_config
+    channels = ldm_site_channels(
+        unet_config["model_channels"], unet_config["channel_mult"], unet_config["num_res_blocks"]
+    )
+    problems = unet_problems(weights.header.config, channels, unet_config.get("context_dim"))
+    if problems:
+        raise ValueError(
+            f"model: this MODEL ({type(base.model_config).__name__}, {len(channels)} sites) does not fit the "
+            f"look-back weights {weights.name} (trained on SD1.5, {len(weights.header.config.sites)} sites): "
+            + "; ".join(problems[:5])
+            + "; load an SD1.5 checkpoint, or weights trained for this model"
+        )
+    if model.get_additional_models_with_key(WRAPPER_KEY):
+        raise ValueError("model: Apply Look-Back was already applied to this MODEL; apply it once")
+    patched = model.clone()
+    temporal = copy.deepcopy(weights.temporal).to(dtype=base.get_dtype_inference())
+    patches = LookBackPatches(temporal)
+    patched.set_model_input_block_patch(patches.input_block)
+    patched.set_model_patch(patches.middle_block, "middle_block_after_patch")
+    patched.set_model_output_block_patch(patches.output_block)
+    last = len(base.diffusion_model.output_blocks) - 1
+    name = f"diffusion_model.output_blocks.{last}"
+    patched.add_object_patch(name, with_marker(patched.get_model_object(name), f"output.{last}"))
+    patched.set_model_forward_timestep_embed_patch((SiteMarker, patches.after_last_block))
+    patched.set_additional_models(WRAPPER_KEY, [host.companion_model(temporal, model)])
+    patched.add_wrapper_with_key(host.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample_wrapper)
+    patched.add_wrapper_with_key(host.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
+    return patched
+
+
+class LookBackWeightsLoader:
+    """Reads look-back temporal weights from ``models/lookback``."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LOOKBACK_WEIGHTS",)
+    RETURN_NAMES = ("lookback_weights",)
+    FUNCTION = "load"
+    DESCRIPTION = "Reads look-back temporal weights (trained with training/train.py) for Apply Look-Back."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "lookback_name": (
+                    host.model_files(host.LOOKBACK_FOLDER),
+                    {"tooltip": "Look-back temporal weights (.safetensors) from models/lookback."},
+                )
+            }
+        }
+
+    def load(self, lookback_name: str) -> tuple[LookBackWeights]:
+        return (read_weights(host.model_path(host.LOOKBACK_FOLDER, lookback_name)),)
+
+
+class LookBackApply:
+    """Adds the look-back modules to an SD1.5 MODEL; sample it with KSampler."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = (
+        "Adds look-back temporal modules to an SD1.5 MODEL (LoRAs and other patches stay). Sample a "
+        "LATENT from Look-Back Image To Video with KSampler: any sampler and scheduler, denoise 1.0."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5 MODEL (Load Checkpoint, LoRAs, ...)."}),
+                "lookback_weights": ("LOOKBACK_WEIGHTS", {"tooltip": "From Look-Back Weights Loader."}),
+            }
+        }
+
+    def apply(self, model, lookback_weights: LookBackWeights) -> tuple:
+        return (apply_lookback(model, lookback_weights),)
+
+
+class LookBackImageToVideo:
+    """The start image as frame 0 of a LATENT of frames, pinned for every sampler step."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "encode"
+    DESCRIPTION = (
+        "Encodes the start image with the VAE as frame 0 of a video LATENT (frames in the batch "
+        "dimension); KSampler with an Apply Look-Back MODEL keeps frame 0 the image and makes the rest."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
+                "image": ("IMAGE", {"tooltip": "The start image (one). Sides are cropped to multiples of 8."}),
+                "frames": ("INT", {"default": 16, "min": 2, "max": 4096, "tooltip": "Frames, including the start image."}),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }  # fmt: skip
+
+    def encode(self, vae, image: torch.Tensor, frames: int, node_id: str | None = None) -> tuple[dict]:
+        if image.shape[0] != 1:
+            raise ValueError(
+                f"image: a batch of {image.shape[0]} images; a video starts from one image "
+                "(pick one with Image From Batch)"
+            )
+        pixels, message = fit_to_multiple(rearrange(image[..., :3], "b h w c -> b c h w"))
+        if message:
+            logger.warning("Look-Back Image To Video: %s", message)
+            host.show_on_node(message, node_id)
+        start = vae.encode(rearrange(pixels, "b c h w -> b h w c"))
+        return (start_video_latent(start.float().cpu(), frames),)
+
+
+class LookBackExtendVideo:
+    """The next chunk of a long video: the last frames of the video so far, pinned, and new frames."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "extend"
+    DESCRIPTION = (
+        "A LATENT that continues a video: its last context_frames frames pinned as clean context, then "
+        "frames new ones. Sample it with KSampler (same Apply Look-Back MODEL), then Look-Back Join Video."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "video": ("LATENT", {"tooltip": "The video so far (a KSampler or Look-Back Join Video output)."}),
+                "frames": ("INT", {"default": 12, "min": 1, "max": 4096, "tooltip": "New frames in this chunk."}),
+                "context_frames": ("INT", {"default": 3, "min": 1, "max": 64,
+                                           "tooltip": "Frames of the video so far the chunk continues from; up to the weights' look-back depth d is what the modules read."}),
+            }
+        }  # fmt: skip
+
+    def extend(self, video: dict, frames: int, context_frames: int) -> tuple[dict]:
+        return (continuation_latent(video, frames, context_frames),)
+
+
+class LookBackJoinVideo:
+    """A video followed by the new frames of its sampled continuation."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("video",)
+    FUNCTION = "join"
+    DESCRIPTION = (
+        "Appends the new frames of a sampled Look-Back Extend Video chunk (its pinned context dropped)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "video": ("LATENT", {"tooltip": "The video so far."}),
+                "continuation": (
+                    "LATENT",
+                    {"tooltip": "KSampler's output for the Look-Back Extend Video chunk."},
+                ),
+            }
+        }
+
+    def join(self, video: dict, continuation: dict) -> tuple[dict]:
+        return (join_videos(video, continuation),)

@@ -1,0 +1,86 @@
+"""The native nodes inside ComfyUI's own sampling (KSampler's code path), on a full-size SD1.5.
+
+Skipped unless ``COMFYUI_PATH`` points at a ComfyUI checkout; the checks run in the Python named
+by ``COMFYUI_PYTHON`` (default: this one), which needs ComfyUI's and this pack's requirements.
+tests/comfyui_checks.py does the sampling and reports what it measured; the assertions are here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def results(random_sd15, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("comfyui_checks")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run(
+        [python, str(REPO / "tests" / "comfyui_checks.py"), str(random_sd15), str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_native_ddim_gives_the_core_samplers_frames(results) -> None:
+    core = results["core"]
+    # Mathematically the same steps (DDIM with eta 0 is Euler in sigma space); what is left is
+    # float32 rounding through 10 steps and ComfyUI's timestep from sigma (a float, not exactly
+    # the integer DDIM uses): 1e-5 of the frames' magnitude bounds it (measured: 5e-7). The modules
+    # alone change the frames by far more, and so does re-noising frame 0 before the UNet.
+    tolerance = 1e-5 * core["magnitude"]
+    assert core["max_abs_diff"] < tolerance, core
+    assert core["without_modules_diff"] > 20 * tolerance and core["renoised_frame0_diff"] > 20 * tolerance, (
+        core
+    )
+    assert core["frame0_error"] < 1e-5 and core["unet_frame0_error"] < 1e-5, core
+    assert core["calls"] == [[2, 4]]  # positive and negative in one call, 4 frames each
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["euler/normal", "dpmpp_2m/karras", "uni_pc/normal", "euler_ancestral/karras", "ddim/ddim_uniform"],
+)
+def test_any_sampler_keeps_frame_zero_the_image_at_every_unet_call(results, name) -> None:
+    run = results["samplers"][name]
+    assert run["frame0_error"] < 1e-5 and run["finite"], run
+    assert run["unet_frame0_error"] < 1e-5, run
+    assert run["frames_moved"] > 0.01, run
+
+
+def test_conditioning_shapes_fold_frames_per_chunk(results) -> None:
+    runs = results["conditioning"]
+    assert runs["cfg1"]["calls"] == [[1, 4]]  # cfg 1: no negative pass
+    assert [3, 4] in runs["combined"]["calls"]  # two positives and the negative in one call
+    for name in ("combined", "area", "strength"):
+        assert runs[name]["differs_from_plain_prompt"] > 1e-3, name
+    for name, run in runs.items():
+        assert run["frame0_error"] < 1e-5 and run["unet_frame0_error"] < 1e-5, (name, run)
+
+
+def test_a_long_video_chunk_continues_from_its_pinned_context(results) -> None:
+    run = results["long_video"]
+    assert run["context_error"] < 1e-5 and run["unet_context_error"] < 1e-5, run
+    assert run["frames"] == 4 + 3 and run["calls"] == [[2, 5]]
+
+
+def test_a_lora_reaches_the_unet_under_the_lookback_modules(results) -> None:
+    assert results["lora"]["0.0"] == 0
+    assert results["lora"]["1.0"] > 1e-3
+
+
+def test_mismatched_weights_and_a_second_apply_are_refused_by_name(results) -> None:
+    assert "does not fit the look-back weights lookback_wide.safetensors" in results["wrong_channels"]
+    assert "SD15" in results["wrong_channels"] and "640 in the weights" in results["wrong_channels"]
+    assert "already applied" in results["twice"]
+    assert results["additional_models"] == ["TemporalModules"]
