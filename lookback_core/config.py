@@ -46,6 +46,8 @@ class LookBackConfig:
     padding_mode: str = "zeros"
     channel_mix: bool = True
     adapter: bool = True
+    lookback: bool = True  # False: no look-back conv (the adapter alone is the paper's "normal 3D conv")
+    causal_adapter: bool = False  # True: the adapter pads only past frames, so no site sees ahead
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -60,6 +62,8 @@ class LookBackConfig:
             )
         if not self.sites:
             raise ValueError("a look-back config needs at least one site")
+        if not (self.lookback or self.channel_mix or self.adapter):
+            raise ValueError("a look-back config needs at least one of lookback, channel_mix and adapter")
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"duplicate sites in {self.sites}")
         object.__setattr__(self, "sites", tuple(self.sites))

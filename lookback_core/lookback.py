@@ -80,12 +80,14 @@ class LookBackModule(nn.Module):
         self.channels = channels
         self.depth = config.depth
         self.padding_mode = config.padding_mode
-        self.lookback = LookBackConv(channels, config.depth, config.kernel)
+        self.lookback = LookBackConv(channels, config.depth, config.kernel) if config.lookback else None
         self.mix = nn.Conv2d(channels, channels, 1) if config.channel_mix else None
         a = config.adapter_kernel
-        self.adapter = (
-            nn.Conv3d(channels, channels, a, padding=a // 2, groups=channels) if config.adapter else None
+        # "same" padding in space; in time either centred or, causal, a - 1 past frames only
+        self.adapter_padding = (a // 2, a // 2, a // 2, a // 2) + (
+            (a - 1, 0) if config.causal_adapter else (a // 2, a // 2)
         )
+        self.adapter = nn.Conv3d(channels, channels, a, groups=channels) if config.adapter else None
         for conv in (self.mix, self.adapter):
             if conv is not None:
                 nn.init.zeros_(conv.weight)
@@ -93,15 +95,17 @@ class LookBackModule(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames = _split_frames(x, num_frames)
-        frames = lookback_recurrence(frames, self.lookback.weight, self.lookback.bias, self.padding_mode)
+        if self.lookback is not None:
+            frames = lookback_recurrence(frames, self.lookback.weight, self.lookback.bias, self.padding_mode)
         return self._mix_and_adapt(frames)
 
     def forward_reference(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Same as :meth:`forward` with step 1 computed by the literal per-frame loop."""
         frames = _split_frames(x, num_frames)
-        frames = lookback_reference(
-            frames, self.lookback.conv_weight(), self.lookback.bias, self.padding_mode
-        )
+        if self.lookback is not None:
+            frames = lookback_reference(
+                frames, self.lookback.conv_weight(), self.lookback.bias, self.padding_mode
+            )
         return self._mix_and_adapt(frames)
 
     def _mix_and_adapt(self, frames: torch.Tensor) -> torch.Tensor:
@@ -111,7 +115,7 @@ class LookBackModule(nn.Module):
             x = x + self.mix(x)
         if self.adapter is not None:
             v = rearrange(x, "(b f) n h w -> b n f h w", b=b)
-            v = v + self.adapter(v)
+            v = v + self.adapter(F.pad(v, self.adapter_padding))
             x = rearrange(v, "b n f h w -> (b f) n h w")
         return x
 

@@ -84,6 +84,48 @@ def test_first_frame_unaffected_by_later_frames_without_adapter(tiny_unet) -> No
     assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
 
 
+def _changed_later_frames(model, first_kept: int = 2):
+    x, t, ctx = _inputs(b=1)
+    changed = x.clone()
+    changed[:, :, first_kept:] = torch.randn_like(changed[:, :, first_kept:])
+    with torch.no_grad():
+        return model(x, t, ctx), model(changed, t, ctx)
+
+
+def test_causal_adapter_makes_the_whole_model_causal(tiny_unet) -> None:
+    causal = create_lookback_unet(tiny_unet, LookBackConfig(depth=3, kernel=3, causal_adapter=True))
+    randomize(causal.temporal)
+    a, b = _changed_later_frames(causal)
+    torch.testing.assert_close(a[:, :, :2], b[:, :, :2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
+    causal.detach()
+    # the paper's centred adapter lets frame 1 see frame 2 (the same weights, centred padding)
+    centred = create_lookback_unet(tiny_unet, LookBackConfig(depth=3, kernel=3))
+    centred.temporal.load_state_dict(causal.temporal.state_dict())
+    a, b = _changed_later_frames(centred)
+    assert not torch.allclose(a[:, :, 1], b[:, :, 1])
+
+
+def test_adapter_only_variant_has_no_lookback_conv_and_still_mixes_frames(tiny_unet, tmp_path) -> None:
+    from lookback_core.weights import load_lookback_unet, save_temporal_weights
+
+    config = LookBackConfig(depth=3, kernel=3, lookback=False)
+    model = create_lookback_unet(tiny_unet, config)
+    randomize(model.temporal)
+    assert not any("lookback" in name for name in model.temporal.site_state_dict())
+    a, b = _changed_later_frames(model)
+    assert not torch.allclose(a[:, :, 1], b[:, :, 1])  # the centred adapter reaches one frame ahead
+    path = save_temporal_weights(tmp_path / "adapter_only.safetensors", model)
+    expected = model.temporal.site_state_dict()
+    model.detach()
+    loaded = load_lookback_unet(path, tiny_unet)
+    assert loaded.config.lookback is False
+    for key, value in loaded.temporal.site_state_dict().items():
+        torch.testing.assert_close(value, expected[key])
+    with pytest.raises(ValueError, match="at least one of lookback, channel_mix and adapter"):
+        LookBackConfig(lookback=False, channel_mix=False, adapter=False)
+
+
 def test_bare_unet_call_with_modules_attached_is_refused(tiny_unet) -> None:
     model = create_lookback_unet(tiny_unet, preset("light"))
     x, t, ctx = _inputs(b=1, f=2)
