@@ -23,6 +23,7 @@ from toy_clips import toy_frames, write_toy_videos
 
 from lookback_core.weights import read_temporal_header
 from training import checkpoints
+from training.args import parse_args
 from training.cache import encoder_fingerprint
 from training.data import Sample, VideoClipDataset, clip_key, collate, discover_samples
 from training.train import main as train_main
@@ -133,7 +134,34 @@ def test_resuming_with_another_preset_names_both(setup, tmp_path, caplog) -> Non
     args = train_args(setup, out, "--max_train_steps", "3")
     args[args.index("--preset") + 1] = "paper"
     assert train_main([*args, "--resume_from_checkpoint", "latest"]) == 2
-    assert "d=3, k=3 at 21 sites, but --preset paper asks for d=5, k=5" in caplog.text
+    assert (
+        "d=3 k=3 at 21 sites, but the flags (--preset paper and the ablation flags) ask for d=5 k=5"
+        in caplog.text
+    )
+    caplog.clear()
+    # an ablation variant is another module config too
+    causal = train_args(
+        setup, out, "--max_train_steps", "3", "--causal_adapter", "--resume_from_checkpoint", "latest"
+    )
+    assert train_main(causal) == 2
+    assert "ask for d=3 k=3 at 21 sites with a causal adapter" in caplog.text
+
+
+def test_ablation_flags_shape_the_trained_modules(setup, tmp_path) -> None:
+    out = tmp_path / "run"
+    flags = ["--max_train_steps", "1", "--lookback_depth", "2", "--no_adapter", "--causal_adapter"]
+    assert train_main(train_args(setup, out, *flags)) == 0
+    config = read_temporal_header(out / "lookback_weights.safetensors").config
+    assert (config.depth, config.kernel, config.lookback, config.adapter, config.causal_adapter) == (
+        2,
+        3,
+        True,
+        False,
+        True,
+    )
+    assert parse_args(train_args(setup, out, "--no_lookback_conv", "--no_adapter"))  # the channel mix alone
+    with pytest.raises(SystemExit):
+        parse_args(train_args(setup, out, "--lookback_depth", "0"))
 
 
 def test_the_latent_cache_is_keyed_on_the_encoders_and_the_caption(setup) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from lookback_core.config import PRESETS
+from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
 
 
@@ -28,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config_dir", default=None, help="diffusers config folder (default: the shipped SD1.5 configs)"
     )
     model.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="look-back module preset")
+    model.add_argument(
+        "--lookback_depth", type=int, default=None, help="look-back depth d (default: the preset's)"
+    )
+    model.add_argument(
+        "--no_lookback_conv", action="store_true", help="no look-back conv: the adapter alone (an ablation)"
+    )
+    model.add_argument("--no_adapter", action="store_true", help="no 3D adapter (an ablation)")
+    model.add_argument(
+        "--causal_adapter", action="store_true",
+        help="the adapter pads only past frames, so no site sees a later frame (default: centred, the paper's)",
+    )  # fmt: skip
     model.add_argument(
         "--train_backbone", action="store_true",
         help="also train the SD1.5 UNet (default: frozen); the trained UNet is written with the base's VAE and "
@@ -160,6 +172,7 @@ NUMBER_RULES = {
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2^32-1"),
+    "lookback_depth": at_least(1),
     "checkpointing_steps": at_least(1),
     "checkpoints_total_limit": at_least(1),
     "validation_steps": at_least(1),
@@ -176,6 +189,18 @@ def check_number_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"--{flag} must be {expected}, got {value}")
 
 
+def module_config(args: argparse.Namespace) -> LookBackConfig:
+    """The look-back modules the flags ask for: the preset, with the ablation flags applied."""
+    config = preset(args.preset)
+    return replace(
+        config,
+        depth=args.lookback_depth or config.depth,
+        lookback=config.lookback and not args.no_lookback_conv,
+        adapter=config.adapter and not args.no_adapter,
+        causal_adapter=config.causal_adapter or args.causal_adapter,
+    )
+
+
 def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
     """The validation sampler settings, which the weights file records as its recommended ones."""
     return {"steps": args.validation_inference_steps, "cfg_scale": args.validation_guidance_scale}
@@ -185,6 +210,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_number_flags(parser, args, NUMBER_RULES)
+    try:
+        module_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 # Run as a script from a checkout: make the repository root (lookback_core, training) importable.
@@ -34,14 +35,14 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  # noqa: E402
-from lookback_core.config import preset  # noqa: E402
+from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
 from lookback_core.weights import TemporalWeightsError, read_temporal_header, save_temporal_weights  # noqa: E402
 from training import checkpoints  # noqa: E402
-from training.args import parse_args, recommended_sampler  # noqa: E402
+from training.args import module_config, parse_args, recommended_sampler  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
 from training.objective import lookback_loss  # noqa: E402
@@ -133,6 +134,13 @@ def _save_only_trainable_weights(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_temporal)
 
 
+def _describe(config: LookBackConfig) -> str:
+    parts = [f"d={config.depth}", f"k={config.kernel}", f"at {len(config.sites)} sites"]
+    parts += [name for name, on in (("without look-back conv", not config.lookback),
+              ("without adapter", not config.adapter), ("with a causal adapter", config.causal_adapter)) if on]  # fmt: skip
+    return " ".join(parts)
+
+
 class ResumeError(ValueError):
     """The output folder's checkpoints cannot be continued as asked; the message says why and what to do."""
 
@@ -156,12 +164,11 @@ def resume(
             logger.warning("skipped %s: %s", candidate, err)
             continue
         wanted = lookback.config
-        if (stored.depth, stored.kernel, stored.sites) != (wanted.depth, wanted.kernel, wanted.sites):
+        if replace(stored, channels={}) != replace(wanted, channels={}):
             raise ResumeError(
-                f"{candidate} holds look-back modules with d={stored.depth}, k={stored.kernel} at "
-                f"{len(stored.sites)} sites, but --preset {args.preset} asks for d={wanted.depth}, "
-                f"k={wanted.kernel} at {len(wanted.sites)} sites; resume with the preset it was trained "
-                "with, or start over in another --output_dir"
+                f"{candidate} holds look-back modules {_describe(stored)}, but the flags (--preset "
+                f"{args.preset} and the ablation flags) ask for {_describe(wanted)}; resume with the "
+                "flags it was trained with, or start over in another --output_dir"
             )
         # A damaged checkpoint fails in many ways (safetensors, torch.load, JSON, missing keys).
         try:
@@ -228,7 +235,7 @@ def train(args) -> Path:
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
-    model = create_lookback_unet(components.unet, preset(args.preset))
+    model = create_lookback_unet(components.unet, module_config(args))
     components.vae.requires_grad_(False)
     components.text_encoder.requires_grad_(False)
     model.unet.requires_grad_(args.train_backbone)
