@@ -232,7 +232,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLER_FLAGS = {"steps": "--steps", "cfg_scale": "--cfg", "eta": "--eta"}
+SAMPLER_FLAGS = {"steps": "--steps", "cfg_scale": "--cfg", "eta": "--eta", "first_frame": "--first-frame"}
 
 
 def _sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
@@ -350,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ({recommended} {defaults.eta})",
+    )
+    gen.add_argument(
+        "--first-frame",
+        dest="first_frame",
+        choices=("clean", "noised"),
+        default=None,
+        help="frame 0 as the UNet sees it: clean (hybrid initialisation) or noised to each step (the paper's "
+        f"add-noise strategy, for weights trained with --objective ddpm) ({recommended} {defaults.first_frame})",
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(

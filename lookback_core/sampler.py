@@ -4,6 +4,11 @@
 image latent ``z0``; the DDIM update (diffusers' :class:`~diffusers.DDIMScheduler`) moves
 frames ``1..f-1`` only, and the returned frame 0 is ``z0`` exactly. The same holds for ``k``
 pinned clean frames, which is how a long video's next chunk continues the previous one.
+
+``first_frame="noised"`` is the paper's "add noise" strategy instead (for models trained with
+the plain DDPM objective on all frames, ``--objective ddpm``): before every UNet call the pinned
+frames are ``z0`` noised to that step's timestep (with noise drawn once); the result's frame 0
+is still ``z0``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64,
         "an integer in 0..2^64-1",
     ),
+    "first_frame": (
+        lambda v: v in ("clean", "noised"),
+        "'clean' (hybrid initialisation) or 'noised' (the paper's add-noise strategy)",
+    ),
 }
 
 
@@ -68,6 +77,7 @@ class SamplerSettings:
     cfg_scale: float = 7.5
     eta: float = 0.0
     seed: int = 0
+    first_frame: str = "clean"
 
     def __post_init__(self) -> None:
         for name in SETTING_RULES:
@@ -146,12 +156,16 @@ def sample_video(
         raise ValueError(f"noise must be {list(shape)} (the new frames), got shape {tuple(noise.shape)}")
     generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
     pinned = image_latent
+    pinned_noise = None
+    if settings.first_frame == "noised":
+        pinned_noise = initial_noise(tuple(pinned.shape), settings.seed + 2, pinned.device, pinned.dtype)
     moving = noise * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     for step, t in enumerate(scheduler.timesteps):
         if should_cancel is not None and should_cancel():
             raise SamplingCancelled(f"sampling cancelled before step {step + 1} of {total}")
-        x = torch.cat([pinned, moving], dim=2)
+        seen = pinned if pinned_noise is None else scheduler.add_noise(pinned, pinned_noise, t)
+        x = torch.cat([seen, moving], dim=2)
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         with torch.no_grad():
             eps = model(x_in, t, context)

@@ -8,7 +8,7 @@ Header metadata (all strings, as safetensors requires):
 - ``base_family``: the base model family the modules were trained on (``sd15``);
 - ``training``: JSON of training facts (frames, stride, resolution, steps, ...);
 - ``recommended_sampler``: JSON of the sampler settings the weights are meant to be used with
-  (any of ``steps``, ``cfg_scale``, ``eta``; optional). Front ends use them where the user gives
+  (any of ``steps``, ``cfg_scale``, ``eta``, ``first_frame``; optional). Front ends use them where the user gives
   none.
 """
 
@@ -33,7 +33,12 @@ from .temporal_unet import LookBackUNet, TemporalModules
 FORMAT_TAG = "lookback-i2v-temporal"
 BASE_FAMILY = "sd15"
 _MAX_LISTED = 5
-RECOMMENDABLE = ("steps", "cfg_scale", "eta")  # SamplerSettings fields a weights file may recommend
+RECOMMENDABLE = (
+    "steps",
+    "cfg_scale",
+    "eta",
+    "first_frame",
+)  # SamplerSettings fields a weights file may recommend
 
 
 class TemporalWeightsError(ValueError):
@@ -55,10 +60,10 @@ class TemporalHeader:
     config: LookBackConfig
     training: dict[str, Any] = field(default_factory=dict)
     base_family: str = BASE_FAMILY
-    recommended_sampler: dict[str, float] = field(default_factory=dict)
+    recommended_sampler: dict[str, Any] = field(default_factory=dict)
 
 
-def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, float]:
+def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, Any]:
     """Validate recommended sampler settings; raises ValueError naming the bad entry."""
     if not isinstance(settings, dict):
         raise ValueError(f"recommended sampler settings must be a JSON object, got {settings!r}")
@@ -83,7 +88,7 @@ def save_temporal_weights(
 ) -> Path:
     """Write the look-back modules to ``path`` atomically (temporary file, then rename).
 
-    ``recommended_sampler`` (any of ``steps``, ``cfg_scale``, ``eta``) is what front ends use
+    ``recommended_sampler`` (any of :data:`RECOMMENDABLE`) is what front ends use
     where the user sets nothing.
     """
     if isinstance(temporal, LookBackUNet):

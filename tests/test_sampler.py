@@ -58,6 +58,23 @@ def test_frame_zero_is_pinned_at_every_step_and_in_the_result(model) -> None:
     assert not torch.allclose(out[:, :, 1], z0, atol=0.1)
 
 
+def test_add_noise_strategy_shows_frame_zero_noised_to_each_step(model) -> None:
+    z0, pos, neg = _inputs()
+    spy = Spy(model)
+    settings = SamplerSettings(steps=4, cfg_scale=1.0, seed=5, first_frame="noised")
+    out = sample_video(spy, z0, pos, None, 5, settings, SCHEDULER_CONFIG)
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    noise = initial_noise((1, 4, 1, 8, 8), 5 + 2, z0.device, z0.dtype)  # drawn once, from the seed
+    for x, t, _ in spy.calls:
+        torch.testing.assert_close(x[:, :, :1], scheduler.add_noise(z0[:, :, None], noise, t))
+    assert [int(t) for _, t, _ in spy.calls] == [751, 501, 251, 1]
+    assert torch.equal(out[:, :, 0], z0)  # the result still starts with the image
+    clean = sample_video(
+        model, z0, pos, None, 5, SamplerSettings(steps=4, cfg_scale=1.0, seed=5), SCHEDULER_CONFIG
+    )
+    assert not torch.allclose(out[:, :, 1:], clean[:, :, 1:])
+
+
 def test_cfg_doubles_the_batch_never_the_frames(model) -> None:
     z0, pos, neg = _inputs(b=2)
     spy = Spy(model)

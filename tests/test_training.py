@@ -101,6 +101,14 @@ def test_ema_covers_the_backbone_too_and_the_exported_files_hold_the_average(set
     assert differs > 0.5 * len(names)
 
 
+def test_ddpm_objective_records_the_add_noise_strategy_in_the_weights(setup, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert train_main(train_args(setup, out, "--max_train_steps", "1", "--objective", "ddpm")) == 0
+    header = read_temporal_header(out / "lookback_weights.safetensors")
+    assert header.training["objective"] == "ddpm"
+    assert header.recommended_sampler == {"steps": 25, "cfg_scale": 7.5, "first_frame": "noised"}
+
+
 def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
     image = tmp_path / "start.png"
     iio.imwrite(image, toy_frames(5, size=40)[0])
@@ -131,6 +139,18 @@ def test_hybrid_noising_keeps_frame_zero_clean_and_loss_skips_it() -> None:
     generator = torch.Generator().manual_seed(0)
     loss = lookback_loss(WrongOnFrameZero(), latents, torch.zeros(2, 3, 4), scheduler, generator)
     assert 0.5 < loss < 2  # the mean square of unit noise on frames 1..: frame 0 is not in the loss
+    # the plain DDPM objective (an ablation) noises frame 0 too and counts it
+    seen = []
+
+    class Recorder(WrongOnFrameZero):
+        def forward(self, x, t, ctx):
+            seen.append(x.clone())
+            return super().forward(x, t, ctx)
+
+    loss = lookback_loss(Recorder(), latents, torch.zeros(2, 3, 4), scheduler, generator, objective="ddpm")
+    assert loss > 1e10 and not torch.equal(seen[0][:, :, 0], latents[:, :, 0])
+    with pytest.raises(ValueError, match="objective must be"):
+        lookback_loss(Recorder(), latents, torch.zeros(2, 3, 4), scheduler, generator, objective="other")
 
 
 def test_overfit_on_a_repeated_batch_loss_falls() -> None:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--text_dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)"
     )
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument(
+        "--objective", default="hybrid", choices=("hybrid", "ddpm"),
+        help="hybrid: frame 0 clean, loss on frames 1.. (the paper's); ddpm: every frame noised and in the "
+        "loss, for the add-noise sampling strategy (an ablation)",
+    )  # fmt: skip
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
@@ -201,9 +207,11 @@ def module_config(args: argparse.Namespace) -> LookBackConfig:
     )
 
 
-def recommended_sampler(args: argparse.Namespace) -> dict[str, float]:
-    """The validation sampler settings, which the weights file records as its recommended ones."""
-    return {"steps": args.validation_inference_steps, "cfg_scale": args.validation_guidance_scale}
+def recommended_sampler(args: argparse.Namespace) -> dict[str, Any]:
+    """The validation sampler settings, which the weights file records as its recommended ones
+    (with ``--objective ddpm`` the add-noise strategy the model was trained for)."""
+    settings = {"steps": args.validation_inference_steps, "cfg_scale": args.validation_guidance_scale}
+    return settings | ({"first_frame": "noised"} if args.objective == "ddpm" else {})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

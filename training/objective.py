@@ -2,7 +2,9 @@
 
 Frame 0 of every clip is the clean latent of its first frame; frames ``1..L-1`` are noised by the
 DDPM forward process at one timestep per clip; the UNet with look-back modules predicts the
-noise (or v), and the MSE is taken over frames ``1..L-1`` only.
+noise (or v), and the MSE is taken over frames ``1..L-1`` only. ``objective="ddpm"`` is the plain
+DDPM objective instead (every frame noised and in the loss), the counterpart of the paper's
+"add noise" sampling strategy.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def lookback_loss(
     scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
     input_dtype: torch.dtype | None = None,
+    objective: str = "hybrid",
 ) -> torch.Tensor:
     """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``.
 
@@ -42,10 +45,16 @@ def lookback_loss(
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
     )
-    noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
+    if objective not in ("hybrid", "ddpm"):
+        raise ValueError(f"objective must be 'hybrid' or 'ddpm', got {objective!r}")
+    if objective == "hybrid":
+        noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
+    else:
+        noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = model(noisy.to(input_dtype or text.dtype), timesteps, text)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return F.mse_loss(prediction[:, :, 1:].float(), target[:, :, 1:])
+    first = 1 if objective == "hybrid" else 0
+    return F.mse_loss(prediction[:, :, first:].float(), target[:, :, first:])

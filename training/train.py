@@ -322,7 +322,7 @@ def train(args) -> Path:
     ].float()
     facts = {
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
-        "preset": args.preset, "learning_rate": lr, "text_dropout": args.text_dropout,
+        "preset": args.preset, "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
@@ -401,7 +401,13 @@ def train(args) -> Path:
                 text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
-                        model, latents, text.to(weight_dtype), noise_scheduler, rng, weight_dtype
+                        model,
+                        latents,
+                        text.to(weight_dtype),
+                        noise_scheduler,
+                        rng,
+                        weight_dtype,
+                        args.objective,
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
