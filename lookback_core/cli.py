@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .atomic import sigterm_as_exit
 from .precision import DTYPES, dtype_named
 from .sampler import InvalidSetting, SamplerSettings, resolve_settings
+from .toyablate import VARIANTS
 from .toybuild import ToyRecipe
 from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toyworld import HELD_OUT_SEED
@@ -280,11 +281,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> ToyRecipe:
+    return ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
+
+
 def _toy_build(args: argparse.Namespace) -> int:
     from .toybuild import build
 
-    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
-    build(Path(args.out), recipe)
+    build(Path(args.out), _recipe(args))
+    return 0
+
+
+def _toy_ablate(args: argparse.Namespace) -> int:
+    from .toyablate import ablate
+
+    unknown = [v for v in args.variants or () if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    ablate(Path(args.out), _recipe(args), args.variants)
     return 0
 
 
@@ -407,12 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
     toy_build = toy_commands.add_parser("build", help="data, base model and look-back weights, from nothing")
     toy_build.add_argument("--out", required=True, help="folder for the data, the stages and the result")
-    for f in fields(ToyRecipe):
-        toy_build.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
-            help=f"(default {f.default})",
-        )  # fmt: skip
     toy_build.set_defaults(func=_toy_build)
+    toy_ablate = toy_commands.add_parser(
+        "ablate",
+        help="train and evaluate the paper's ablations on the toy world (table, ISIM plot, contact sheet)",
+    )
+    toy_ablate.add_argument("--out", required=True, help="folder for the data, the variants and the results")
+    toy_ablate.add_argument(
+        "--variants", nargs="+", default=None, metavar="NAME", help="a subset of the variants (default: all): "
+        + "; ".join(f"'{name}'" for name in VARIANTS),
+    )  # fmt: skip
+    toy_ablate.set_defaults(func=_toy_ablate)
+    for command in (toy_build, toy_ablate):
+        for f in fields(ToyRecipe):
+            command.add_argument(
+                f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                help=f"(default {f.default})",
+            )  # fmt: skip
     toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
     toy_eval.add_argument(
         "--checkpoint", default=str(TOY_CHECKPOINT), help="default: the shipped toy checkpoint"

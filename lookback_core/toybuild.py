@@ -61,13 +61,17 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 class StageTimer:
@@ -92,17 +96,10 @@ def _to_fp16(source: Path, target: Path, extra_metadata: dict[str, str] | None =
     return save_safetensors(tensors, target, {**metadata, **(extra_metadata or {})})
 
 
-def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
-    """Run every stage into ``out``; returns the build record (also in the weights' metadata)."""
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    stage = StageTimer()
-    commit = _git_commit()  # the code the stages run, before anything changes in the checkout
-
+def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list[str]]:
+    """The data and base stages into ``out``; returns the base checkpoint and the stages resumed."""
     with stage("data"):
         toyworld.write_dataset(out / "data", range(recipe.train_clips))
-
     base = out / "base" / "base.safetensors"
     resumed = []
     with stage("base"):
@@ -112,7 +109,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
         else:
             _run(
                 [
-                    python, str(REPO / "training" / "toy_base.py"),
+                    sys.executable, str(REPO / "training" / "toy_base.py"),
                     "--output_dir", str(base.parent),
                     "--train_clips", str(recipe.train_clips),
                     "--vae_steps", str(recipe.vae_steps),
@@ -120,38 +117,56 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
                     "--seed", str(recipe.seed),
                 ]
             )  # fmt: skip
+    return base, resumed
 
+
+def train_lookback(
+    out: Path, base: Path, folder: Path, recipe: ToyRecipe, extra: tuple[str, ...] = ()
+) -> None:
+    """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable);
+    ``extra``: more trainer flags (the ablation's variants)."""
+    _run(
+        [
+        sys.executable, str(REPO / "training" / "train.py"),
+        "--pretrained_model", str(base),
+        "--train_data_dir", str(out / "data"),
+        "--output_dir", str(folder),
+        "--cache_dir", str(out / "cache"),
+        "--train_backbone",
+        "--preset", recipe.preset,
+        "--resolution", str(toyworld.SIZE),
+        "--num_frames", str(recipe.lookback_frames),
+        "--frame_stride", "1",
+        "--train_batch_size", str(recipe.lookback_batch_size),
+        "--gradient_accumulation_steps", "1",
+        "--learning_rate", str(recipe.lookback_learning_rate),
+        "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
+        "--max_train_steps", str(recipe.lookback_steps),
+        "--checkpointing_steps", str(max(1, recipe.lookback_steps // 5)),
+        "--checkpoints_total_limit", "1",
+        "--resume_from_checkpoint", "latest",
+        "--validation_inference_steps", str(recipe.sampler_steps),
+        "--validation_guidance_scale", str(recipe.sampler_cfg_scale),
+        "--report_to", "none",
+        "--seed", str(recipe.seed),
+        *extra,
+        ]
+    )  # fmt: skip
+
+
+def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
+    """Run every stage into ``out``; returns the build record (also in the weights' metadata)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = StageTimer()
+    commit = git_commit()  # the code the stages run, before anything changes in the checkout
+    base, resumed = prepare(out, recipe, stage)
     lookback = out / "lookback"
     if any(lookback.glob("checkpoint-*")):
         resumed.append("lookback")
     with stage("lookback"):
-        _run(
-            [
-            python, str(REPO / "training" / "train.py"),
-            "--pretrained_model", str(base),
-            "--train_data_dir", str(out / "data"),
-            "--output_dir", str(lookback),
-            "--cache_dir", str(out / "cache"),
-            "--train_backbone",
-            "--preset", recipe.preset,
-            "--resolution", str(toyworld.SIZE),
-            "--num_frames", str(recipe.lookback_frames),
-            "--frame_stride", "1",
-            "--train_batch_size", str(recipe.lookback_batch_size),
-            "--gradient_accumulation_steps", "1",
-            "--learning_rate", str(recipe.lookback_learning_rate),
-            "--lr_scheduler", "cosine",
-            "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
-            "--max_train_steps", str(recipe.lookback_steps),
-            "--checkpointing_steps", str(max(1, recipe.lookback_steps // 5)),
-            "--checkpoints_total_limit", "1",
-            "--resume_from_checkpoint", "latest",
-            "--validation_inference_steps", str(recipe.sampler_steps),
-            "--validation_guidance_scale", str(recipe.sampler_cfg_scale),
-            "--report_to", "none",
-            "--seed", str(recipe.seed),
-            ]
-        )  # fmt: skip
+        train_lookback(out, base, lookback, recipe)
 
     record = {
         "recipe": asdict(recipe),
@@ -182,7 +197,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
         "resumed_stages": resumed,
         "eval": {k: round(v, 4) for k, v in reports[0].summary.items()},
         "eval_base": {k: round(v, 4) for k, v in reports[1].summary.items()},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
     }
     package(record)
     print(table)

@@ -132,6 +132,7 @@ class EvalReport:
                 "steps": self.settings.steps,
                 "cfg_scale": self.settings.cfg_scale,
                 "eta": self.settings.eta,
+                "first_frame": self.settings.first_frame,
             },
             "summary": self.summary,
             "isim_curve": self.isim_curve,

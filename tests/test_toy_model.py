@@ -14,6 +14,7 @@ from lookback_core import toyworld
 from lookback_core.cli import main
 from lookback_core.demo import run_demo
 from lookback_core.sd15 import load_sd15
+from lookback_core.toyablate import ablate
 from lookback_core.toybuild import ToyRecipe, build
 from lookback_core.toyeval import BARS, TOY_CHECKPOINT, TOY_WEIGHTS, evaluate, load_toy_model
 from lookback_core.weights import read_temporal_header
@@ -131,3 +132,31 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
     frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
     assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])
+
+
+def test_toyworld_ablate_smoke(tmp_path) -> None:
+    """The ablation at a few steps: same base and data for every variant, table, plot and sheet."""
+    recipe = ToyRecipe(
+        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, lookback_batch_size=2, eval_clips=1,
+        sampler_steps=2,
+    )  # fmt: skip
+    variants = ["base only", "look-back + causal adapter", "add noise (ddpm objective)"]
+    rows = ablate(tmp_path / "ablate", recipe, variants)
+    assert [r["variant"] for r in rows] == variants
+    out = tmp_path / "ablate"
+    causal = read_temporal_header(
+        out / "variants" / "look_back___causal_adapter" / "lookback_weights.safetensors"
+    )
+    assert causal.config.causal_adapter and causal.training["steps"] == 2
+    ddpm = read_temporal_header(
+        out / "variants" / "add_noise__ddpm_objective" / "lookback_weights.safetensors"
+    )
+    assert ddpm.recommended_sampler["first_frame"] == "noised" and ddpm.training["objective"] == "ddpm"
+    table = (out / "ablation.md").read_text().splitlines()
+    assert len(table) == 2 + len(variants) and "frame 0->1 jump" in table[0]
+    facts = json.loads((out / "ablation.json").read_text())
+    assert facts["recipe"]["lookback_steps"] == 2 and len(facts["rows"][0]["isim_curve"]) == toyworld.FRAMES
+    sheet = iio.imread(out / "contact_sheet.png")
+    assert sheet.shape[0] == 2 * (len(variants) + 1) * (toyworld.SIZE + 2)  # every variant and the truth
+    assert iio.imread(out / "isim.png").shape == (420, 720, 3)
+    assert main(["toyworld", "ablate", "--out", str(out), "--variants", "no such variant"]) == 2

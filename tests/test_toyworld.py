@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lookback_core import toyworld
-from lookback_core.toymetrics import COLOUR_THRESHOLD, clip_metrics, object_mask, summarise
+from lookback_core.toymetrics import COLOUR_THRESHOLD, clip_metrics, frame_jump, object_mask, summarise
 from lookback_core.video_io import read_frames
 from training.data import discover_samples
 
@@ -124,3 +124,15 @@ def test_frame0_psnr_compares_with_the_start_image() -> None:
     start = np.clip(clip.frames[0].astype(int) + 5, 0, 255).astype(np.uint8)
     result = clip_metrics(clip.frames, start, clip.rgb, clip.direction)
     assert result.frame0_psnr == pytest.approx(10 * np.log10(255**2 / 25), abs=0.2)
+
+
+def test_the_jump_after_frame_zero_is_measured_against_the_later_pace() -> None:
+    clip = toyworld.make_clip(11)
+    assert 0.8 < frame_jump(clip.frames) < 1.25  # the truth moves at an even pace
+    jumped = clip.frames.copy()
+    jumped[1:] = np.clip(jumped[1:].astype(int) + 40, 0, 255).astype(
+        np.uint8
+    )  # everything shifts after frame 0
+    assert frame_jump(jumped) > 3
+    assert np.isnan(frame_jump(clip.frames[:2])) and np.isnan(frame_jump(np.repeat(clip.frames[:1], 4, 0)))
+    assert "frame_jump" in summarise([clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)])

@@ -1,0 +1,137 @@
+"""``python -m lookback_core toyworld ablate``: the paper's ablations, measured in the toy world.
+
+Every variant is trained by the product's trainer from the same base model, data, steps and seed
+(the toy build's look-back stage, :func:`lookback_core.toybuild.train_lookback`, plus the
+variant's flags), and evaluated on the same held-out clips with the same sampler. Written to
+``out``: ``ablation.md`` and ``ablation.json`` (the table), ``isim.png`` (the ISIM curve of every
+variant, as the paper plots it) and ``contact_sheet.png`` (one held-out start image, every
+variant's frames in rows, the truth last). Each variant's training resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import toyworld
+from .demo import contact_sheet
+from .toybuild import StageTimer, ToyRecipe, git_commit, machine, prepare, train_lookback
+from .toyeval import evaluate, generate_clip, load_toy_model
+
+# name -> the trainer's flags for it (None: the base model alone, no temporal modules)
+VARIANTS: dict[str, tuple[str, ...] | None] = {
+    "base only": None,
+    "adapter only (normal 3D conv)": ("--no_lookback_conv",),
+    "look-back conv only": ("--no_adapter",),
+    "look-back + adapter (paper)": (),
+    "look-back + causal adapter": ("--causal_adapter",),
+    "d=2": ("--lookback_depth", "2"),
+    "d=5": ("--lookback_depth", "5"),
+    "add noise (ddpm objective)": ("--objective", "ddpm"),
+}
+COLUMNS = [  # summary key, header, format
+    ("frame0_psnr", "frame-0 PSNR (dB)", "{:.1f}"),
+    ("persistence", "persistence", "{:.2f}"),
+    ("direction_accuracy", "direction", "{:.2f}"),
+    ("speed", "speed (px/frame)", "{:.2f}"),
+    ("background_drift", "drift", "{:.1f}"),
+    ("isim_latent_first", "ISIM first", "{:.3f}"),
+    ("isim_latent_avg", "ISIM avg", "{:.3f}"),
+    ("isim_latent_decay", "ISIM decay", "{:.4f}"),
+    ("frame_jump", "frame 0->1 jump", "{:.2f}"),
+]
+CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+
+
+def _folder_name(variant: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variant).strip("_")
+
+
+def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str] | None = None) -> list[dict]:
+    """Train and evaluate ``variants`` (default: all of :data:`VARIANTS`) with ``recipe`` (default: the
+    toy build's); returns the table's rows."""
+    recipe = recipe or ToyRecipe()
+    variants = list(VARIANTS) if variants is None else variants
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
+    base, _ = prepare(out, recipe, StageTimer())
+    rows, sheet = [], {}
+    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED)
+    for name in variants:
+        flags = VARIANTS[name]
+        started = time.time()
+        if flags is None:
+            checkpoint, weights = base, None
+        else:
+            folder = out / "variants" / _folder_name(name)
+            train_lookback(out, base, folder, recipe, flags)
+            checkpoint, weights = (
+                folder / "base_checkpoint.safetensors",
+                folder / "lookback_weights.safetensors",
+            )
+        train_s = time.time() - started
+        toy = load_toy_model(
+            checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
+        )
+        report = evaluate(toy, recipe.eval_clips)
+        sheet[name] = generate_clip(toy, clip, toyworld.HELD_OUT_SEED)[0]
+        rows.append({"variant": name, "flags": list(flags or ()), "train_s": round(train_s),
+                     "summary": report.summary, "isim_curve": report.isim_curve})  # fmt: skip
+    sheet["truth"] = clip.frames
+    facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
+    (out / "ablation.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
+    (out / "ablation.md").write_text(markdown_table(rows) + "\n")
+    Image.fromarray(contact_sheet(sheet)).save(out / "contact_sheet.png")
+    plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
+    print(markdown_table(rows))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | " + " | ".join(header for _, header, _ in COLUMNS) + " | training |",
+        "|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for row in rows:
+        cells = [fmt.format(row["summary"][key]) for key, _, fmt in COLUMNS]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {row['train_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[float]], size: tuple[int, int] = (720, 420)) -> Image.Image:
+    """ISIM against frame index, one line per variant, with axes from 0 to 1 and a legend."""
+    width, height = size
+    left, right, top, bottom = 50, 230, 20, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    frames = max(len(c) for c in curves.values())
+
+    def point(i: int, value: float) -> tuple[float, float]:
+        x = left + (width - left - right) * i / max(frames - 1, 1)
+        y = top + (height - top - bottom) * (1 - float(np.clip(value, 0, 1)))
+        return x, y
+
+    for tick in np.linspace(0, 1, 6):
+        draw.line([point(0, tick), point(frames - 1, tick)], fill=(225, 225, 225))
+        draw.text((8, point(0, tick)[1] - 6), f"{tick:.1f}", fill="black")
+    for i in range(frames):
+        draw.text((point(i, 0)[0] - 4, height - bottom + 6), str(i), fill="black")
+    draw.text((left, height - 16), "frame", fill="black")
+    draw.text((left, 4), "ISIM (latent) to frame 0", fill="black")
+    for k, (name, curve) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+        draw.line([point(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
+        y = top + 16 * k
+        draw.line([(width - right + 10, y + 6), (width - right + 30, y + 6)], fill=colour, width=3)
+        draw.text((width - right + 36, y), name, fill="black")
+    return image
