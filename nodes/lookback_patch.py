@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lookback_core.config import LookBackConfig
-from lookback_core.sites import site_problems
+from lookback_core.sites import ldm_site_channels, site_problems
 from lookback_core.temporal_unet import TemporalModules
 
 PIN_KEY = "lookback_pinned_frames"
@@ -100,6 +100,15 @@ class LookBackPatches:
 def with_marker(block: nn.Sequential, site: str) -> nn.Sequential:
     """A copy of the (last output) block, sharing its layers, with a :class:`SiteMarker` appended."""
     return type(block)(*block, SiteMarker(site))
+
+
+def unet_site_channels(unet_config: dict) -> dict[str, int] | None:
+    """The site channels of a ComfyUI ``unet_config``; ``None`` when it is not an LDM-layout UNet
+    (a DiT such as Flux or SD3 has no input, middle and output blocks)."""
+    keys = ("model_channels", "channel_mult", "num_res_blocks")
+    if not all(k in unet_config for k in keys):
+        return None
+    return ldm_site_channels(*(unet_config[k] for k in keys))
 
 
 def unet_problems(

@@ -20,7 +20,6 @@ import torch
 from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
-from lookback_core.sites import ldm_site_channels
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, load_temporal_weights
 
@@ -34,6 +33,7 @@ from .lookback_patch import (
     sampler_sample_wrapper,
     start_video_latent,
     unet_problems,
+    unet_site_channels,
     with_marker,
 )
 
@@ -67,9 +67,12 @@ def apply_lookback(model, weights: LookBackWeights):
     """A clone of the ComfyUI MODEL ``model`` with the look-back modules of ``weights`` in it."""
     base = model.model
     unet_config = base.model_config.unet_config
-    channels = ldm_site_channels(
-        unet_config["model_channels"], unet_config["channel_mult"], unet_config["num_res_blocks"]
-    )
+    channels = unet_site_channels(unet_config)
+    if channels is None:
+        raise ValueError(
+            f"model: this MODEL ({type(base.model_config).__name__}) is not a UNet of the SD1.5 layout; the "
+            f"look-back weights {weights.name} need an SD1.5 checkpoint's MODEL"
+        )
     problems = unet_problems(weights.header.config, channels, unet_config.get("context_dim"))
     if problems:
         raise ValueError(

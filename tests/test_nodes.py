@@ -76,6 +76,10 @@ def test_sdxl_sites_are_refused_naming_the_mismatch() -> None:
     assert "site 'output.3' has 640 channels in this UNet but 1280 in the weights" in problems
     assert "its text context has 2048 channels, SD1.5's has 768" in problems
     assert lookback_patch.unet_problems(sd15_weights, ldm_site_channels(**SD15_LDM), 768) == []
+    # ComfyUI's unet_config: an SD1.5 UNet's gives the 21 sites, a DiT's (Flux) none
+    sd15_config = {**SD15_LDM, "context_dim": 768, "use_linear_in_transformer": False}
+    assert lookback_patch.unet_site_channels(sd15_config) == ldm_site_channels(**SD15_LDM)
+    assert lookback_patch.unet_site_channels({"image_model": "flux", "in_channels": 16}) is None
 
 
 @pytest.fixture(scope="module")
