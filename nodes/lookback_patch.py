@@ -17,9 +17,9 @@ modules never mix chunks (they see ``[(chunks frames), n, h, w]`` as ``b = chunk
 The hybrid start (the paper's hybrid initialisation). The LATENT of Look-Back Image To Video
 holds the start latent as frame 0 and a noise mask that is 0 on it, so ComfyUI's own inpainting
 step returns the start latent as frame 0's denoised output at every step (and the sampler
-wrapper returns it exactly in the result, whatever the sampler's last step). A plain mask would also re-noise frame 0 before the model sees it; the paper shows that
-fails, so :func:`pin_model_input` sets every pinned frame of the model input back to the clean
-latent, divided by the model's input scale ``c_in(sigma)`` (for SD1.5 ``1 / sqrt(sigma^2 + 1)``),
+wrapper returns it exactly in the result, whatever the sampler's last step). A plain mask would
+also re-noise frame 0 before the model sees it; the paper shows that fails, so
+:func:`pin_model_input` sets every pinned frame of the model input back to the clean latent, divided by the model's input scale ``c_in(sigma)`` (for SD1.5 ``1 / sqrt(sigma^2 + 1)``),
 so that the UNet, which is fed ``c_in * x``, sees exactly the clean latent. The pinned frames
 travel from the sampler to the model calls in ``transformer_options[PIN_KEY]``.
 """
