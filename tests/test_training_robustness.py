@@ -54,6 +54,18 @@ def test_a_finished_run_resumed_after_a_kill_before_the_final_export_rewrites_th
     assert _same(_weights(out / checkpoints.WEIGHTS_NAME), final)
 
 
+def test_a_finished_run_resumed_in_mid_epoch_trains_no_further(setup, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = train_args(setup, out, "--max_train_steps", "3", "--checkpointing_steps", "3")  # 4 steps per epoch
+    assert train_main(args) == 0
+    final = _weights(out / checkpoints.WEIGHTS_NAME)
+    assert train_main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-3"]
+    assert _same(_weights(out / checkpoints.WEIGHTS_NAME), final)
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_a_restart_without_resume_refuses_an_earlier_runs_folder(setup, tmp_path, caplog) -> None:
     out = tmp_path / "run"
     args = train_args(setup, out, "--max_train_steps", "2", "--checkpointing_steps", "1",

@@ -386,7 +386,8 @@ def train(args) -> Path:
     )
     started, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     model.train()
-    for epoch in range(first_epoch, epochs):
+    # a run resumed at its last step has nothing left to train (in mid-epoch the loop would take one more)
+    for epoch in range(first_epoch, epochs if global_step < max_steps else first_epoch):
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
