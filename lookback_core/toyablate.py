@@ -5,23 +5,29 @@ Every variant is trained by the product's trainer from the same base model, data
 variant's flags), and evaluated on the same held-out clips with the same sampler. Written to
 ``out``: ``ablation.md`` and ``ablation.json`` (the table), ``isim.png`` (the ISIM curve of every
 variant, as the paper plots it) and ``contact_sheet.png`` (one held-out start image, every
-variant's frames in rows, the truth last). Each variant's training resumes where it stopped.
+variant's frames in rows, the truth last). Each variant's training resumes where it stopped, and
+its evaluation (``variants/<name>/row.json``) is kept while its files (by content) and the recipe
+stand, so a rerun after an interruption only does what is left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
 from . import toyworld
+from .atomic import atomic_path
 from .demo import contact_sheet
 from .toybuild import StageTimer, ToyRecipe, git_commit, machine, prepare, train_lookback
-from .toyeval import evaluate, generate_clip, load_toy_model
+from .toyeval import ToyModel, evaluate, generate_clip, load_toy_model
 
 # name -> the trainer's flags for it (None: the base model alone, no temporal modules)
 VARIANTS: dict[str, tuple[str, ...] | None] = {
@@ -69,24 +75,22 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     clip = toyworld.make_clip(toyworld.HELD_OUT_SEED)
     for name in variants:
         flags = VARIANTS[name]
+        folder = out / "variants" / _folder_name(name)
         started = time.time()
         if flags is None:
             checkpoint, weights = base, None
         else:
-            folder = out / "variants" / _folder_name(name)
             train_lookback(out, base, folder, recipe, flags)
             checkpoint, weights = (
                 folder / "base_checkpoint.safetensors",
                 folder / "lookback_weights.safetensors",
             )
-        train_s = time.time() - started
+        train_s = round(time.time() - started)
         toy = load_toy_model(
             checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
         )
-        report = evaluate(toy, recipe.eval_clips)
+        rows.append(_evaluated(toy, name, folder / "row.json", [checkpoint, weights], recipe, train_s))
         sheet[name] = generate_clip(toy, clip, toyworld.HELD_OUT_SEED)[0]
-        rows.append({"variant": name, "flags": list(flags or ()), "train_s": round(train_s),
-                     "summary": report.summary, "isim_curve": report.isim_curve})  # fmt: skip
     sheet["truth"] = clip.frames
     facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
     (out / "ablation.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
@@ -95,6 +99,36 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
     print(markdown_table(rows))
     return rows
+
+
+def _digest(path: Path) -> str:
+    """A safetensors file's tensors and metadata, by content (its bytes vary: the header's order
+    is not fixed)."""
+    digest = hashlib.sha256()
+    with safe_open(path, framework="pt") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):  # noqa: SIM118 (safe_open is not iterable)
+            digest.update(name.encode())
+            digest.update(f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _evaluated(
+    toy: ToyModel, name: str, saved: Path, files: list[Path | None], recipe: ToyRecipe, train_s: int
+) -> dict:
+    """The variant's row: evaluated now, or as ``saved`` holds it while its files and the recipe
+    are the ones it was evaluated with (it keeps the wall time of the run that trained it)."""
+    key = {"files": [_digest(p) for p in files if p is not None], "recipe": asdict(recipe)}
+    if saved.is_file():
+        row = json.loads(saved.read_text())
+        if row.get("key") == key:
+            return row
+    report = evaluate(toy, recipe.eval_clips)
+    row = {"variant": name, "flags": list(VARIANTS[name] or ()), "train_s": train_s, "key": key,
+           "summary": report.summary, "isim_curve": report.isim_curve}  # fmt: skip
+    with atomic_path(saved) as partial:
+        partial.write_text(json.dumps(row, indent=2))
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lookback_core import toyworld
+from lookback_core import toyablate, toyworld
 from lookback_core.cli import main
 from lookback_core.demo import run_demo
 from lookback_core.sd15 import load_sd15
@@ -134,7 +134,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])
 
 
-def test_toyworld_ablate_smoke(tmp_path) -> None:
+def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     """The ablation at a few steps: same base and data for every variant, table, plot and sheet."""
     recipe = ToyRecipe(
         train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, lookback_batch_size=2, eval_clips=1,
@@ -160,3 +160,10 @@ def test_toyworld_ablate_smoke(tmp_path) -> None:
     assert sheet.shape[0] == 2 * (len(variants) + 1) * (toyworld.SIZE + 2)  # every variant and the truth
     assert iio.imread(out / "isim.png").shape == (420, 720, 3)
     assert main(["toyworld", "ablate", "--out", str(out), "--variants", "no such variant"]) == 2
+    # a rerun does only what is left: the trainings resume at their end, the evaluations are kept
+    evaluations = []
+    monkeypatch.setattr(
+        toyablate, "evaluate", lambda *a, **k: evaluations.append(a) or pytest.fail("re-evaluated")
+    )
+    again = ablate(out, recipe, variants)
+    assert evaluations == [] and toyablate.markdown_table(again) == toyablate.markdown_table(rows)
