@@ -7,14 +7,14 @@ variant's flags), and evaluated on the same held-out clips with the same sampler
 variant, as the paper plots it) and ``contact_sheet.png`` (one held-out start image, every
 variant's frames in rows, the truth last). Each variant's training resumes where it stopped, and
 its evaluation (``variants/<name>/row.json``) is kept while its files (by content) and the recipe
-stand, so a rerun after an interruption only does what is left.
+stand, so a rerun after an interruption only does what is left. A variant's training time comes
+from the trainer's step log, so it counts every run of an interrupted training, not the pause.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,7 +76,6 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     for name in variants:
         flags = VARIANTS[name]
         folder = out / "variants" / _folder_name(name)
-        started = time.time()
         if flags is None:
             checkpoint, weights = base, None
         else:
@@ -85,7 +84,7 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
                 folder / "base_checkpoint.safetensors",
                 folder / "lookback_weights.safetensors",
             )
-        train_s = round(time.time() - started)
+        train_s = 0 if flags is None else round(training_seconds(folder / "logs" / "metrics.jsonl"))
         toy = load_toy_model(
             checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
         )
@@ -99,6 +98,18 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
     print(markdown_table(rows))
     return rows
+
+
+def training_seconds(metrics: Path) -> float:
+    """Wall time of a training from the trainer's step log (``time`` per step), summed over its
+    runs: a pause between an interrupted run and its resumption (a step that took over 20 times the
+    median) counts as one median step."""
+    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
+    steps = np.diff(np.asarray(times, dtype=np.float64))
+    if len(steps) == 0:
+        return 0.0
+    median = float(np.median(steps))
+    return float(np.where(steps > 20 * median, median, steps).sum() + median)  # + the first step
 
 
 def _digest(path: Path) -> str:

@@ -136,3 +136,14 @@ def test_the_jump_after_frame_zero_is_measured_against_the_later_pace() -> None:
     assert frame_jump(jumped) > 3
     assert np.isnan(frame_jump(clip.frames[:2])) and np.isnan(frame_jump(np.repeat(clip.frames[:1], 4, 0)))
     assert "frame_jump" in summarise([clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)])
+
+
+def test_training_time_sums_the_runs_of_a_resumed_training_without_the_pause(tmp_path) -> None:
+    import json
+
+    from lookback_core.toyablate import training_seconds
+
+    times = [100.0 + i for i in range(5)] + [1000.0 + i for i in range(4)]  # 1 s steps, resumed after a pause
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))
+    assert training_seconds(log) == 9.0  # nine steps of one second; the 896 s pause counts as one step
