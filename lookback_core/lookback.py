@@ -83,11 +83,13 @@ class LookBackModule(nn.Module):
         self.lookback = LookBackConv(channels, config.depth, config.kernel) if config.lookback else None
         self.mix = nn.Conv2d(channels, channels, 1) if config.channel_mix else None
         a = config.adapter_kernel
-        # "same" padding in space; in time either centred or, causal, a - 1 past frames only
-        self.adapter_padding = (a // 2, a // 2, a // 2, a // 2) + (
-            (a - 1, 0) if config.causal_adapter else (a // 2, a // 2)
+        # "same" padding in space; in time centred (the conv's own padding) or, causal, a - 1 past
+        # frames only (padded before the conv)
+        self.adapter_past = a - 1 if config.causal_adapter else 0
+        padding = (0 if config.causal_adapter else a // 2, a // 2, a // 2)
+        self.adapter = (
+            nn.Conv3d(channels, channels, a, padding=padding, groups=channels) if config.adapter else None
         )
-        self.adapter = nn.Conv3d(channels, channels, a, groups=channels) if config.adapter else None
         for conv in (self.mix, self.adapter):
             if conv is not None:
                 nn.init.zeros_(conv.weight)
@@ -115,7 +117,8 @@ class LookBackModule(nn.Module):
             x = x + self.mix(x)
         if self.adapter is not None:
             v = rearrange(x, "(b f) n h w -> b n f h w", b=b)
-            v = v + self.adapter(F.pad(v, self.adapter_padding))
+            past = F.pad(v, (0, 0, 0, 0, self.adapter_past, 0)) if self.adapter_past else v
+            v = v + self.adapter(past)
             x = rearrange(v, "b n f h w -> (b f) n h w")
         return x
 

@@ -82,7 +82,7 @@ class LookBackUNet(nn.Module):
         )
         if problems:
             raise ValueError("; ".join(problems))
-        for name, _module in temporal.items():
+        for name in temporal.config.sites:
             site = sites[name]
             self._handles.append(site.module.register_forward_hook(self._hook(name, site.returns_tuple)))
 

@@ -93,10 +93,11 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     sheet["truth"] = clip.frames
     facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
     (out / "ablation.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
-    (out / "ablation.md").write_text(markdown_table(rows) + "\n")
+    table = markdown_table(rows)
+    (out / "ablation.md").write_text(table + "\n")
     Image.fromarray(contact_sheet(sheet)).save(out / "contact_sheet.png")
     plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
-    print(markdown_table(rows))
+    print(table)
     return rows
 
 

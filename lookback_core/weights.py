@@ -8,8 +8,8 @@ Header metadata (all strings, as safetensors requires):
 - ``base_family``: the base model family the modules were trained on (``sd15``);
 - ``training``: JSON of training facts (frames, stride, resolution, steps, ...);
 - ``recommended_sampler``: JSON of the sampler settings the weights are meant to be used with
-  (any of ``steps``, ``cfg_scale``, ``eta``, ``first_frame``; optional). Front ends use them where the user gives
-  none.
+  (any of ``steps``, ``cfg_scale``, ``eta``, ``first_frame``; optional). Front ends use them
+  where the user gives none.
 """
 
 from __future__ import annotations
@@ -26,19 +26,15 @@ from torch import nn
 
 from .atomic import save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
-from .sampler import InvalidSetting, check_setting
+from .sampler import SETTING_RULES, InvalidSetting, check_setting
 from .sites import site_channels, site_problems
 from .temporal_unet import LookBackUNet, TemporalModules
 
 FORMAT_TAG = "lookback-i2v-temporal"
 BASE_FAMILY = "sd15"
 _MAX_LISTED = 5
-RECOMMENDABLE = (
-    "steps",
-    "cfg_scale",
-    "eta",
-    "first_frame",
-)  # SamplerSettings fields a weights file may recommend
+# the SamplerSettings fields a weights file may recommend: every one but the seed
+RECOMMENDABLE = tuple(name for name in SETTING_RULES if name != "seed")
 
 
 class TemporalWeightsError(ValueError):

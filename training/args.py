@@ -15,6 +15,7 @@ from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
+from training.objective import OBJECTIVES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument(
-        "--objective", default="hybrid", choices=("hybrid", "ddpm"),
+        "--objective", default="hybrid", choices=OBJECTIVES,
         help="hybrid: frame 0 clean, loss on frames 1.. (the paper's); ddpm: every frame noised and in the "
         "loss, for the add-noise sampling strategy (an ablation)",
     )  # fmt: skip

@@ -15,6 +15,8 @@ from diffusers import DDPMScheduler
 
 from lookback_core.temporal_unet import LookBackUNet
 
+OBJECTIVES = ("hybrid", "ddpm")  # the paper's, and the plain DDPM one of its add-noise ablation
+
 
 def hybrid_noisy_latents(
     latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler
@@ -39,14 +41,14 @@ def lookback_loss(
     ``sqrt(1 - alpha_bar_t)`` rounds to 0 for the smallest ``t``: no noise would be added while
     the target is pure noise); only the model's input is cast, to ``input_dtype`` (default
     ``text``'s dtype)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     latents = latents.float()
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
     )
-    if objective not in ("hybrid", "ddpm"):
-        raise ValueError(f"objective must be 'hybrid' or 'ddpm', got {objective!r}")
     if objective == "hybrid":
         noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
     else:
