@@ -29,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lookback_core.lookback import lookback_recurrence, lookback_reference, to_blocks  # noqa: E402
+from lookback_core.precision import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESETS = {"paper": (5, 5), "light": (3, 3)}
 T = TypeVar("T")
 TRAINABLE = ["literal loop", "shipped (per-source convs)", "concat windows"]  # autograd-safe variants

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lookback_core.config import preset  # noqa: E402
+from lookback_core.precision import DTYPES  # noqa: E402
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
 
 CONFIGS = ["base", "paper", "light", "light-decoder", "animatediff"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype):
