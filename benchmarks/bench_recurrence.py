@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lookback_core.config import PRESETS, preset  # noqa: E402
 from lookback_core.lookback import lookback_recurrence, lookback_reference, to_blocks  # noqa: E402
 from lookback_core.precision import DTYPES  # noqa: E402
 
-PRESETS = {"paper": (5, 5), "light": (3, 3)}
 T = TypeVar("T")
 TRAINABLE = ["literal loop", "shipped (per-source convs)", "concat windows"]  # autograd-safe variants
 TRAIN_TIMED = [*TRAINABLE, "sliced weight per conv", "shipped, blocks sliced"]
@@ -206,9 +206,9 @@ def main() -> None:
     step = "forward+backward" if args.train else "look-back conv"
     sites = [(320, args.size // 8), (640, args.size // 16), (1280, args.size // 32), (1280, args.size // 64)]
     totals: dict[str, float] = {}
-    for preset in args.presets.split(","):
-        depth, kernel = PRESETS[preset]
-        print(f"\n{preset} preset (d={depth}, k={kernel}); ms per {step}, x = speed-up over the literal loop")
+    for name in args.presets.split(","):
+        depth, kernel = preset(name).depth, preset(name).kernel
+        print(f"\n{name} preset (d={depth}, k={kernel}); ms per {step}, x = speed-up over the literal loop")
         print(f"{'variant':28s}" + "".join(f"{f'n={n} {s}x{s}':>22s}" for n, s in sites))
         rows: dict[str, list[str]] = {v: [] for v in variants}
         saved: dict[str, list[str]] = {v: [] for v in TRAINABLE}
@@ -242,7 +242,7 @@ def main() -> None:
                         device=device,
                     )
                     base = base or t
-                    totals[f"{preset}/{label}"] = totals.get(f"{preset}/{label}", 0.0) + t
+                    totals[f"{name}/{label}"] = totals.get(f"{name}/{label}", 0.0) + t
                     rows[label].append(f"{t * 1e3:12.1f} ms x{base / t:5.2f}")
             for label in TRAINABLE:
                 saved[label].append(
@@ -253,9 +253,9 @@ def main() -> None:
         print("training: kept for backward (beyond inputs and weights)")
         for label, cells in saved.items():
             print(f"{label:28s}" + "".join(f"{c:>22s}" for c in cells))
-        total = totals[f"{preset}/literal loop"]
+        total = totals[f"{name}/literal loop"]
         print(
-            f"{'all four sites':28s} shipped x{total / totals[f'{preset}/shipped (per-source convs)']:.2f} vs literal"
+            f"{'all four sites':28s} shipped x{total / totals[f'{name}/shipped (per-source convs)']:.2f} vs literal"
         )
         print("adapter (depth-wise 3x3x3), ms:")
         for n, side in sites:
