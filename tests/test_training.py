@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -23,7 +24,7 @@ from lookback_core.config import preset
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
 from lookback_core.temporal_unet import create_lookback_unet
 from lookback_core.video_io import write_video
-from lookback_core.weights import load_lookback_unet, read_temporal_header
+from lookback_core.weights import load_lookback_unet, read_temporal_header, save_temporal_weights
 from training import checkpoints
 from training.data import VideoClipDataset, collate, discover_samples
 from training.objective import hybrid_noisy_latents, lookback_loss
@@ -58,12 +59,9 @@ def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp
     from lookback_core.sd15 import load_sd15
 
     out = tmp_path / "run"
-    assert (
-        train_main(
-            train_args(setup, out, "--max_train_steps", "2", "--train_backbone", "--learning_rate", "1e-3")
-        )
-        == 0
-    )
+    extra = ["--max_train_steps", "2", "--train_backbone", "--learning_rate", "1e-3",
+             "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "1"]  # fmt: skip
+    assert train_main(train_args(setup, out, *extra)) == 0
     base = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
     trained = load_sd15(out / checkpoints.BACKBONE_NAME, config_dir=setup["config_dir"])
     changed = [
@@ -73,7 +71,9 @@ def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp
     for part in ("vae", "text_encoder"):
         before, after = getattr(base, part).state_dict(), getattr(trained, part).state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), part
-    # the deployable pair: the trained UNet with the temporal weights
+    # the deployable pair: the trained UNet with the temporal weights, which record the UNet's rate
+    header = read_temporal_header(out / "lookback_weights.safetensors")
+    assert header.training["train_backbone"] and header.training["backbone_learning_rate"] == 1e-3
     model = load_lookback_unet(out / "lookback_weights.safetensors", trained.unet)
     assert any(p.abs().sum() > 0 for p in model.temporal.parameters())
 
@@ -107,6 +107,48 @@ def test_ddpm_objective_records_the_add_noise_strategy_in_the_weights(setup, tmp
     header = read_temporal_header(out / "lookback_weights.safetensors")
     assert header.training["objective"] == "ddpm"
     assert header.recommended_sampler == {"steps": 25, "cfg_scale": 7.5, "first_frame": "noised"}
+
+
+def _without_preset(args: list[str]) -> list[str]:
+    at = args.index("--preset")
+    return args[:at] + args[at + 2 :]
+
+
+def test_init_lookback_weights_starts_from_the_file_and_takes_its_modules(setup, tmp_path) -> None:
+    from lookback_core.sd15 import load_sd15
+
+    unet = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"]).unet
+    start = create_lookback_unet(unet, replace(preset("light"), depth=2))
+    torch.manual_seed(1)
+    for p in start.temporal.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_temporal_weights(tmp_path / "start.safetensors", start.temporal)
+    out = tmp_path / "run"
+    extra = ["--max_train_steps", "1", "--learning_rate", "1e-12", "--init_lookback_weights",
+             str(tmp_path / "start.safetensors")]  # fmt: skip
+    assert train_main(_without_preset(train_args(setup, out, *extra))) == 0
+    header = read_temporal_header(out / "lookback_weights.safetensors")
+    assert header.config == start.config  # d=2 from the file, not the default preset's d=5
+    assert header.training["init_lookback_weights"] == "start.safetensors" and "preset" not in header.training
+    trained = load_lookback_unet(out / "lookback_weights.safetensors", unet).temporal.state_dict()
+    for name, value in start.temporal.state_dict().items():
+        assert torch.allclose(trained[name], value, atol=1e-8), name  # one step at lr 1e-12 from the file
+
+
+def test_init_lookback_weights_refuses_module_flags_and_reports_a_bad_file(
+    setup, tmp_path, capsys, caplog
+) -> None:
+    weights = tmp_path / "start.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(
+            train_args(setup, tmp_path / "run", "--init_lookback_weights", str(weights), "--no_adapter")
+        )
+    assert exit_info.value.code == 2
+    assert "leave out --preset, --no_adapter" in capsys.readouterr().err
+    args = _without_preset(train_args(setup, tmp_path / "run", "--init_lookback_weights", str(weights)))
+    assert train_main(args) == 2
+    assert str(weights) in caplog.text and "Traceback" not in caplog.text
 
 
 def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:

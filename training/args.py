@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--config_dir", default=None, help="diffusers config folder (default: the shipped SD1.5 configs)"
     )
-    model.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="look-back module preset")
+    model.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="look-back module preset (default: paper)"
+    )
     model.add_argument(
         "--lookback_depth", type=int, default=None, help="look-back depth d (default: the preset's)"
     )
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--causal_adapter", action="store_true",
         help="the adapter pads only past frames, so no site sees a later frame (default: centred, the paper's)",
+    )  # fmt: skip
+    model.add_argument(
+        "--init_lookback_weights", default=None, metavar="PATH",
+        help="start the temporal modules from this look-back weights file (fine-tuning, or training on from "
+        "another run's weights) instead of from zero; the modules are the file's, so leave out --preset, "
+        "--lookback_depth and the ablation flags",
     )  # fmt: skip
     model.add_argument(
         "--train_backbone", action="store_true",
@@ -196,9 +204,13 @@ def check_number_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"--{flag} must be {expected}, got {value}")
 
 
+# the flags that choose the look-back modules (the file does, with --init_lookback_weights)
+MODULE_FLAGS = ("preset", "lookback_depth", "no_lookback_conv", "no_adapter", "causal_adapter")
+
+
 def module_config(args: argparse.Namespace) -> LookBackConfig:
     """The look-back modules the flags ask for: the preset, with the ablation flags applied."""
-    config = preset(args.preset)
+    config = preset(args.preset or "paper")
     return replace(
         config,
         depth=args.lookback_depth or config.depth,
@@ -223,13 +235,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         module_config(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.init_lookback_weights is not None:
+        module_flags = [f"--{name}" for name in MODULE_FLAGS if getattr(args, name) not in (None, False)]
+        if module_flags:
+            parser.error(
+                f"--init_lookback_weights takes the look-back modules from the file; leave out {', '.join(module_flags)}"
+            )
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:
         parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
-    for flag in ("pretrained_model", "validation_image", "csv"):
+    for flag in ("pretrained_model", "init_lookback_weights", "validation_image", "csv"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             parser.error(f"--{flag}: no such file: {value}")

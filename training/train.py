@@ -40,7 +40,12 @@ from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
-from lookback_core.weights import TemporalWeightsError, read_temporal_header, save_temporal_weights  # noqa: E402
+from lookback_core.weights import (  # noqa: E402
+    TemporalWeightsError,
+    load_lookback_unet,
+    read_temporal_header,
+    save_temporal_weights,
+)
 from training import checkpoints  # noqa: E402
 from training.args import module_config, parse_args, recommended_sampler  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
@@ -141,6 +146,12 @@ def _describe(config: LookBackConfig) -> str:
     return " ".join(parts)
 
 
+def _module_source(args) -> str:
+    if args.init_lookback_weights is not None:
+        return f"--init_lookback_weights {args.init_lookback_weights}"
+    return f"--preset {args.preset or 'paper'} and the ablation flags"
+
+
 class ResumeError(ValueError):
     """The output folder's checkpoints cannot be continued as asked; the message says why and what to do."""
 
@@ -166,9 +177,9 @@ def resume(
         wanted = lookback.config
         if replace(stored, channels={}) != replace(wanted, channels={}):
             raise ResumeError(
-                f"{candidate} holds look-back modules {_describe(stored)}, but the flags (--preset "
-                f"{args.preset} and the ablation flags) ask for {_describe(wanted)}; resume with the "
-                "flags it was trained with, or start over in another --output_dir"
+                f"{candidate} holds look-back modules {_describe(stored)}, but this run asks for "
+                f"{_describe(wanted)} ({_module_source(args)}); resume with the flags it was trained with, "
+                "or start over in another --output_dir"
             )
         # A damaged checkpoint fails in many ways (safetensors, torch.load, JSON, missing keys).
         try:
@@ -235,7 +246,10 @@ def train(args) -> Path:
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
-    model = create_lookback_unet(components.unet, module_config(args))
+    if args.init_lookback_weights is not None:
+        model = load_lookback_unet(args.init_lookback_weights, components.unet)
+    else:
+        model = create_lookback_unet(components.unet, module_config(args))
     components.vae.requires_grad_(False)
     components.text_encoder.requires_grad_(False)
     model.unet.requires_grad_(args.train_backbone)
@@ -322,13 +336,16 @@ def train(args) -> Path:
     ].float()
     facts = {
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
-        "preset": args.preset, "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
+        "preset": args.preset or "paper", "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
     }  # fmt: skip
     if args.train_backbone:
-        facts["backbone_learning_rate"] = groups[1]["lr"]
+        facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up
+    if args.init_lookback_weights is not None:  # the modules are the file's, not a preset's
+        del facts["preset"]
+        facts["init_lookback_weights"] = Path(args.init_lookback_weights).name
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
