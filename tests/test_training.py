@@ -114,7 +114,7 @@ def _without_preset(args: list[str]) -> list[str]:
     return args[:at] + args[at + 2 :]
 
 
-def test_init_lookback_weights_starts_from_the_file_and_takes_its_modules(setup, tmp_path) -> None:
+def test_init_lookback_weights_starts_from_the_file_and_takes_its_modules(setup, tmp_path, caplog) -> None:
     from lookback_core.sd15 import load_sd15
 
     unet = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"]).unet
@@ -133,6 +133,15 @@ def test_init_lookback_weights_starts_from_the_file_and_takes_its_modules(setup,
     trained = load_lookback_unet(out / "lookback_weights.safetensors", unet).temporal.state_dict()
     for name, value in start.temporal.state_dict().items():
         assert torch.allclose(trained[name], value, atol=1e-8), name  # one step at lr 1e-12 from the file
+    # a run of the flags' modules is not continued with the file's
+    other = tmp_path / "other"
+    assert train_main(train_args(setup, other, "--max_train_steps", "1")) == 0
+    resumed = _without_preset(train_args(setup, other, *extra, "--resume_from_checkpoint", "latest"))
+    assert train_main(resumed) == 2
+    assert (
+        f"asks for d=2 k=3 at 21 sites (--init_lookback_weights {tmp_path / 'start.safetensors'})"
+        in caplog.text
+    )
 
 
 def test_init_lookback_weights_refuses_module_flags_and_reports_a_bad_file(

@@ -147,7 +147,7 @@ def test_resuming_with_another_preset_names_both(setup, tmp_path, caplog) -> Non
     args[args.index("--preset") + 1] = "paper"
     assert train_main([*args, "--resume_from_checkpoint", "latest"]) == 2
     assert (
-        "d=3 k=3 at 21 sites, but the flags (--preset paper and the ablation flags) ask for d=5 k=5"
+        "d=3 k=3 at 21 sites, but this run asks for d=5 k=5 at 21 sites (--preset paper and the ablation flags)"
         in caplog.text
     )
     caplog.clear()
@@ -156,7 +156,7 @@ def test_resuming_with_another_preset_names_both(setup, tmp_path, caplog) -> Non
         setup, out, "--max_train_steps", "3", "--causal_adapter", "--resume_from_checkpoint", "latest"
     )
     assert train_main(causal) == 2
-    assert "ask for d=3 k=3 at 21 sites with a causal adapter" in caplog.text
+    assert "asks for d=3 k=3 at 21 sites with a causal adapter" in caplog.text
 
 
 def test_ablation_flags_shape_the_trained_modules(setup, tmp_path) -> None:
