@@ -207,7 +207,8 @@ def main() -> None:
     sites = [(320, args.size // 8), (640, args.size // 16), (1280, args.size // 32), (1280, args.size // 64)]
     totals: dict[str, float] = {}
     for name in args.presets.split(","):
-        depth, kernel = preset(name).depth, preset(name).kernel
+        config = preset(name)
+        depth, kernel = config.depth, config.kernel
         print(f"\n{name} preset (d={depth}, k={kernel}); ms per {step}, x = speed-up over the literal loop")
         print(f"{'variant':28s}" + "".join(f"{f'n={n} {s}x{s}':>22s}" for n, s in sites))
         rows: dict[str, list[str]] = {v: [] for v in variants}

@@ -17,6 +17,8 @@ from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
 from training.objective import OBJECTIVES
 
+DEFAULT_PRESET = "paper"  # the look-back modules when neither --preset nor --init_lookback_weights is given
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -31,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config_dir", default=None, help="diffusers config folder (default: the shipped SD1.5 configs)"
     )
     model.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS), help="look-back module preset (default: paper)"
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help=f"look-back module preset (default: {DEFAULT_PRESET})",
     )
     model.add_argument(
         "--lookback_depth", type=int, default=None, help="look-back depth d (default: the preset's)"
@@ -210,7 +215,7 @@ MODULE_FLAGS = ("preset", "lookback_depth", "no_lookback_conv", "no_adapter", "c
 
 def module_config(args: argparse.Namespace) -> LookBackConfig:
     """The look-back modules the flags ask for: the preset, with the ablation flags applied."""
-    config = preset(args.preset or "paper")
+    config = preset(args.preset)
     return replace(
         config,
         depth=args.lookback_depth or config.depth,
@@ -231,16 +236,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_number_flags(parser, args, NUMBER_RULES)
-    try:
-        module_config(args)
-    except ValueError as err:
-        parser.error(str(err))
     if args.init_lookback_weights is not None:
         module_flags = [f"--{name}" for name in MODULE_FLAGS if getattr(args, name) not in (None, False)]
         if module_flags:
             parser.error(
                 f"--init_lookback_weights takes the look-back modules from the file; leave out {', '.join(module_flags)}"
             )
+    else:
+        args.preset = args.preset or DEFAULT_PRESET
+        try:
+            module_config(args)
+        except ValueError as err:
+            parser.error(str(err))
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:

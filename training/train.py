@@ -149,7 +149,7 @@ def _describe(config: LookBackConfig) -> str:
 def _module_source(args) -> str:
     if args.init_lookback_weights is not None:
         return f"--init_lookback_weights {args.init_lookback_weights}"
-    return f"--preset {args.preset or 'paper'} and the ablation flags"
+    return f"--preset {args.preset} and the ablation flags"
 
 
 class ResumeError(ValueError):
@@ -336,7 +336,7 @@ def train(args) -> Path:
     ].float()
     facts = {
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
-        "preset": args.preset or "paper", "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
+        "preset": args.preset, "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
