@@ -324,6 +324,20 @@ def _check_unet_dims(
         )
 
 
+# diffusers' note, inside a config, of the fields that took their class default when the model was
+# built. ``from_config`` drops the values of the fields it lists, so a value set later with
+# ``register_to_config`` (the toy VAE's scaling factor) would silently fall back to the default.
+_DEFAULTS_NOTE = "_use_default_values"
+
+
+def recorded_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config as a file records it: every value kept, without diffusers' defaults note.
+
+    Used when configs are written and when they are read, so a loaded model gets every value the
+    file holds (including files written before the note was dropped)."""
+    return {k: v for k, v in dict(config).items() if k != _DEFAULTS_NOTE}
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
     """The diffusers/transformers configs a checkpoint is loaded into, and where each came from.
@@ -349,10 +363,13 @@ class ModelConfigs:
                 raise FileNotFoundError(f"{folder / part}: missing from the SD1.5 config folder {folder}")
         files = {part: folder / part / "config.json" for part in MODEL_PARTS}
         return cls(
-            configs={part: json.loads(file.read_text(encoding="utf-8")) for part, file in files.items()},
+            configs={
+                part: recorded_config(json.loads(file.read_text(encoding="utf-8")))
+                for part, file in files.items()
+            },
             sources={part: str(file) for part, file in files.items()},
-            scheduler=json.loads(
-                (folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
+            scheduler=recorded_config(
+                json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
             ),
             folder=folder,
         )
@@ -371,10 +388,13 @@ class ModelConfigs:
                 f"{path}: its metadata {EMBEDDED_CONFIGS_KEY!r} is not a JSON object holding the "
                 f"{', '.join(MODEL_PARTS)} configs"
             )
+        scheduler = configs.get("scheduler")
         return cls(
-            configs={part: configs[part] for part in MODEL_PARTS},
+            configs={part: recorded_config(configs[part]) for part in MODEL_PARTS},
             sources={part: f"the {part} config in {path.name}'s metadata" for part in MODEL_PARTS},
-            scheduler=configs.get("scheduler") or cls.from_folder(SHIPPED_CONFIG_DIR).scheduler,
+            scheduler=recorded_config(scheduler)
+            if scheduler
+            else cls.from_folder(SHIPPED_CONFIG_DIR).scheduler,
             folder=SHIPPED_CONFIG_DIR,
         )
 
@@ -399,12 +419,12 @@ def embedded_configs_metadata(
     ``scheduler_config`` (default: SD1.5's) names the noise schedule and prediction type the UNet
     was trained with."""
     configs = {
-        "unet": dict(unet.config),
-        "vae": dict(vae.config),
+        "unet": recorded_config(unet.config),
+        "vae": recorded_config(vae.config),
         "text_encoder": text_encoder.config.to_dict(),
     }
     if scheduler_config is not None:
-        configs["scheduler"] = dict(scheduler_config)
+        configs["scheduler"] = recorded_config(scheduler_config)
     return {EMBEDDED_CONFIGS_KEY: json.dumps(configs, sort_keys=True, default=list)}
 
 

@@ -343,6 +343,30 @@ def test_checkpoint_with_embedded_configs_loads_with_no_config_folder(files, tmp
         load_sd15(plain)
 
 
+def test_embedded_configs_keep_values_set_after_construction(files, tmp_path) -> None:
+    """A VAE scaling factor set with register_to_config (as the toy base does) survives the round trip.
+
+    diffusers lists fields built with their defaults in ``_use_default_values`` and from_config drops
+    their values: a checkpoint written with that note, as the first toy was, loaded at 0.18215."""
+    unet, vae, text = tiny_sd15_models(files["config_dir"], seed=5)
+    vae.register_to_config(scaling_factor=0.779, shift_factor=None)
+    unet.register_to_config(norm_eps=1e-6)
+    written = save_ldm_checkpoint(tmp_path / "set_later.safetensors", unet, vae, text, embed_configs=True)
+    with safe_open(written, framework="pt") as f:
+        configs = json.loads(f.metadata()[EMBEDDED_CONFIGS_KEY])
+    assert all("_use_default_values" not in configs[part] for part in configs)
+    # A file written with the note (the first toy checkpoint) keeps its recorded values too.
+    noted = {**configs, "vae": {**configs["vae"], "_use_default_values": ["scaling_factor", "force_upcast"]}}
+    noted["unet"] = {**configs["unet"], "_use_default_values": ["norm_eps"]}
+    old = tmp_path / "with_note.safetensors"
+    save_file(load_file(written), old, metadata={EMBEDDED_CONFIGS_KEY: json.dumps(noted)})
+    for path in (written, old):
+        components = load_sd15(path)
+        assert components.vae.config.scaling_factor == 0.779
+        assert components.unet.config.norm_eps == 1e-6
+        assert components.unet.conv_norm_out.eps == 1e-6  # the value reaches the built model
+
+
 def test_embedded_configs_that_do_not_fit_are_named(files, tmp_path) -> None:
     models = tiny_sd15_models(files["config_dir"], seed=5)
     state = torch.load(files["ckpt"], weights_only=True)["state_dict"]
