@@ -165,6 +165,7 @@ def _check_memory(plan: GeneratePlan, frames: int) -> None:
 def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     """``generate``: returns the frames ``[f, 3, h, w]`` in ``[0, 1]`` and the video file written."""
     from .image_prep import fit_to_multiple, load_image
+    from .latents import latent_scale
     from .pipeline import generate_video
     from .sd15 import encode_long_prompt, load_sd15, match_token_lengths
     from .temporal_unet import LookBackUNet
@@ -183,7 +184,7 @@ def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     print(f"loading {what} on {plan.device} ({str(plan.dtype).removeprefix('torch.')})")
     components = load_sd15(plan.checkpoint, config_dir=args.config_dir, device=plan.device, dtype=plan.dtype)
     model = (
-        load_lookback_unet(plan.weights, components.unet)
+        load_lookback_unet(plan.weights, components.unet, latent_scale=latent_scale(components.vae))
         if plan.weights
         else LookBackUNet(components.unet, None)
     )
@@ -263,6 +264,8 @@ def _info(args: argparse.Namespace) -> int:
                 "base_family": header.base_family,
                 "config": json.loads(header.config.to_json()),
                 "training": header.training,
+                # the base VAE's scaling factor it was trained at (None: not recorded, not checked)
+                "latent_scale": header.training.get("latent_scale"),
                 "recommended_sampler": header.recommended_sampler,
             },
             indent=2,

@@ -9,18 +9,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .latents import decode_pixels, encode_latents
 from .long_video import sample_long_video
 from .sampler import SamplerSettings, StepCallback
 from .temporal_unet import LookBackUNet
 
 
-def _vae_scale(vae: nn.Module) -> float:
-    return float(vae.config.scaling_factor)
-
-
 @torch.no_grad()
 def encode_image_latent(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """The paper's ``z0``: VAE posterior mean times the VAE scaling factor.
+    """The paper's ``z0``: VAE posterior mean times the VAE scaling factor (:mod:`lookback_core.latents`).
 
     ``image``: ``[b, 3, h, w]`` in ``[0, 1]`` with ``h`` and ``w`` multiples of 8.
     Returns ``[b, 4, h/8, w/8]``.
@@ -29,9 +26,7 @@ def encode_image_latent(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image must be [b, 3, h, w], got shape {tuple(image.shape)}")
     if image.shape[-1] % 8 or image.shape[-2] % 8:
         raise ValueError(f"image height and width must be multiples of 8, got {tuple(image.shape[-2:])}")
-    param = next(vae.parameters())
-    pixels = image.to(device=param.device, dtype=param.dtype) * 2 - 1
-    return vae.encode(pixels).latent_dist.mean * _vae_scale(vae)
+    return encode_latents(vae, image * 2 - 1)
 
 
 @torch.no_grad()
@@ -42,11 +37,7 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor, *, frames_per_batch: i
     """
     b = latents.shape[0]
     flat = rearrange(latents, "b c f h w -> (b f) c h w")
-    param = next(vae.parameters())
-    images = [
-        vae.decode(chunk.to(device=param.device, dtype=param.dtype) / _vae_scale(vae)).sample.float().cpu()
-        for chunk in flat.split(frames_per_batch)
-    ]
+    images = [decode_pixels(vae, chunk).float().cpu() for chunk in flat.split(frames_per_batch)]
     out = (torch.cat(images) / 2 + 0.5).clamp(0, 1)
     return rearrange(out, "(b f) c h w -> b f c h w", b=b)
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import toyworld
 from .image_prep import to_uint8_frames
+from .latents import latent_scale
 from .metrics import isim_curve, isim_summary, latent_features
 from .pipeline import decode_latents, generate_latents
 from .sampler import SamplerSettings, resolve_settings
@@ -74,7 +75,7 @@ def load_toy_model(
     recommended = read_temporal_header(source).recommended_sampler if source is not None else {}
     settings, _ = resolve_settings({"steps": steps, "cfg_scale": cfg_scale, "eta": eta}, recommended, seed=0)
     if weights is not None:
-        model = load_lookback_unet(weights, components.unet)
+        model = load_lookback_unet(weights, components.unet, latent_scale=latent_scale(components.vae))
         description = f"look-back ({Path(weights).name})"
     else:
         model = LookBackUNet(components.unet, None)

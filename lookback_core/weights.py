@@ -26,6 +26,7 @@ from torch import nn
 
 from .atomic import save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
+from .latents import same_scale
 from .sampler import SETTING_RULES, InvalidSetting, check_setting
 from .sites import site_channels, site_problems
 from .temporal_unet import LookBackUNet, TemporalModules
@@ -188,14 +189,20 @@ def _read_tensors(path: Path, temporal: TemporalModules) -> dict[str, torch.Tens
     return tensors
 
 
-def load_temporal_modules(path: str | os.PathLike, unet: nn.Module) -> TemporalModules:
-    """Build the modules described by the file, check them against ``unet`` and load them.
+def load_temporal_modules(
+    path: str | os.PathLike, unet: nn.Module, *, latent_scale: float | None = None
+) -> TemporalModules:
+    """Build the modules described by the file, check them against ``unet`` (and the base's facts,
+    :func:`base_problems`) and load them.
 
     The modules are made in the UNet's dtype and on its device (an fp64 UNet gets the file's
     fp64 values exactly), and only once the file's header matches them."""
     path = Path(path)
     header = read_temporal_header(path)
     _check_against_unet(path, header.config, header.base_family, unet)
+    problems = base_problems(header, latent_scale=latent_scale, context_dim=unet.config.cross_attention_dim)
+    if problems:
+        raise TemporalWeightsError(path, problems)
     param = next(unet.parameters())
     return _build_modules(path, header.config, param.dtype, param.device)
 
@@ -223,6 +230,32 @@ def load_temporal_weights(
     return temporal.eval().requires_grad_(False), header
 
 
-def load_lookback_unet(path: str | os.PathLike, unet: nn.Module) -> LookBackUNet:
-    """``unet`` with the look-back modules of the temporal weights file at ``path`` attached."""
-    return LookBackUNet(unet, load_temporal_modules(path, unet))
+def base_problems(
+    header: TemporalHeader, *, latent_scale: float | None, context_dim: int | None
+) -> list[str]:
+    """Why weights trained on another base do not fit this one: its latent scale (the VAE scaling
+    factor, :mod:`lookback_core.latents`) or its text width. Facts the file does not record (weights
+    written before they were recorded) and facts of this base that are not given are not checked."""
+    problems = []
+    trained_scale = header.training.get("latent_scale")
+    if trained_scale is not None and latent_scale is not None and not same_scale(trained_scale, latent_scale):
+        problems.append(
+            f"it was trained on latents scaled by {trained_scale:.5g} (its base's VAE scaling factor); this "
+            f"model's VAE scales by {latent_scale:.5g}"
+        )
+    trained_context = header.training.get("context_dim")
+    if trained_context is not None and context_dim is not None and trained_context != context_dim:
+        problems.append(
+            f"it was trained with a text context of {trained_context} channels; this model's has {context_dim}"
+        )
+    return problems
+
+
+def load_lookback_unet(
+    path: str | os.PathLike, unet: nn.Module, *, latent_scale: float | None = None
+) -> LookBackUNet:
+    """``unet`` with the look-back modules of the temporal weights file at ``path`` attached.
+
+    ``latent_scale``: the scaling factor of the VAE the UNet is used with, checked against the one
+    the weights were trained at."""
+    return LookBackUNet(unet, load_temporal_modules(path, unet, latent_scale=latent_scale))

@@ -228,7 +228,7 @@ def test_module_entry_point_and_info(assets) -> None:
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["base_family"] == "sd15" and info["config"]["depth"] == 3
-    assert info["training"] == {"frames": 4}
+    assert info["training"] == {"frames": 4} and info["latent_scale"] is None  # written without it
 
 
 def test_without_weights_the_base_unet_alone_makes_the_frames(assets, tmp_path, capsys) -> None:

@@ -24,8 +24,14 @@ from lookback_core.config import preset
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
 from lookback_core.temporal_unet import create_lookback_unet
 from lookback_core.video_io import write_video
-from lookback_core.weights import load_lookback_unet, read_temporal_header, save_temporal_weights
+from lookback_core.weights import (
+    TemporalWeightsError,
+    load_lookback_unet,
+    read_temporal_header,
+    save_temporal_weights,
+)
 from training import checkpoints
+from training.cache import encoder_fingerprint
 from training.data import VideoClipDataset, collate, discover_samples
 from training.objective import hybrid_noisy_latents, lookback_loss
 from training.train import main as train_main
@@ -45,8 +51,14 @@ def test_a_few_steps_end_to_end_write_deployable_weights(setup, tmp_path) -> Non
     from lookback_core.sd15 import load_sd15
 
     unet = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"]).unet
-    model = load_lookback_unet(out / "lookback_weights.safetensors", unet)
+    model = load_lookback_unet(out / "lookback_weights.safetensors", unet, latent_scale=0.18215)
     assert any(p.abs().sum() > 0 for p in model.temporal.parameters())  # trained away from zero
+    # the base's facts are recorded, and a base whose VAE scales otherwise is refused by name
+    assert header.training["latent_scale"] == 0.18215 and header.training["context_dim"] == 32
+    with pytest.raises(
+        TemporalWeightsError, match=r"trained on latents scaled by 0\.18215.*scales by 0\.779"
+    ):
+        load_lookback_unet(out / "lookback_weights.safetensors", unet, latent_scale=0.779)
     # checkpoint-2 was pruned after checkpoint-3 was in place; the frozen UNet is not in it
     assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-3"]
     assert all(k.startswith("temporal.") for k in load_file(out / "checkpoint-3" / "model.safetensors"))
@@ -295,6 +307,16 @@ def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
     assert len(entries) == 8  # one clip per video, encoded once although each was used twice
     entry = load_file(entries[0])
     assert entry["latents"].shape == (4, 4, 4, 4) and entry["text"].shape == (77, 32)
+
+
+def test_latent_cache_folder_changes_with_the_latent_scale(setup) -> None:
+    """Latents cached at one VAE scaling factor are never reused at another."""
+    from lookback_core.sd15 import load_sd15
+
+    components = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
+    before = encoder_fingerprint(components.vae, components.text_encoder)
+    components.vae.register_to_config(scaling_factor=0.779)
+    assert encoder_fingerprint(components.vae, components.text_encoder) != before
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup, tmp_path, caplog) -> None:

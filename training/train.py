@@ -36,6 +36,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  # noqa: E402
 from lookback_core.config import LookBackConfig  # noqa: E402
+from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
@@ -108,8 +109,7 @@ def _encode_batch(batch: dict, components, cache: LatentCache | None, device, we
         entry = cache.get(key) if cache is not None else None
         if entry is None:
             with torch.no_grad():
-                z = components.vae.encode(pixels.to(device, weight_dtype)).latent_dist.mean
-                z = (z * components.vae.config.scaling_factor).permute(1, 0, 2, 3)
+                z = encode_latents(components.vae, pixels.to(device, weight_dtype)).permute(1, 0, 2, 3)
                 t = encode_prompt(components.tokenizer, components.text_encoder, [caption], device)[0]
             entry = {"latents": z.float(), "text": t.float()}
             if cache is not None:
@@ -247,7 +247,9 @@ def train(args) -> Path:
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
     if args.init_lookback_weights is not None:
-        model = load_lookback_unet(args.init_lookback_weights, components.unet)
+        model = load_lookback_unet(
+            args.init_lookback_weights, components.unet, latent_scale=latent_scale(components.vae)
+        )
     else:
         model = create_lookback_unet(components.unet, module_config(args))
     components.vae.requires_grad_(False)
@@ -340,6 +342,8 @@ def train(args) -> Path:
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
+        # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
+        "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
     }  # fmt: skip
     if args.train_backbone:
         facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up
