@@ -129,6 +129,17 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert header.recommended_sampler == {"steps": 2, "cfg_scale": recipe.sampler_cfg_scale}
     components = load_sd15(tmp_path / "toy" / "sd15_toy.safetensors")
     assert components.unet.dtype == torch.float32  # stored as fp16, loaded for the CPU
+    # the look-back stage trained at the scale the base stage set (not diffusers' default 0.18215)
+    scale = record["base_facts"]["vae_scaling_factor"]
+    assert components.vae.config.scaling_factor == pytest.approx(scale, rel=1e-3)
+    assert header.training["latent_scale"] == pytest.approx(scale, rel=1e-3) and scale != 0.18215
+    # every norm has ComfyUI's 32 groups, so ComfyUI's own UNet and VAE classes compute the same
+    norms = [
+        m
+        for m in (*components.unet.modules(), *components.vae.modules())
+        if isinstance(m, torch.nn.GroupNorm)
+    ]
+    assert norms and {m.num_groups for m in norms} == {32}
     assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
     frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
     assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])

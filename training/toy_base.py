@@ -41,23 +41,26 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from lookback_core import toyworld  # noqa: E402
+from lookback_core.latents import encode_latents  # noqa: E402
 from lookback_core.ldm_export import save_ldm_checkpoint  # noqa: E402
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR  # noqa: E402
 from training.args import at_least, check_number_flags  # noqa: E402
 
 logger = logging.getLogger("lookback.toy_base")
 
-# Few channels per norm group would hide a frame's absolute colour: a GroupNorm right before the
-# output conv normalises each group over the whole image, and a flat background's level survives
-# only as a ratio between channels of one group. 4+ channels per group at the top, as SD1.5's
-# VAE (128 / 32) has; measured: 16 groups (1 channel each) 27.4 dB, 4 groups 28.6 dB at 1500 steps.
+# 32 norm groups everywhere, as SD1.5 has and as ComfyUI's UNet and VAE build them
+# (GroupNorm(32, ...) is fixed in its code): a model with other group counts would load there
+# without an error and compute something else, so the toy's widths are multiples of 32. Few
+# channels per group cost some reconstruction (a GroupNorm before the output conv normalises each
+# group over the whole image, so a flat background's level survives only between the channels of
+# a group; measured on the first toy VAE at 1500 steps: 1 channel a group 27.4 dB, 4 a group 28.6).
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
     latent_channels=4,
-    block_out_channels=(16, 32, 64, 64),
+    block_out_channels=(32, 64, 64, 64),
     layers_per_block=1,
-    norm_num_groups=4,
+    norm_num_groups=32,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=toyworld.SIZE,
@@ -71,7 +74,7 @@ UNET_CONFIG = dict(
     layers_per_block=2,
     cross_attention_dim=TEXT_HIDDEN,
     attention_head_dim=2,  # diffusers' name for the number of heads (SD1.5 configs use it so)
-    norm_num_groups=4,
+    norm_num_groups=32,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--train_clips", type=int, default=2000, help="clips (seeds 0..N-1) frames are drawn from")
     p.add_argument("--vae_steps", type=int, default=1500)
-    p.add_argument("--vae_batch_size", type=int, default=16)
+    p.add_argument("--vae_batch_size", type=int, default=8)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--unet_steps", type=int, default=1500)
     p.add_argument("--unet_batch_size", type=int, default=64)
@@ -205,13 +208,11 @@ def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL,
     return vae, facts
 
 
-@torch.no_grad()
 def encode_pool(vae: AutoencoderKL, pool: FramePool, batch: int = 256) -> torch.Tensor:
     """Scaled latents of every frame of the pool."""
-    scale = vae.config.scaling_factor
     return torch.cat(
         [
-            vae.encode(to_pixels(pool.frames[i : i + batch])).latent_dist.mean * scale
+            encode_latents(vae, to_pixels(pool.frames[i : i + batch]))
             for i in tqdm(range(0, len(pool.frames), batch), desc="encoding frames", unit="batch")
         ]
     )
