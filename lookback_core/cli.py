@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from .atomic import sigterm_as_exit
 from .precision import DTYPES, dtype_named
 from .sampler import InvalidSetting, SamplerSettings, resolve_settings
+from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toyablate import VARIANTS
 from .toybuild import ToyRecipe
-from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toyworld import HELD_OUT_SEED
 
 

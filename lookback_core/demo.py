@@ -23,7 +23,7 @@ import numpy as np
 
 from . import toyworld
 from .image_prep import to_uint8_frames
-from .toyeval import TOY_CHECKPOINT, TOY_WEIGHTS
+from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toymetrics import clip_metrics
 
 LABEL_WIDTH = 4  # px of colour bar left of each contact-sheet row: green look-back, grey base, white truth

@@ -9,8 +9,10 @@ measure in VAE-latent space (:mod:`lookback_core.metrics`), averaged over clips.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,9 @@ from .pipeline import decode_latents, generate_latents
 from .sampler import SamplerSettings, resolve_settings
 from .sd15 import SD15Components, encode_prompt, load_sd15
 from .temporal_unet import LookBackUNet
+from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toymetrics import ClipMetrics, clip_metrics, summarise
 from .weights import load_lookback_unet, read_temporal_header
-
-TOY_DIR = Path(__file__).parent / "toy"
-TOY_CHECKPOINT = TOY_DIR / "sd15_toy.safetensors"
-TOY_WEIGHTS = TOY_DIR / "lookback_toy.safetensors"
 
 # The bars the shipped toy model must reach (held-out clips, generate's default settings).
 BARS: dict[str, tuple[str, float, float]] = {
@@ -141,23 +140,42 @@ class EvalReport:
         }
 
 
+# Makes one clip's video from its start image and caption: frames [f, h, w, 3] uint8 and the scaled
+# latents [c, f, h/8, w/8] (the command line's generate_clip, or a host's own sampling).
+ClipGenerator = Callable[[toyworld.ToyClip, int], tuple[np.ndarray, torch.Tensor]]
+
+
 def evaluate(
     toy: ToyModel, clips: int, *, first_seed: int = toyworld.HELD_OUT_SEED, progress: bool = True
 ) -> EvalReport:
     """Generate from ``clips`` held-out clips (seeds ``first_seed...``) and measure every video."""
+    generate = functools.partial(generate_clip, toy)
+    return measure(generate, toy.description, toy.settings, clips, first_seed=first_seed, progress=progress)
+
+
+def measure(
+    generate: ClipGenerator,
+    description: str,
+    settings: SamplerSettings,
+    clips: int,
+    *,
+    first_seed: int = toyworld.HELD_OUT_SEED,
+    progress: bool = True,
+) -> EvalReport:
+    """Measure the videos ``generate(clip, seed)`` makes from ``clips`` held-out clips (seeds ``first_seed...``)."""
     if first_seed < toyworld.HELD_OUT_SEED:
         raise ValueError(
             f"held-out seeds start at {toyworld.HELD_OUT_SEED}; {first_seed} may have been trained on"
         )
     results, curves, seeds = [], [], list(range(first_seed, first_seed + clips))
-    for seed in tqdm(seeds, desc=f"evaluating {toy.description}", unit="clip", disable=not progress):
+    for seed in tqdm(seeds, desc=f"evaluating {description}", unit="clip", disable=not progress):
         clip = toyworld.make_clip(seed)
-        frames, latents = generate_clip(toy, clip, seed)
+        frames, latents = generate(clip, seed)
         results.append(clip_metrics(frames, clip.frames[0], clip.rgb, clip.direction))
         features = latent_features(latents.float())
         curves.append(isim_curve(features, features[0]))
     curve = torch.stack(curves).mean(0)
-    return EvalReport(toy.description, toy.settings, results, seeds, [round(float(v), 5) for v in curve])
+    return EvalReport(description, settings, results, seeds, [round(float(v), 5) for v in curve])
 
 
 def markdown_table(reports: list[EvalReport]) -> str:

@@ -14,9 +14,10 @@ from lookback_core import toyablate, toyworld
 from lookback_core.cli import main
 from lookback_core.demo import run_demo
 from lookback_core.sd15 import load_sd15
+from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from lookback_core.toyablate import ablate
 from lookback_core.toybuild import ToyRecipe, build
-from lookback_core.toyeval import BARS, TOY_CHECKPOINT, TOY_WEIGHTS, evaluate, load_toy_model
+from lookback_core.toyeval import BARS, evaluate, load_toy_model
 from lookback_core.weights import read_temporal_header
 
 EVAL_CLIPS = 12
@@ -36,16 +37,17 @@ def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
     header = read_temporal_header(TOY_WEIGHTS)
     build_record = header.training["toy_build"]
     assert build_record["recipe"]["preset"] == header.training["preset"]
-    assert build_record["wall_time_s"]["total_s"] <= 3600
+    assert build_record["wall_time_s"]["total_s"] <= 90 * 60  # the toy build's budget on 2 cores
     assert set(header.recommended_sampler) == {"steps", "cfg_scale"}
 
 
-# What the shipped model measured on the first 12 held-out clips (frame 0 32.0 dB, persistence
-# 1.0, direction 0.92, speed 1.94, drift 12.2), less a margin: a regression guard. The issue's
-# bars (toyeval.BARS) are what `toyworld eval --check` holds it to; the README says which of them
-# the shipped model misses on 32 clips (direction 0.78, drift 12.8).
-FLOORS = {"frame0_psnr": 28.0, "persistence": 0.9, "direction_accuracy": 0.7, "speed": 1.5}
-DRIFT_CEILING = 16.0
+# What the shipped model measured on the first 12 held-out clips (frame 0 28.8 dB, persistence
+# 0.95, direction 0.17, speed 0.78, drift 10.7; commit c21055e's build, trained at the VAE's real
+# latent scale), less a margin: a regression guard. The issue's bars (toyeval.BARS) are what
+# `toyworld eval --check` holds it to; the README says which of them the shipped model misses on
+# 32 clips (direction 0.16, speed 0.80, drift 12.0): it keeps the image, and hardly moves it.
+FLOORS = {"frame0_psnr": 28.0, "persistence": 0.85, "speed": 0.5}
+DRIFT_CEILING = 14.0
 
 
 def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
@@ -56,8 +58,10 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     assert summary["speed"] <= BARS["speed"][2]  # never faster than the world moves
 
 
-def test_the_base_alone_does_not_move_the_object_the_captioned_way(lookback_report) -> None:
-    """The baseline row: same checkpoint and sampler, no look-back modules."""
+def test_the_base_alone_loses_the_image_that_look_back_keeps(lookback_report) -> None:
+    """The baseline row: same checkpoint and sampler, no look-back modules. What the modules add
+    today is the image held through the clip (half the drift, five times the likeness) and some
+    motion; not yet the captioned direction (both 0.17 on these clips)."""
     base = evaluate(
         load_toy_model(TOY_CHECKPOINT, None, settings_from=TOY_WEIGHTS), EVAL_CLIPS, progress=False
     )
@@ -66,10 +70,9 @@ def test_the_base_alone_does_not_move_the_object_the_captioned_way(lookback_repo
     assert summary["frame0_psnr"] == pytest.approx(
         lookback_report.summary["frame0_psnr"]
     )  # same pinned frame
-    assert summary["direction_accuracy"] <= 0.3 < lookback_report.summary["direction_accuracy"]
     assert summary["background_drift"] > 1.5 * lookback_report.summary["background_drift"]
-    assert summary["persistence"] < lookback_report.summary["persistence"]
-    assert lookback_report.summary["isim_latent_avg"] > summary["isim_latent_avg"]
+    assert lookback_report.summary["isim_latent_avg"] > 2 * summary["isim_latent_avg"]
+    assert lookback_report.summary["speed"] > 1.5 * summary["speed"]
 
 
 def test_eval_command_reports_and_checks_the_bars(tmp_path, capsys) -> None:
