@@ -154,6 +154,11 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], di
     return shapes, metadata
 
 
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint, from its header alone (no tensor is read)."""
+    return _read_safetensors_header(Path(path))[1]
+
+
 def tensor_elements(path: Path) -> int:
     """Elements of all tensors in a weights file: from the header of a ``.safetensors`` file, without
     reading its data; for a ``.ckpt`` file estimated from its size (as fp16, the common case)."""

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lookback_core.config import LookBackConfig
 from lookback_core.sites import ldm_site_channels, site_problems
 from lookback_core.temporal_unet import TemporalModules
+from lookback_core.weights import TemporalHeader, base_problems
 
 PIN_KEY = "lookback_pinned_frames"
 
@@ -112,13 +112,14 @@ def unet_site_channels(unet_config: dict) -> dict[str, int] | None:
 
 
 def unet_problems(
-    config: LookBackConfig, unet_channels: dict[str, int], context_dim: int | None
+    header: TemporalHeader, unet_channels: dict[str, int], context_dim: int | None, latent_scale: float | None
 ) -> list[str]:
-    """Why modules of ``config`` do not fit a UNet with sites ``unet_channels``; empty when they do."""
+    """Why the weights of ``header`` do not fit a UNet with sites ``unet_channels``, text context
+    ``context_dim`` and latent scale ``latent_scale``, by the weights' own facts; empty when they do."""
+    config = header.config
     problems = site_problems({s: config.channels.get(s) for s in config.sites}, unet_channels, "the weights")
-    if context_dim is not None and context_dim != 768:
-        problems.append(f"its text context has {context_dim} channels, SD1.5's has 768")
-    return problems
+    # the base's facts first: one line each, where the sites may fill the message
+    return base_problems(header, latent_scale=latent_scale, context_dim=context_dim) + problems
 
 
 def pinned_video_latent(pinned: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:

@@ -50,6 +50,22 @@ class LookBackWeights:
     header: TemporalHeader
     name: str
 
+    def __repr__(self) -> str:  # ComfyUI puts inputs' reprs into error reports: no module tree
+        return f"LookBackWeights({self.name!r}, {self.describe_base()})"
+
+    def describe_base(self) -> str:
+        """What the weights were trained on, in their own words (the facts their file records)."""
+        facts = self.header.training
+        parts = [
+            f"trained on {facts['base_checkpoint']}" if "base_checkpoint" in facts else "base not recorded"
+        ]
+        if "context_dim" in facts:
+            parts.append(f"text context {facts['context_dim']}")
+        if "latent_scale" in facts:
+            parts.append(f"latent scale {facts['latent_scale']:.5g}")
+        parts.append(f"{len(self.header.config.sites)} sites")
+        return ", ".join(parts)
+
 
 @functools.lru_cache(maxsize=4)
 def _read_weights(path: str, _mtime_ns: int, _size: int) -> LookBackWeights:
@@ -73,13 +89,15 @@ def apply_lookback(model, weights: LookBackWeights):
             f"model: this MODEL ({type(base.model_config).__name__}) is not a UNet of the SD1.5 layout; the "
             f"look-back weights {weights.name} need an SD1.5 checkpoint's MODEL"
         )
-    problems = unet_problems(weights.header.config, channels, unet_config.get("context_dim"))
+    problems = unet_problems(
+        weights.header, channels, unet_config.get("context_dim"), base.latent_format.scale_factor
+    )
     if problems:
         raise ValueError(
             f"model: this MODEL ({type(base.model_config).__name__}, {len(channels)} sites) does not fit the "
-            f"look-back weights {weights.name} (trained on SD1.5, {len(weights.header.config.sites)} sites): "
+            f"look-back weights {weights.name} ({weights.describe_base()}): "
             + "; ".join(problems[:5])
-            + "; load an SD1.5 checkpoint, or weights trained for this model"
+            + "; load the checkpoint they were trained on, or weights trained for this model"
         )
     if model.get_additional_models_with_key(WRAPPER_KEY):
         raise ValueError("model: Apply Look-Back was already applied to this MODEL; apply it once")
@@ -87,7 +105,7 @@ def apply_lookback(model, weights: LookBackWeights):
     temporal = copy.deepcopy(weights.temporal).to(dtype=base.get_dtype_inference())
     patches = LookBackPatches(temporal)
     patched.set_model_input_block_patch(patches.input_block)
-    patched.set_model_patch(patches.middle_block, "middle_block_after_patch")
+    patched.set_model_patch(patches.middle_block, host.MIDDLE_BLOCK_PATCH)
     patched.set_model_output_block_patch(patches.output_block)
     last = len(base.diffusion_model.output_blocks) - 1
     name = f"diffusion_model.output_blocks.{last}"

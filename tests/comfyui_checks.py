@@ -1,10 +1,12 @@
 """Checks of the native nodes inside ComfyUI's own sampling, run by ComfyUI's Python.
 
-``python tests/comfyui_checks.py CHECKPOINT OUT_DIR`` (with ``COMFYUI_PATH`` set) loads a full-size
-SD1.5 checkpoint through ComfyUI, applies look-back weights written for it, samples with
-KSampler's code path (``comfy.sample.sample``) and writes what it measured to
-``OUT_DIR/results.json``; tests/test_comfyui_native.py asserts on it. A separate process, so the
-suite's own interpreter never imports ComfyUI (whose ``nodes`` module shares our package's name).
+``python tests/comfyui_checks.py OUT_DIR [CHECKPOINT WEIGHTS]`` (with ``COMFYUI_PATH`` set) loads
+the shipped toy model (by default) through the pack's own-config checkpoint loader into ComfyUI's
+own MODEL, CLIP and VAE, compares those parts with the diffusers ones, applies the trained toy
+look-back weights, samples with KSampler's code path (``comfy.sample.sample``) and writes what it
+measured to ``OUT_DIR/results.json``; tests/test_comfyui_native.py asserts on it. A separate
+process, so the suite's own interpreter never imports ComfyUI (whose ``nodes`` module shares our
+package's name).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lookback_core.config import LookBackConfig  # noqa: E402
+from lookback_core.latents import latent_scale  # noqa: E402
+from lookback_core.pipeline import encode_image_latent  # noqa: E402
 from lookback_core.sampler import SamplerSettings, sample_video  # noqa: E402
-from lookback_core.sd15 import load_sd15  # noqa: E402
-from lookback_core.sites import ldm_site_channels  # noqa: E402
+from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
 from lookback_core.temporal_unet import TemporalModules  # noqa: E402
-from lookback_core.weights import load_lookback_unet, save_temporal_weights  # noqa: E402
+from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
+from lookback_core.weights import load_lookback_unet, read_temporal_header, save_temporal_weights  # noqa: E402
 from nodes import host  # noqa: E402
 from nodes.native import (  # noqa: E402
     LookBackExtendVideo,
@@ -42,26 +47,21 @@ from nodes.native import (  # noqa: E402
     apply_lookback,
     read_weights,
 )
+from nodes.own_config_checkpoint import load_own_config_checkpoint  # noqa: E402
+from nodes.toy import LookBackToyStartImage  # noqa: E402
 
-SCALE = 0.18215  # SD1.5's latent scale (ComfyUI's process_latent_in)
-SIZE, FRAMES, SEED = 64, 4, 7
-SD15_CHANNELS = ldm_site_channels(320, [1, 2, 4, 4], 2)
+FRAMES, SEED = 4, 7
+CORE_FRAMES = 16  # the native-equals-core check: the toy's whole horizon at its recommended settings
 
 
 def write_weights(path: Path, channels: dict[str, int], seed: int = 0) -> Path:
-    """Look-back weights at all 21 sites (d=2, 1x1 look-back to keep memory small, 3x3x3 adapter),
-    small random values."""
+    """Look-back weights at every site (d=2, 1x1 look-back, 3x3x3 adapter), small random values."""
     config = LookBackConfig(depth=2, kernel=1, channels=channels)
     temporal = TemporalModules(config)
     g = torch.Generator().manual_seed(seed)
     for p in temporal.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.02
     return save_temporal_weights(path, temporal)
-
-
-def start_image() -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    return torch.stack([xs, ys, (xs + ys) / 2], -1)[None]
 
 
 class UNetInputs:
@@ -99,60 +99,110 @@ def ksample(model, latent, positive, negative, sampler="ddim", scheduler="ddim_u
     return out, noise
 
 
-def main(checkpoint: Path, out: Path) -> None:
-    results: dict = {}
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-        str(checkpoint), output_vae=True, output_clip=True
-    )[:3]
-    weights_path = write_weights(out / "lookback_full.safetensors", SD15_CHANNELS)
-    weights = read_weights(weights_path)
-    patched = apply_lookback(model, weights)
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red square moving left"))
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    (latent,) = LookBackImageToVideo().encode(vae, start_image(), FRAMES)
-    start = latent["samples"][:1] * SCALE
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the larger magnitude of the two."""
+    return ((a - b).abs().max() / max(a.abs().max(), b.abs().max())).item()
 
-    # 1. equal to the core sampler: DDIM (ddim + ddim_uniform) against lookback_core.sampler
-    watched, recorder = watch(patched, start)
-    native, noise = ksample(watched, latent, positive, negative)
+
+def compare_parts(components, model, clip, vae, image: torch.Tensor, caption: str) -> dict:
+    """ComfyUI's MODEL, CLIP and VAE against the diffusers parts on the same inputs."""
+    g = torch.Generator().manual_seed(3)
+    context_dim = components.unet.config.cross_attention_dim
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, context_dim, generator=g)
+    t = torch.tensor([20.0, 700.0])
+    with torch.no_grad():
+        ours = components.unet(x, t, context).sample
+        theirs = model.model.diffusion_model(x, timesteps=t, context=context)
+        pixels = rearrange(image, "b h w c -> b c h w")
+        mean = components.vae.encode(pixels * 2 - 1).latent_dist.mean
+        decoded = (components.vae.decode(mean).sample / 2 + 0.5).clamp(0, 1)
+        text = encode_prompt(components.tokenizer, components.text_encoder, [caption], "cpu")
+    comfy_text = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][0]
+    comfy_latent = vae.encode(image)
+    return {
+        "unet": relative(theirs, ours),
+        "vae_encode": relative(comfy_latent.float(), mean),
+        "vae_decode": relative(vae.decode(mean).float(), rearrange(decoded, "b c h w -> b h w c")),
+        "clip": relative(comfy_text.float(), text),
+        "latent_scale": model.model.latent_format.scale_factor,
+        "vae_scaling_factor": latent_scale(components.vae),
+        "norm_groups": sorted(
+            {m.num_groups for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.GroupNorm)}
+        ),
+    }
+
+
+def core_comparison(checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg) -> dict:
+    """KSampler (ddim/ddim_uniform) against lookback_core.sampler, given the same start latent (as a
+    ComfyUI user gets it: the user's VAE through Look-Back Image To Video), embeddings and noise;
+    the core's own start latent for the same image is compared with that one too."""
+    (latent,) = LookBackImageToVideo().encode(vae, image, CORE_FRAMES)
+    scale = patched.model.latent_format.scale_factor
+    native, noise = ksample(patched, latent, positive, negative, steps=steps, cfg=cfg)
     components = load_sd15(checkpoint)
-    core_model = load_lookback_unet(weights_path, components.unet).eval()
+    core_model = load_lookback_unet(weights_path, components.unet, latent_scale=latent_scale(components.vae))
+    start = encode_image_latent(components.vae, rearrange(image, "b h w c -> b c h w"))
     # Same end point: ComfyUI's last step goes to sigma 0, DDIM's to alphas_cumprod[0] unless
     # set_alpha_to_one. Same start: KSampler starts below sigma_max at x = sigma * noise (not
     # sqrt(sigma^2 + 1) * noise), i.e. DDIM's x_t = sqrt(1 - alphas_cumprod[t]) * noise.
     scheduler_config = {**components.scheduler_config, "set_alpha_to_one": True}
-    from diffusers import DDIMScheduler
-
     ddim = DDIMScheduler.from_config(scheduler_config)
-    ddim.set_timesteps(10)
+    ddim.set_timesteps(steps)
     first = float(ddim.alphas_cumprod[ddim.timesteps[0]])
     core_noise = rearrange(noise[1:], "f c h w -> 1 c f h w") * math.sqrt(1 - first)
+    comfy_start = latent["samples"][:1] * scale
     core = sample_video(
-        core_model, start, positive[0][0], negative[0][0], FRAMES, SamplerSettings(steps=10, cfg_scale=3.0, seed=SEED),
-        scheduler_config, noise=core_noise,
+        core_model.eval(), comfy_start, positive[0][0], negative[0][0], CORE_FRAMES,
+        SamplerSettings(steps=steps, cfg_scale=cfg, seed=SEED), scheduler_config, noise=core_noise,
     )  # fmt: skip
-    native_scaled = rearrange(native * SCALE, "f c h w -> 1 c f h w")
-    del components, core_model
-    print("core comparison done", flush=True)
-    results["core"] = {
+    native_scaled = rearrange(native * scale, "f c h w -> 1 c f h w")
+    return {
         "max_abs_diff": (native_scaled - core).abs().max().item(),
         "magnitude": core[:, :, 1:].abs().max().item(),
+        "start_latent_diff": (comfy_start - start).abs().max().item(),
         "frame0_error": (native[0] - latent["samples"][0]).abs().max().item(),
-        "unet_frame0_error": recorder.frame0_error,
-        "calls": sorted(set(recorder.calls)),
-        "timesteps": [int(t) for t in ddim.timesteps],
+        "frames": native.shape[0],
+        "steps": steps,
+        "cfg": cfg,
     }
+
+
+@torch.inference_mode()  # as ComfyUI's executor runs every node
+def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
+    results: dict = {}
+    model, clip, vae = load_own_config_checkpoint(checkpoint)
+    image, caption = LookBackToyStartImage().make(0)
+    components = load_sd15(checkpoint)
+    results["parts"] = compare_parts(components, model, clip, vae, image, caption)
+    del components
+    print("parts compared", flush=True)
+
+    weights = read_weights(weights_path)
+    patched = apply_lookback(model, weights)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    recommended = read_temporal_header(weights_path).recommended_sampler
+    steps, cfg = recommended.get("steps", 25), recommended.get("cfg_scale", 3.0)
+
+    # 1. equal to the core sampler on the trained toy, at the weights' recommended settings
+    results["core"] = core_comparison(
+        checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg
+    )
+    (latent,) = LookBackImageToVideo().encode(vae, image, FRAMES)
+    scale = model.model.latent_format.scale_factor
+    start = latent["samples"][:1] * scale
+    watched, recorder = watch(patched, start)
+    native, _ = ksample(watched, latent, positive, negative)
+    results["core"]["unet_frame0_error"] = recorder.frame0_error
+    results["core"]["calls"] = sorted(set(recorder.calls))
     # what the modules and the pinning change, for scale: the tolerance must be far below both
     plain, _ = ksample(model, latent, positive, negative)
     renoised = patched.clone()
     renoised.remove_wrappers_with_key(host.PREDICT_NOISE, "lookback_i2v")
     renoised_out, _ = ksample(renoised, latent, positive, negative)
-    results["core"]["without_modules_diff"] = (
-        (rearrange(plain * SCALE, "f c h w -> 1 c f h w") - core).abs().max().item()
-    )
-    results["core"]["renoised_frame0_diff"] = ((renoised_out - native) * SCALE).abs().max().item()
-
-    print("pinning effects measured", flush=True)
+    results["core"]["without_modules_diff"] = ((plain - native) * scale).abs().max().item()
+    results["core"]["renoised_frame0_diff"] = ((renoised_out - native) * scale).abs().max().item()
+    print("core comparison done", flush=True)
 
     # 2. every sampler and scheduler: frame 0 is the image at every UNet call and in the result
     results["samplers"] = {}
@@ -167,30 +217,28 @@ def main(checkpoint: Path, out: Path) -> None:
             "frames_moved": (out_[1:] - latent["samples"][0]).abs().mean().item(),
             "calls": sorted(set(recorder.calls)),
         }
-
     print("samplers done", flush=True)
 
     # 3. conditioning shapes: cfg 1 (no uncond), combined prompts, an area, a strength
-    second = clip.encode_from_tokens_scheduled(clip.tokenize("a blue circle"))
+    second = clip.encode_from_tokens_scheduled(clip.tokenize("a blue circle moving up"))
     area = [[c, {**d, "area": (4, 4, 0, 0), "strength": 1.0}] for c, d in second]
     weak = [[c, {**d, "strength": 0.5}] for c, d in second]
     results["conditioning"] = {}
-    for name, (pos, cfg) in {"cfg1": (positive, 1.0), "combined": (positive + second, 3.0),
-                             "area": (positive + area, 3.0), "strength": (positive + weak, 3.0)}.items():  # fmt: skip
+    for name, (pos, cfg_) in {"cfg1": (positive, 1.0), "combined": (positive + second, 3.0),
+                              "area": (positive + area, 3.0), "strength": (positive + weak, 3.0)}.items():  # fmt: skip
         watched, recorder = watch(patched, start)
-        out_, _ = ksample(watched, latent, pos, negative, "euler", "normal", steps=3, cfg=cfg)
+        out_, _ = ksample(watched, latent, pos, negative, "euler", "normal", steps=3, cfg=cfg_)
         results["conditioning"][name] = {
             "frame0_error": (out_[0] - latent["samples"][0]).abs().max().item(),
             "unet_frame0_error": recorder.frame0_error,
             "calls": sorted(set(recorder.calls)),
-            "differs_from_plain_prompt": (out_ - ksample(patched, latent, positive, negative, "euler", "normal", 3, cfg)[0]).abs().max().item(),
+            "differs_from_plain_prompt": (out_ - ksample(patched, latent, positive, negative, "euler", "normal", 3, cfg_)[0]).abs().max().item(),
         }  # fmt: skip
-
     print("conditioning done", flush=True)
 
     # 4. a long video: the next chunk continues from the last 2 frames, pinned
     (chunk,) = LookBackExtendVideo().extend({"samples": native}, frames=3, context_frames=2)
-    watched, recorder = watch(patched, native[-2:] * SCALE)
+    watched, recorder = watch(patched, native[-2:] * scale)
     sampled, _ = ksample(watched, chunk, positive, negative, "dpmpp_2m", "karras", steps=4)
     (joined,) = LookBackJoinVideo().join({"samples": native}, {**chunk, "samples": sampled})
     results["long_video"] = {
@@ -199,13 +247,13 @@ def main(checkpoint: Path, out: Path) -> None:
         "frames": joined["samples"].shape[0],
         "calls": sorted(set(recorder.calls)),
     }
-
     print("long video done", flush=True)
 
-    # 5. a LoRA (core loader path) reaches the UNet under the look-back modules
+    # 5. a LoRA (ComfyUI's loader) reaches the UNet under the look-back modules
     key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    width = model.model.model_config.unet_config["model_channels"]
     g = torch.Generator().manual_seed(1)
-    lora = {f"{key}.lora_down.weight": torch.randn(4, 320, generator=g), f"{key}.lora_up.weight": torch.randn(320, 4, generator=g),
+    lora = {f"{key}.lora_down.weight": torch.randn(4, width, generator=g), f"{key}.lora_up.weight": torch.randn(width, 4, generator=g),
             f"{key}.alpha": torch.tensor(4.0)}  # fmt: skip
     results["lora"] = {}
     for strength in (0.0, 1.0):
@@ -217,7 +265,8 @@ def main(checkpoint: Path, out: Path) -> None:
         results["lora"][str(strength)] = (out_[1:] - base_[1:]).abs().max().item()
 
     # 6. refusals name both sides
-    wrong = write_weights(out / "lookback_wide.safetensors", {s: 2 * n for s, n in SD15_CHANNELS.items()})
+    channels = weights.header.config.channels
+    wrong = write_weights(out / "lookback_wide.safetensors", {s: 2 * n for s, n in channels.items()})
     for name, call in {"wrong_channels": lambda: apply_lookback(model, read_weights(wrong)),
                        "twice": lambda: apply_lookback(patched, weights)}.items():  # fmt: skip
         try:
@@ -228,8 +277,10 @@ def main(checkpoint: Path, out: Path) -> None:
     results["additional_models"] = [
         type(m.model).__name__ for m in patched.get_additional_models_with_key("lookback_i2v")
     ]
+    results["weights_repr"] = repr(weights)
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    given = [Path(a) for a in sys.argv[2:4]]
+    main(Path(sys.argv[1]), *(given or [TOY_CHECKPOINT, TOY_WEIGHTS]))

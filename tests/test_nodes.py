@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ from lookback_core.sd15 import SHIPPED_CONFIG_DIR, load_sd15
 from lookback_core.sites import ldm_site_channels, site_channels
 from lookback_core.temporal_unet import TemporalModules, create_lookback_unet
 from lookback_core.video_io import read_metadata, read_video
-from lookback_core.weights import TemporalWeightsError
+from lookback_core.weights import TemporalHeader, TemporalWeightsError
 from nodes import host, lookback_patch
 from nodes.lookback_patch import LookBackPatches, SiteMarker
 from nodes.native import LookBackExtendVideo, LookBackImageToVideo, LookBackJoinVideo, read_weights
+from nodes.own_config_checkpoint import carries_own_configs, comfy_settings
+from nodes.toy import LookBackToyStartImage
 from nodes.video import LookBackVideoCombine
 
 REPO = Path(__file__).parents[1]
@@ -46,7 +49,7 @@ def test_pack_imports_the_way_comfyui_loads_it() -> None:
         del sys.modules[spec.name]
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert set(pack.NODE_CLASS_MAPPINGS) == {
-        "LookBackWeightsLoader", "LookBackApply", "LookBackImageToVideo", "LookBackExtendVideo", "LookBackJoinVideo",
+        "LookBackCheckpointLoader", "LookBackToyStartImage", "LookBackWeightsLoader", "LookBackApply", "LookBackImageToVideo", "LookBackExtendVideo", "LookBackJoinVideo",
         "LookBackVideoCombine",
     }  # fmt: skip
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
@@ -69,13 +72,18 @@ def test_ldm_site_channels_match_the_diffusers_unet() -> None:
 
 
 def test_sdxl_sites_are_refused_naming_the_mismatch() -> None:
-    sd15_weights = preset("light").with_channels(ldm_site_channels(**SD15_LDM))
+    sd15 = ldm_site_channels(**SD15_LDM)
+    facts = {"context_dim": 768, "latent_scale": 0.18215}
+    weights = TemporalHeader(preset("light").with_channels(sd15), training=facts)
     sdxl = ldm_site_channels(model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=2)
-    problems = lookback_patch.unet_problems(sd15_weights, sdxl, context_dim=2048)
+    problems = lookback_patch.unet_problems(weights, sdxl, context_dim=2048, latent_scale=0.13025)
     assert any("site 'input.10' does not exist in this UNet" in p for p in problems)
     assert "site 'output.3' has 640 channels in this UNet but 1280 in the weights" in problems
-    assert "its text context has 2048 channels, SD1.5's has 768" in problems
-    assert lookback_patch.unet_problems(sd15_weights, ldm_site_channels(**SD15_LDM), 768) == []
+    assert "it was trained with a text context of 768 channels; this model's has 2048" in problems
+    assert any("trained on latents scaled by 0.18215" in p and "scales by 0.13025" in p for p in problems)
+    assert lookback_patch.unet_problems(weights, sd15, 768, 0.18215) == []
+    # weights that do not record a fact (written before it was recorded) are not checked on it
+    assert lookback_patch.unet_problems(replace(weights, training={}), sd15, 2048, 0.13025) == []
     # ComfyUI's unet_config: an SD1.5 UNet's gives the 21 sites, a DiT's (Flux) none
     sd15_config = {**SD15_LDM, "context_dim": 768, "use_linear_in_transformer": False}
     assert lookback_patch.unet_site_channels(sd15_config) == ldm_site_channels(**SD15_LDM)
@@ -226,12 +234,50 @@ def test_image_to_video_encodes_one_start_image_cropped_to_multiples_of_8(tiny_f
         LookBackImageToVideo().encode(vae, torch.rand(1, 40, 64, 3), 6)
 
 
+def test_toy_checkpoint_configs_translate_to_comfyuis_sd15_classes(tiny_files, tmp_path) -> None:
+    from lookback_core.sd15 import EMBEDDED_CONFIGS_KEY, ModelConfigs, checkpoint_metadata
+    from lookback_core.toy import TOY_CHECKPOINT
+
+    configs = ModelConfigs.from_metadata(
+        TOY_CHECKPOINT, checkpoint_metadata(TOY_CHECKPOINT)[EMBEDDED_CONFIGS_KEY]
+    )
+    settings = comfy_settings(TOY_CHECKPOINT, configs)
+    widths = configs.configs["vae"]["block_out_channels"]
+    assert settings.vae_ddconfig["ch"] * np.array(settings.vae_ddconfig["ch_mult"]) == pytest.approx(widths)
+    assert settings.num_heads == configs.configs["unet"]["attention_head_dim"]
+    assert settings.latent_scale == configs.configs["vae"]["scaling_factor"] != 0.18215
+    assert settings.prediction_type == "v_prediction"
+    assert settings.text_config["hidden_size"] == configs.configs["text_encoder"]["hidden_size"]
+    # what ComfyUI's classes would compute otherwise is named, field by field
+    configs.configs["vae"]["norm_num_groups"] = 4
+    configs.configs["unet"]["act_fn"] = "gelu"
+    with pytest.raises(ValueError, match=r"sd15_toy.safetensors: cannot be built from ComfyUI's SD1.5 classes: "
+                       r"the UNet's act_fn is 'gelu'.*the VAE's norm_num_groups is 4, ComfyUI's classes compute 32"):  # fmt: skip
+        comfy_settings(TOY_CHECKPOINT, configs)
+    assert carries_own_configs(TOY_CHECKPOINT) and not carries_own_configs(tiny_files["checkpoint"])
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    assert not carries_own_configs(tmp_path / "x.ckpt")
+
+
+def test_toy_start_image_is_a_held_out_first_frame_and_its_caption() -> None:
+    from lookback_core import toyworld
+
+    image, caption = LookBackToyStartImage().make(3)
+    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32
+    assert torch.equal((image[0] * 255).round().to(torch.uint8), torch.from_numpy(clip.frames[0]))
+    assert caption == clip.caption and caption.startswith("a ")
+
+
 def test_weights_are_read_once_until_the_file_changes(tiny_files, tmp_path) -> None:
     path = tmp_path / "w.safetensors"
     path.write_bytes(Path(tiny_files["weights"]).read_bytes())
     first = read_weights(path)
     assert read_weights(path) is first and first.name == "w.safetensors"
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in first.temporal.parameters())
+    assert (
+        repr(first) == "LookBackWeights('w.safetensors', base not recorded, 21 sites)"
+    )  # never the module tree
     path.write_bytes(path.read_bytes())  # same bytes, a newer file
     os.utime(path, ns=(1, 1))
     assert read_weights(path) is not first
