@@ -113,31 +113,54 @@ def server(tmp_path_factory, random_sd15):
         log.close()
 
 
-def _run(server, prompt: dict) -> dict:
+def _finished(server, prompt: dict) -> dict:
+    """The history entry of ``prompt`` once ComfyUI has run it."""
     prompt_id = _request(server["port"], "/prompt", {"prompt": prompt})["prompt_id"]
     deadline = time.time() + 1200
     while time.time() < deadline:
         history = _request(server["port"], f"/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            entry = history[prompt_id]
-            assert entry["status"]["status_str"] == "success", (
-                json.dumps(entry["status"])[-4000:] + server["log"].read_text()[-4000:]
-            )
-            return entry["outputs"]
-        time.sleep(2)
+            return history[prompt_id]
+        time.sleep(1)
     raise AssertionError("the workflow did not finish in 20 minutes")
 
 
-def _shipped_prompt(**changes) -> dict:
-    """The shipped API workflow on the test's files; ``changes``: class_type -> inputs to set."""
-    prompt = json.loads((REPO / "workflows" / "api" / "lookback_i2v_api.json").read_text())
-    files = {"ckpt_name": "sd15_random.safetensors", "lookback_name": "lookback_small.safetensors",
-             "lora_name": "test_lora.safetensors", "image": "start.png"}  # fmt: skip
+def _run(server, prompt: dict) -> dict:
+    entry = _finished(server, prompt)
+    assert entry["status"]["status_str"] == "success", (
+        json.dumps(entry["status"])[-4000:] + server["log"].read_text()[-4000:]
+    )
+    return entry["outputs"]
+
+
+def _api_workflow(name: str) -> dict:
+    prompt = json.loads((REPO / "workflows" / "api" / name).read_text())
     for node in prompt.values():
         node.pop("_meta", None)
+    return prompt
+
+
+def _shipped_prompt(lora_strength: float | None = None, **changes) -> dict:
+    """The shipped API workflow on the test's files; ``changes``: class_type -> inputs to set.
+
+    ``lora_strength``: un-bypass its LoRA node (as a user does with Ctrl+B) with the test LoRA at
+    that strength, between the checkpoint and everything that uses its MODEL and CLIP."""
+    prompt = _api_workflow("lookback_i2v_api.json")
+    files = {"ckpt_name": "sd15_random.safetensors", "lookback_name": "lookback_small.safetensors",
+             "image": "start.png"}  # fmt: skip
+    checkpoint = next(k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple")
+    for node in prompt.values():
         inputs = node["inputs"]
         inputs.update({k: v for k, v in files.items() if isinstance(inputs.get(k), str)})  # not links
         inputs.update(changes.get(node["class_type"], {}))
+        if lora_strength is not None:
+            inputs.update(
+                {k: ["lora", v[1]] for k, v in inputs.items() if v in ([checkpoint, 0], [checkpoint, 1])}
+            )
+    if lora_strength is not None:
+        prompt["lora"] = {"class_type": "LoraLoader", "inputs": {
+            "model": [checkpoint, 0], "clip": [checkpoint, 1], "lora_name": "test_lora.safetensors",
+            "strength_model": lora_strength, "strength_clip": 0.0}}  # fmt: skip
     return prompt
 
 
@@ -179,12 +202,14 @@ def _check_frames(video: np.ndarray, roundtrip: np.ndarray) -> None:
     assert frame0_error < 12 and frame0_error < later_error, (frame0_error, later_error)
 
 
-def test_shipped_workflow_with_a_lora_reaching_the_unet(server) -> None:
+def test_shipped_workflow_runs_as_shipped_and_a_lora_reaches_the_unet(server) -> None:
     roundtrip = _roundtrip(server, SIZE)
-    shipped = _run(server, _shipped_prompt(**SMALL))  # the LoRA at strength 0, as shipped
+    shipped = _run(server, _shipped_prompt(**SMALL))  # the LoRA node bypassed, as shipped
     off = _video(server, shipped)
     _check_frames(off, roundtrip)
-    on = _video(server, _run(server, _shipped_prompt(**SMALL, LoraLoader={"strength_model": 1.0})))
+    zero = _video(server, _run(server, _shipped_prompt(0.0, **SMALL)))
+    assert np.abs(zero.astype(np.float32) - off).mean() < 0.5  # a LoRA at strength 0 changes nothing
+    on = _video(server, _run(server, _shipped_prompt(1.0, **SMALL)))
     _check_frames(on, roundtrip)
     assert np.abs(on[0].astype(np.float32) - off[0]).mean() < 2  # frame 0 is the image either way
     assert np.abs(on[1:].astype(np.float32) - off[1:]).mean() > 2  # the LoRA changed frames 1..
@@ -192,6 +217,45 @@ def test_shipped_workflow_with_a_lora_reaching_the_unet(server) -> None:
     entry = next(o for o in shipped.values() if "images" in o)["images"][0]
     tags = read_metadata(server["base"] / "output" / entry["subfolder"] / entry["filename"])
     assert json.loads(tags["prompt"])["10"]["class_type"] == "KSampler"
+
+
+def test_toy_template_runs_with_nothing_to_download(server) -> None:
+    """The toy template as shipped (its checkpoint, weights and start image come with the pack):
+    16 frames that keep the held-out start image and its object. (That the object moves the
+    captioned way is the model's to learn: the shipped toy does not yet, see the README.)"""
+    from lookback_core import toyworld
+    from lookback_core.toymetrics import clip_metrics
+
+    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED)  # the template's clip_number 0
+    video = _video(server, _run(server, _api_workflow("lookback_toy_i2v_api.json")))
+    assert video.shape == (toyworld.FRAMES, toyworld.SIZE, toyworld.SIZE, 3)
+    metrics = clip_metrics(video, clip.frames[0], clip.rgb, clip.direction)
+    # measured through the mp4 (H.264 on top of the VAE's 28.7 dB): frame 0 26.4 dB, persistence 0.93
+    assert metrics.frame0_psnr > 25 and metrics.persistence >= 0.9, metrics
+
+
+def test_toy_weights_on_a_full_size_sd15_are_refused_by_their_own_facts(server) -> None:
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_random.safetensors"}},
+        "2": {"class_type": "LookBackWeightsLoader", "inputs": {"lookback_name": "lookback_toy.safetensors"}},
+        "3": {"class_type": "LookBackApply", "inputs": {"model": ["1", 0], "lookback_weights": ["2", 0]}},
+        "4": {"class_type": "LookBackImageToVideo", "inputs": {"vae": ["1", 2], "image": ["5", 0], "frames": 2}},
+        "5": {"class_type": "LookBackToyStartImage", "inputs": {"clip_number": 0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["6", 0], "negative": ["6", 0],
+              "latent_image": ["4", 0], "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+              "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "LookBackVideoCombine", "inputs": {"images": ["9", 0], "frame_rate": 8.0,
+              "filename_prefix": "refused", "format": "image/gif", "loop_count": 0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+    }  # fmt: skip
+    entry = _finished(server, prompt)
+    assert entry["status"]["status_str"] == "error"
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    message = error["exception_message"]
+    assert "does not fit the look-back weights lookback_toy.safetensors" in message, message
+    assert "text context of 64 channels; this model's has 768" in message, message
+    assert "trained on SD1.5" not in message and len(message) < 3000
 
 
 def test_dpmpp_2m_karras_from_an_odd_sized_image_keeps_frame_zero_the_image(server) -> None:

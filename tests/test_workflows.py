@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from nodes import NODE_CLASS_MAPPINGS
 
 REPO = Path(__file__).parents[1]
 UI = REPO / "workflows" / "lookback_i2v.json"
 API = REPO / "workflows" / "api" / "lookback_i2v_api.json"
+TOY_UI = REPO / "workflows" / "lookback_toy_i2v.json"
+TOY_API = REPO / "workflows" / "api" / "lookback_toy_i2v_api.json"
+BYPASSED = 4  # a UI node's mode when it is bypassed (Ctrl+B)
+SHIPPED_TOY_FILES = {"sd15_toy.safetensors", "lookback_toy.safetensors"}  # listed by the pack itself
+PAIRS = pytest.mark.parametrize("ui_path, api_path", [(UI, API), (TOY_UI, TOY_API)], ids=["sd15", "toy"])
 CORE_NODES = {
     "CheckpointLoaderSimple",
     "LoraLoader",
@@ -29,37 +36,72 @@ def _load(path: Path) -> dict:
 
 def test_templates_are_ui_workflows_with_thumbnails_listed_once() -> None:
     served = [p for folder in TEMPLATE_FOLDERS for p in (REPO / folder).glob("*.json")]
-    assert [p.name for p in served] == ["lookback_i2v.json"]  # the API twin lives in workflows/api/
+    assert sorted(p.name for p in served) == [
+        "lookback_i2v.json",
+        "lookback_toy_i2v.json",
+    ]  # API twins: workflows/api/
     for path in served:
         assert {"nodes", "links"} <= set(_load(path)), f"{path} is not in UI format"
         assert path.with_suffix(".jpg").is_file(), f"{path} has no thumbnail"
 
 
-def test_only_core_nodes_and_this_pack() -> None:
-    types = {node["class_type"] for node in _load(API).values()}
+@PAIRS
+def test_only_core_nodes_and_this_pack(ui_path, api_path) -> None:
+    types = {node["class_type"] for node in _load(api_path).values()}
     assert types <= CORE_NODES | set(NODE_CLASS_MAPPINGS)
     assert {"LookBackWeightsLoader", "LookBackApply", "LookBackImageToVideo", "LookBackVideoCombine"} <= types
 
 
-def test_the_checkpoint_is_loaded_once_and_the_lora_reaches_the_lookback_model() -> None:
+def test_the_checkpoint_is_loaded_once_and_the_lora_node_ships_bypassed() -> None:
+    """A first Run needs no LoRA file: the LoRA node is in place, bypassed (mode 4), so the API
+    form (what ComfyUI runs) passes the checkpoint's MODEL and CLIP straight through."""
     api = _load(API)
     assert sum("ckpt_name" in node["inputs"] for node in api.values()) == 1
+    lora = next(n for n in _load(UI)["nodes"] if n["type"] == "LoraLoader")
+    assert lora["mode"] == BYPASSED and "LoraLoader" not in {n["class_type"] for n in api.values()}
     by_type = {node["class_type"]: node for node in api.values()}
-    lora = by_type["LoraLoader"]
-    assert lora["inputs"]["strength_model"] == 0 == lora["inputs"]["strength_clip"]
-    assert by_type["LookBackApply"]["inputs"]["model"][0] == next(k for k, v in api.items() if v is lora)
+    checkpoint = next(k for k, v in api.items() if v["class_type"] == "CheckpointLoaderSimple")
+    assert by_type["LookBackApply"]["inputs"]["model"] == [checkpoint, 0]
     assert by_type["KSampler"]["inputs"]["model"][0] == next(
         k for k, v in api.items() if v["class_type"] == "LookBackApply"
     )
 
 
-def test_ui_and_api_formats_hold_the_same_graph() -> None:
-    ui, api = _load(UI), _load(API)
-    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+@PAIRS
+def test_missing_model_files_are_filed_under_their_folders(ui_path, api_path) -> None:
+    """The frontend's missing-models list reads a loader's folder from ``properties.models``."""
+    folders = {"CheckpointLoaderSimple": "checkpoints", "LookBackWeightsLoader": "lookback"}
+    for node in _load(ui_path)["nodes"]:
+        if node["type"] in folders and node["widgets_values"][0] not in SHIPPED_TOY_FILES:
+            assert node["properties"]["models"] == [
+                {"name": node["widgets_values"][0], "directory": folders[node["type"]]}
+            ], node["type"]
+
+
+def _through_bypassed(ui: dict, src: int, slot: int, link_type: str) -> tuple[int, int]:
+    """Where a link really starts: a bypassed node passes on its input of the same type."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    while nodes[src]["mode"] == BYPASSED:
+        given = next(i for i in nodes[src]["inputs"] if i["type"] == link_type)
+        _, src, slot, *_ = links[given["link"]]
+    return src, slot
+
+
+@PAIRS
+def test_ui_and_api_formats_hold_the_same_graph(ui_path, api_path) -> None:
+    """The API form is what the frontend makes of the UI form: bypassed nodes left out, their
+    links passed through."""
+    ui, api = _load(ui_path), _load(api_path)
+    active = {str(n["id"]): n["type"] for n in ui["nodes"] if n["mode"] != BYPASSED}
+    assert active == {k: v["class_type"] for k, v in api.items()}
     ui_edges = set()
-    for link_id, src, src_slot, dst, dst_slot, _type in ui["links"]:
+    for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
         dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
         assert dst_node["inputs"][dst_slot]["link"] == link_id
+        if dst_node["mode"] == BYPASSED:
+            continue
+        src, src_slot = _through_bypassed(ui, src, src_slot, link_type)
         ui_edges.add((str(src), src_slot, str(dst), dst_node["inputs"][dst_slot]["name"]))
     api_edges = {
         (value[0], value[1], node_id, name)
@@ -70,9 +112,10 @@ def test_ui_and_api_formats_hold_the_same_graph() -> None:
     assert ui_edges == api_edges
 
 
-def test_pack_nodes_get_every_required_input_with_valid_values() -> None:
-    ui = {str(n["id"]): n for n in _load(UI)["nodes"]}
-    for node_id, node in _load(API).items():
+@PAIRS
+def test_pack_nodes_get_every_required_input_with_valid_values(ui_path, api_path) -> None:
+    ui = {str(n["id"]): n for n in _load(ui_path)["nodes"]}
+    for node_id, node in _load(api_path).items():
         cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
         if cls is None:
             continue
@@ -94,10 +137,13 @@ def test_pack_nodes_get_every_required_input_with_valid_values() -> None:
                 assert options.get("min", value) <= value <= options.get("max", value), (node_id, name)
             elif isinstance(kind, list) and kind:
                 assert value in kind, (node_id, name)
+            elif isinstance(kind, list):  # a file list, empty outside ComfyUI: the toy's shipped files
+                assert ui_path != TOY_UI or value in SHIPPED_TOY_FILES
 
 
-def test_link_types_match_the_pack_nodes_outputs() -> None:
-    ui = _load(UI)
+@PAIRS
+def test_link_types_match_the_pack_nodes_outputs(ui_path, api_path) -> None:
+    ui = _load(ui_path)
     for _id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
         src_node = next(n for n in ui["nodes"] if n["id"] == src)
         dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
