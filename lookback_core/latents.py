@@ -2,7 +2,7 @@
 
 The paper's ``z`` is the VAE posterior mean times the VAE's *scaling factor*: the factor the
 checkpoint's VAE config records, which gives its latents about unit variance (SD1.5's VAE:
-0.18215; the toy VAE: about 0.78). The base UNet learned to denoise latents of that scale, so
+0.18215; the shipped toy VAE: 1.032). The base UNet learned to denoise latents of that scale, so
 the trainer, its latent cache, the sampler's start latent, decoding and the toy evaluation all
 take the scale from :func:`latent_scale`, and temporal weights record the scale they were
 trained at (``training.latent_scale``) so a front end can refuse a base that scales otherwise.

@@ -18,11 +18,15 @@ without an error and compute something else.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig
 
 from lookback_core.latents import latent_scale
 from lookback_core.sd15 import (
@@ -77,14 +81,12 @@ _SCHEDULER_NEEDS: dict[str, tuple[Any, ...]] = {
     "prediction_type": ("epsilon", "v_prediction"),
     "rescale_betas_zero_snr": (False,),
 }
-# diffusers' defaults for fields a config may leave out
-_DEFAULTS = {
-    "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "attention_type": "default", "act_fn": "silu",
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_add_attention": True, "use_quant_conv": True,
-    "use_post_quant_conv": True, "rescale_betas_zero_snr": False, "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-}  # fmt: skip
+
+
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """The defaults a diffusers class gives the fields a config leaves out (its ``__init__``'s)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,12 @@ class ComfySettings:
     text_config: dict[str, Any]  # overrides of ComfyUI's CLIP-L text config
 
 
-def _problems(part: str, config: Mapping[str, Any], needs: Mapping[str, tuple[Any, ...]]) -> list[str]:
+def _problems(
+    part: str, config: Mapping[str, Any], needs: Mapping[str, tuple[Any, ...]], defaults: Mapping[str, Any]
+) -> list[str]:
     problems = []
     for field, allowed in needs.items():
-        value = config.get(field, _DEFAULTS.get(field))
+        value = config.get(field, defaults.get(field))
         if value not in allowed:
             wanted = " or ".join(repr(a) for a in allowed)
             problems.append(f"{part} {field} is {value!r}, ComfyUI's classes compute {wanted}")
@@ -114,9 +118,10 @@ def comfy_settings(path: Path, configs: ModelConfigs) -> ComfySettings:
     every field ComfyUI's SD1.5 classes cannot compute as the configs say."""
     unet, vae, text = (configs.configs[p] for p in ("unet", "vae", "text_encoder"))
     scheduler = configs.scheduler
-    problems = _problems("the UNet's", unet, _UNET_NEEDS) + _problems("the VAE's", vae, _VAE_NEEDS)
-    problems += _problems("the text encoder's", text, _TEXT_NEEDS)
-    problems += _problems("the scheduler's", scheduler, _SCHEDULER_NEEDS)
+    problems = _problems("the UNet's", unet, _UNET_NEEDS, _init_defaults(UNet2DConditionModel))
+    problems += _problems("the VAE's", vae, _VAE_NEEDS, _init_defaults(AutoencoderKL))
+    problems += _problems("the text encoder's", text, _TEXT_NEEDS, CLIPTextConfig().to_dict())
+    problems += _problems("the scheduler's", scheduler, _SCHEDULER_NEEDS, _init_defaults(DDPMScheduler))
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim")
     if not isinstance(heads, int):
         problems.append(
