@@ -8,6 +8,9 @@ Symbols of the paper ("Implicit Semi-Auto-Regressive Image-to-Video Diffusion"),
   already-updated outputs of the ``d - 1`` frames before it.
 - ``k`` (``kernel``): spatial kernel of the look-back Conv2d (``d*n -> n``, ``k x k``).
 - ``n``: channels of the UNet hidden state at a site.
+- anchor (``first_frame_anchor``, beyond the paper): a ``k x k`` Conv2d ``n -> n`` from frame 0's
+  input at the site, added to every later frame's look-back conv, so each frame is one hop from
+  the given image instead of ``i`` hops along the chain.
 - adapter: a depth-wise 3D conv (``adapter_kernel`` in time, height and width) after the
   look-back conv and the 1x1 channel mix.
 
@@ -48,6 +51,7 @@ class LookBackConfig:
     adapter: bool = True
     lookback: bool = True  # False: no look-back conv (the adapter alone is the paper's "normal 3D conv")
     causal_adapter: bool = False  # True: the adapter pads only past frames, so no site sees ahead
+    first_frame_anchor: bool = False  # True: the look-back conv of frame i >= 1 also reads frame 0's input
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -62,6 +66,8 @@ class LookBackConfig:
             )
         if not self.sites:
             raise ValueError("a look-back config needs at least one site")
+        if self.first_frame_anchor and not self.lookback:
+            raise ValueError("first_frame_anchor is part of the look-back conv; it needs lookback")
         if not (self.lookback or self.channel_mix or self.adapter):
             raise ValueError("a look-back config needs at least one of lookback, channel_mix and adapter")
         if len(set(self.sites)) != len(self.sites):

@@ -7,7 +7,9 @@ On hidden states ``x`` of shape ``[(b f), n, h, w]``, with ``f`` given by the ca
        out[i] = in[i] + Conv2d_{d*n -> n, k x k}(concat(out[i-d+1], ..., out[i-1], in[i]))
 
    channels oldest first; frames before 0 are zeros. ``out[i-1]`` is already updated, so one
-   layer carries information from frame 0 to the last frame.
+   layer carries information from frame 0 to the last frame. With the first-frame anchor
+   (``first_frame_anchor``, beyond the paper), every frame ``i >= 1`` also gets
+   ``Conv2d_{n -> n, k x k}(in[0])``: one hop from the given image, not ``i``.
 2. channel mix: ``x + Conv2d_{n -> n, 1 x 1}(x)`` on every frame.
 3. adapter: ``x + Conv3d_{depth-wise, a x a x a}(x)`` over ``(f, h, w)``.
 
@@ -81,6 +83,8 @@ class LookBackModule(nn.Module):
         self.depth = config.depth
         self.padding_mode = config.padding_mode
         self.lookback = LookBackConv(channels, config.depth, config.kernel) if config.lookback else None
+        k = config.kernel
+        self.anchor = nn.Conv2d(channels, channels, k, padding=k // 2) if config.first_frame_anchor else None
         self.mix = nn.Conv2d(channels, channels, 1) if config.channel_mix else None
         a = config.adapter_kernel
         # "same" padding in space; in time centred (the conv's own padding) or, causal, a - 1 past
@@ -90,7 +94,7 @@ class LookBackModule(nn.Module):
         self.adapter = (
             nn.Conv3d(channels, channels, a, padding=padding, groups=channels) if config.adapter else None
         )
-        for conv in (self.mix, self.adapter):
+        for conv in (self.anchor, self.mix, self.adapter):
             if conv is not None:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
@@ -98,7 +102,9 @@ class LookBackModule(nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames = _split_frames(x, num_frames)
         if self.lookback is not None:
-            frames = lookback_recurrence(frames, self.lookback.weight, self.lookback.bias, self.padding_mode)
+            frames = lookback_recurrence(
+                frames, self.lookback.weight, self.lookback.bias, self.padding_mode, self._anchor_term(frames)
+            )
         return self._mix_and_adapt(frames)
 
     def forward_reference(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -106,9 +112,19 @@ class LookBackModule(nn.Module):
         frames = _split_frames(x, num_frames)
         if self.lookback is not None:
             frames = lookback_reference(
-                frames, self.lookback.conv_weight(), self.lookback.bias, self.padding_mode
+                frames,
+                self.lookback.conv_weight(),
+                self.lookback.bias,
+                self.padding_mode,
+                self._anchor_term(frames),
             )
         return self._mix_and_adapt(frames)
+
+    def _anchor_term(self, frames: torch.Tensor) -> torch.Tensor | None:
+        """The first-frame anchor's ``Conv2d(in[0])`` ``[b, n, h, w]``, or None without one."""
+        if self.anchor is None:
+            return None
+        return _conv(frames[:, 0], self.anchor.weight, self.anchor.bias, self.padding_mode)
 
     def _mix_and_adapt(self, frames: torch.Tensor) -> torch.Tensor:
         b = frames.shape[0]
@@ -139,11 +155,16 @@ def _conv(
 
 
 def lookback_reference(
-    frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
+    frames: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding_mode: str = "zeros",
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Algorithm 1 written literally: one concat and one conv per frame.
 
-    ``frames``: [b, f, n, h, w]; ``weight``: ``nn.Conv2d``'s layout ``[n, d*n, k, k]``.
+    ``frames``: [b, f, n, h, w]; ``weight``: ``nn.Conv2d``'s layout ``[n, d*n, k, k]``;
+    ``anchor``: the first-frame anchor's term ``[b, n, h, w]``, added to every frame after 0.
     """
     b, f, n, h, w = frames.shape
     depth = weight.shape[1] // n
@@ -151,12 +172,17 @@ def lookback_reference(
     outs: list[torch.Tensor] = []
     for i in range(f):
         window = [outs[j] if j >= 0 else zeros for j in range(i - depth + 1, i)] + [frames[:, i]]
-        outs.append(frames[:, i] + _conv(torch.cat(window, dim=1), weight, bias, padding_mode))
+        out = frames[:, i] + _conv(torch.cat(window, dim=1), weight, bias, padding_mode)
+        outs.append(out + anchor if anchor is not None and i >= 1 else out)
     return torch.stack(outs, dim=1)
 
 
 def lookback_recurrence(
-    frames: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, padding_mode: str = "zeros"
+    frames: torch.Tensor,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding_mode: str = "zeros",
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Algorithm 1 computed faster; equal to :func:`lookback_reference`.
 
@@ -166,7 +192,8 @@ def lookback_recurrence(
     between frames and runs for all frames in one batched conv; the loop then adds one conv per
     earlier output that exists, so the zero frames before frame 0 cost nothing and no window is
     ever concatenated (autograd keeps the earlier outputs themselves, not copies of them). All
-    samples of the batch (CFG halves included) share each conv.
+    samples of the batch (CFG halves included) share each conv. ``anchor`` (the first-frame
+    anchor's term ``[b, n, h, w]``) is added to every frame after 0.
     ``benchmarks/bench_recurrence.py`` measures this against the alternatives.
     """
     b, f, n, h, w = frames.shape
@@ -179,7 +206,7 @@ def lookback_recurrence(
     current = (_conv(x, parts[-1], bias, padding_mode) + x).view(f, b, n, h, w)
     outs: list[torch.Tensor] = []
     for i in range(f):
-        out = current[i]
+        out = current[i] if anchor is None or i == 0 else current[i] + anchor
         for j in range(depth - 1):
             source = i - (depth - 1) + j
             if source >= 0:

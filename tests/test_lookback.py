@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import randomize
@@ -109,3 +111,49 @@ def test_state_dict_holds_the_conv_layout_and_loads_back() -> None:
     torch.testing.assert_close(fresh(x, 5), module.forward_reference(x, 5), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="size mismatch for lookback.weight"):
         fresh.load_state_dict({**state, "lookback.weight": weight[:, :-1]})
+
+
+@pytest.mark.parametrize(("depth", "frames"), [(3, 6), (1, 4), (2, 2)])
+def test_first_frame_anchor_fast_matches_reference(depth: int, frames: int) -> None:
+    module = _module(depth=depth, kernel=3, first_frame_anchor=True).double()
+    x = torch.randn(2 * frames, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    fast = module(x, frames)
+    fast.square().sum().backward()
+    fast_grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    x.grad = None
+    module.zero_grad()
+    ref = module.forward_reference(x, frames)
+    ref.square().sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(fast_grads, [x.grad] + [p.grad for p in module.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_first_frame_anchor_puts_every_frame_one_hop_from_frame_0() -> None:
+    # With d=1 the look-back conv reads only the frame itself: frame 0 reaches later frames
+    # through the anchor alone, and frame 0 itself is untouched by it.
+    x = torch.randn(1, 5, 6, 8, 8)
+    for anchored in (False, True):
+        module = _module(depth=1, kernel=3, first_frame_anchor=anchored, channel_mix=False, adapter=False)
+        changed = x.clone()
+        changed[:, 0] += 1.0
+        base, out = module(x.flatten(0, 1), 5), module(changed.flatten(0, 1), 5)
+        assert torch.equal(out[1:], base[1:]) is not anchored
+    plain = _module(depth=1, kernel=3, channel_mix=False, adapter=False)
+    anchored = LookBackModule(
+        6, LookBackConfig(depth=1, kernel=3, first_frame_anchor=True, channel_mix=False, adapter=False)
+    )
+    anchored.load_state_dict(
+        {**plain.state_dict(), **{k: v for k, v in anchored.state_dict().items() if k.startswith("anchor")}}
+    )
+    # a new anchor starts at zero: the module is the paper's until trained
+    assert torch.equal(anchored(x.flatten(0, 1), 5), plain(x.flatten(0, 1), 5))
+
+
+def test_first_frame_anchor_config_is_optional_in_files_and_needs_the_lookback_conv() -> None:
+    old = json.loads(LookBackConfig().to_json())
+    del old["first_frame_anchor"]  # a file written before the anchor existed
+    assert LookBackConfig.from_json(json.dumps(old)).first_frame_anchor is False
+    assert "anchor.weight" not in LookBackModule(6, LookBackConfig()).state_dict()
+    with pytest.raises(ValueError, match="first_frame_anchor .* needs lookback"):
+        LookBackConfig(first_frame_anchor=True, lookback=False)
