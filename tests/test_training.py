@@ -33,7 +33,7 @@ from lookback_core.weights import (
 from training import checkpoints
 from training.cache import encoder_fingerprint
 from training.data import VideoClipDataset, collate, discover_samples
-from training.objective import hybrid_noisy_latents, lookback_loss
+from training.objective import hybrid_noisy_latents, lookback_loss, timestep_weights
 from training.train import main as train_main
 
 REPO = Path(__file__).parents[1]
@@ -119,6 +119,54 @@ def test_ddpm_objective_records_the_add_noise_strategy_in_the_weights(setup, tmp
     header = read_temporal_header(out / "lookback_weights.safetensors")
     assert header.training["objective"] == "ddpm"
     assert header.recommended_sampler == {"steps": 25, "cfg_scale": 7.5, "first_frame": "noised"}
+
+
+def test_timestep_bias_draws_the_chosen_timesteps_more_often() -> None:
+    assert timestep_weights(1000) is None and timestep_weights(1000, "later", 1.0) is None  # uniform
+    later = timestep_weights(1000, "later", 4.0, portion=0.3)
+    assert later[:700].eq(1).all() and later[700:].eq(4).all()
+    earlier = timestep_weights(1000, "earlier", 0.5, portion=0.1)
+    assert earlier[:100].eq(0.5).all() and earlier[100:].eq(1).all()
+    ranged = timestep_weights(1000, "range", 3.0, begin=200, end=300)
+    assert ranged[200:300].eq(3).all() and ranged.sum() == 1000 + 200
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        timestep_weights(1000, "latest", 2.0)
+    # the loss draws with the weights: every timestep the model sees is in the biased range
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, ctx):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    only_late = torch.zeros(1000)
+    only_late[900:] = 1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        lookback_loss(Recorder(), torch.randn(8, 4, 3, 4, 4), torch.zeros(8, 3, 4), scheduler, generator,
+                      timestep_weights=only_late)  # fmt: skip
+    drawn = torch.cat(seen)
+    assert drawn.min() >= 900 and len(drawn.unique()) > 20
+
+
+def test_timestep_bias_and_horizon_are_recorded_and_checked(setup, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    flags = ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "3", "--horizon_frames", "12"]
+    assert train_main(train_args(setup, out, "--max_train_steps", "1", *flags)) == 0
+    header = read_temporal_header(out / "lookback_weights.safetensors")
+    assert header.training["timestep_bias"] == {"strategy": "later", "multiplier": 3.0, "portion": 0.25}
+    assert header.horizon_frames == 12
+    for bad, message in (
+        (["--timestep_bias_multiplier", "0"], "--timestep_bias_multiplier must be > 0"),
+        (["--timestep_bias_portion", "1.5"], "--timestep_bias_portion must be in"),
+        (["--timestep_bias_begin", "500", "--timestep_bias_end", "400"], "must be below --timestep_bias_end"),
+        (["--horizon_frames", "1"], "--horizon_frames must be"),
+    ):
+        with pytest.raises(SystemExit):
+            train_main(train_args(setup, tmp_path / "bad", "--max_train_steps", "1", *bad))
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def _without_preset(args: list[str]) -> list[str]:

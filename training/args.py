@@ -15,7 +15,7 @@ from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
-from training.objective import OBJECTIVES
+from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
 
 DEFAULT_PRESET = "paper"  # the look-back modules when neither --preset nor --init_lookback_weights is given
 
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--causal_adapter", action="store_true",
         help="the adapter pads only past frames, so no site sees a later frame (default: centred, the paper's)",
+    )  # fmt: skip
+    model.add_argument(
+        "--first_frame_anchor", action="store_true",
+        help="every look-back conv also reads frame 0's input at its site, so each frame is one hop from the "
+        "given image (beyond the paper)",
     )  # fmt: skip
     model.add_argument(
         "--init_lookback_weights", default=None, metavar="PATH",
@@ -130,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
         "loss, for the add-noise sampling strategy (an ablation)",
     )  # fmt: skip
 
+    opt.add_argument(
+        "--timestep_bias_strategy", default="none", choices=TIMESTEP_BIAS_STRATEGIES,
+        help="draw some training timesteps more often (as diffusers' training scripts): later = the "
+        "noisiest --timestep_bias_portion, earlier = the least noisy, range = --timestep_bias_begin..end",
+    )  # fmt: skip
+    opt.add_argument(
+        "--timestep_bias_multiplier", type=float, default=1.0,
+        help="weight of the biased timesteps against the others (2: drawn twice as often; 1: no bias)",
+    )  # fmt: skip
+    opt.add_argument("--timestep_bias_portion", type=float, default=0.25, help="share of timesteps biased")
+    opt.add_argument("--timestep_bias_begin", type=int, default=0, help="first biased timestep (range)")
+    opt.add_argument(
+        "--timestep_bias_end", type=int, default=1000, help="end of the biased timesteps (range)"
+    )
+
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
     out.add_argument(
@@ -152,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--validation_prompt", default="")
     out.add_argument("--validation_steps", type=int, default=500)
     out.add_argument("--validation_frames", type=int, default=16)
+    out.add_argument(
+        "--horizon_frames", type=int, default=None,
+        help="record in the weights the longest video, in frames, they are meant to sample in one piece: "
+        "front ends sample longer ones in chunks of it unless told otherwise (default: none recorded)",
+    )  # fmt: skip
     out.add_argument(
         "--validation_inference_steps", type=int, default=25,
         help="DDIM steps of validation videos; stored in the weights file as its recommended steps",
@@ -191,12 +216,17 @@ NUMBER_RULES = {
     "num_train_epochs": at_least(1),
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "timestep_bias_multiplier": (lambda v: v > 0, "> 0"),
+    "timestep_bias_portion": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "timestep_bias_begin": at_least(0),
+    "timestep_bias_end": at_least(1),
     "seed": (lambda v: 0 <= v < 2**32, "in 0..2^32-1"),
     "lookback_depth": at_least(1),
     "checkpointing_steps": at_least(1),
     "checkpoints_total_limit": at_least(1),
     "validation_steps": at_least(1),
     "validation_frames": at_least(2),
+    "horizon_frames": at_least(2),
 }
 
 
@@ -210,7 +240,14 @@ def check_number_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 # the flags that choose the look-back modules (the file does, with --init_lookback_weights)
-MODULE_FLAGS = ("preset", "lookback_depth", "no_lookback_conv", "no_adapter", "causal_adapter")
+MODULE_FLAGS = (
+    "preset",
+    "lookback_depth",
+    "no_lookback_conv",
+    "no_adapter",
+    "causal_adapter",
+    "first_frame_anchor",
+)
 
 
 def module_config(args: argparse.Namespace) -> LookBackConfig:
@@ -222,6 +259,7 @@ def module_config(args: argparse.Namespace) -> LookBackConfig:
         lookback=config.lookback and not args.no_lookback_conv,
         adapter=config.adapter and not args.no_adapter,
         causal_adapter=config.causal_adapter or args.causal_adapter,
+        first_frame_anchor=config.first_frame_anchor or args.first_frame_anchor,
     )
 
 
@@ -248,6 +286,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             module_config(args)
         except ValueError as err:
             parser.error(str(err))
+    if args.timestep_bias_begin >= args.timestep_bias_end:
+        parser.error(
+            f"--timestep_bias_begin must be below --timestep_bias_end, got {args.timestep_bias_begin} and "
+            f"{args.timestep_bias_end}"
+        )
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:

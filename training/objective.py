@@ -16,6 +16,37 @@ from diffusers import DDPMScheduler
 from lookback_core.temporal_unet import LookBackUNet
 
 OBJECTIVES = ("hybrid", "ddpm")  # the paper's, and the plain DDPM one of its add-noise ablation
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+def timestep_weights(
+    num_timesteps: int,
+    strategy: str = "none",
+    multiplier: float = 1.0,
+    portion: float = 0.25,
+    begin: int = 0,
+    end: int | None = None,
+) -> torch.Tensor | None:
+    """Relative weights of drawing each training timestep, as the diffusers training scripts'
+    ``--timestep_bias_*`` flags define them: ``strategy`` "later" multiplies the weight of the last
+    ``portion`` of the timesteps (the noisiest) by ``multiplier``, "earlier" the first ``portion``
+    (the least noisy), "range" the timesteps ``begin..end-1``; "none" (or a multiplier of 1) gives
+    ``None``: uniform, drawn as an unbiased run always drew them."""
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(
+            f"timestep bias strategy must be one of {TIMESTEP_BIAS_STRATEGIES}, got {strategy!r}"
+        )
+    if strategy == "none" or multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps)
+    count = max(1, round(num_timesteps * portion))
+    chosen = {
+        "later": slice(num_timesteps - count, num_timesteps),
+        "earlier": slice(0, count),
+        "range": slice(begin, num_timesteps if end is None else end),
+    }[strategy]
+    weights[chosen] *= multiplier
+    return weights
 
 
 def hybrid_noisy_latents(
@@ -34,21 +65,28 @@ def lookback_loss(
     generator: torch.Generator | None = None,
     input_dtype: torch.dtype | None = None,
     objective: str = "hybrid",
+    timestep_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``.
 
     Noise, noising and target are computed in fp32 whatever the training precision (in bf16,
     ``sqrt(1 - alpha_bar_t)`` rounds to 0 for the smallest ``t``: no noise would be added while
     the target is pure noise); only the model's input is cast, to ``input_dtype`` (default
-    ``text``'s dtype)."""
+    ``text``'s dtype). Timesteps are drawn uniformly, or with ``timestep_weights`` (one per
+    training timestep, see :func:`timestep_weights`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     latents = latents.float()
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
-    )
+    if timestep_weights is None:
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+        )
+    else:
+        timesteps = torch.multinomial(
+            timestep_weights.to(latents.device), b, replacement=True, generator=generator
+        )
     if objective == "hybrid":
         noisy = hybrid_noisy_latents(latents, noise, timesteps, scheduler)
     else:

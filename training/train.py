@@ -51,7 +51,7 @@ from training import checkpoints  # noqa: E402
 from training.args import module_config, parse_args, recommended_sampler  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
-from training.objective import lookback_loss  # noqa: E402
+from training.objective import lookback_loss, timestep_weights  # noqa: E402
 from training.validation import check_validation_inputs, run_validation  # noqa: E402
 
 logger = logging.getLogger("lookback.train")
@@ -75,6 +75,16 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.accelerator.log(values, step=step)
+
+
+def _timestep_bias_facts(args) -> dict | None:
+    """The timestep bias the weights were trained with, as the flags gave it (None: uniform)."""
+    if args.timestep_bias_strategy == "none" or args.timestep_bias_multiplier == 1.0:
+        return None
+    facts = {"strategy": args.timestep_bias_strategy, "multiplier": args.timestep_bias_multiplier}
+    if args.timestep_bias_strategy == "range":
+        return facts | {"begin": args.timestep_bias_begin, "end": args.timestep_bias_end}
+    return facts | {"portion": args.timestep_bias_portion}
 
 
 def _make_optimizer(args, groups: list[dict]) -> torch.optim.Optimizer:
@@ -328,6 +338,16 @@ def train(args) -> Path:
             ema.restore(trained)
 
     noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if args.timestep_bias_end > num_timesteps:
+        raise ValueError(
+            f"--timestep_bias_end must be at most the base's {num_timesteps} training timesteps, got "
+            f"{args.timestep_bias_end}"
+        )
+    draw_weights = timestep_weights(
+        num_timesteps, args.timestep_bias_strategy, args.timestep_bias_multiplier,
+        args.timestep_bias_portion, args.timestep_bias_begin, args.timestep_bias_end,
+    )  # fmt: skip
     cache = (
         LatentCache(args.cache_dir, encoder_fingerprint(components.vae, components.text_encoder))
         if args.cache_dir
@@ -342,6 +362,7 @@ def train(args) -> Path:
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
+        "timestep_bias": _timestep_bias_facts(args),
         # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
         "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
     }  # fmt: skip
@@ -396,6 +417,7 @@ def train(args) -> Path:
             lookback.temporal,
             training={**facts, "steps": step},
             recommended_sampler=recommended_sampler(args),
+            horizon_frames=args.horizon_frames,
         )
 
     metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
@@ -430,6 +452,7 @@ def train(args) -> Path:
                         rng,
                         weight_dtype,
                         args.objective,
+                        draw_weights,
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
