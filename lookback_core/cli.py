@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import toyworld
 from .atomic import sigterm_as_exit
 from .precision import DTYPES, dtype_named
 from .sampler import InvalidSetting, SamplerSettings, resolve_settings
@@ -102,6 +103,7 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
         chunk, context = resolve_chunking(
             args.frames, args.chunk_frames, args.context_frames, header.config.depth if header else None,
             names=("--frames", "--chunk-frames", "--context-frames"),
+            horizon=header.horizon_frames if header else None,
         )  # fmt: skip
         original = image_size(image)
         size = fitted_size(*original, width=args.width, height=args.height)
@@ -204,6 +206,12 @@ def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     print(
         f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g} ({plan.settings_origin})"
     )
+    if args.chunk_frames is None and plan.chunk_frames < args.frames:
+        print(
+            f"sampling in chunks of {plan.chunk_frames} frames with {plan.context_frames} of context: the weights "
+            f"were checked for {plan.chunk_frames} frames at once (--chunk-frames {args.frames} samples all "
+            "frames in one piece)"
+        )
     with tqdm(desc="denoising", unit="step") as bar:
 
         def advance(step: int, total: int, _estimate: torch.Tensor) -> None:
@@ -303,8 +311,12 @@ def _toy_ablate(args: argparse.Namespace) -> int:
 
 
 def _toy_eval(args: argparse.Namespace) -> int:
-    from .toyeval import evaluate, load_toy_model, markdown_table, write_report
+    from .toyeval import default_chunking, evaluate, load_toy_model, markdown_table, write_plots, write_report
 
+    if not 2 <= args.frames <= toyworld.MAX_FRAMES:
+        raise UsageError(
+            f"--frames must be 2..{toyworld.MAX_FRAMES} (the object must stay inside the frame), got {args.frames}"
+        )
     weights = None if args.weights.lower() == "none" else _existing_file("--weights", args.weights)
     toy = load_toy_model(
         _existing_file("--checkpoint", args.checkpoint),
@@ -318,10 +330,18 @@ def _toy_eval(args: argparse.Namespace) -> int:
     print(
         f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}"
     )
-    report = evaluate(toy, args.clips, first_seed=args.first_seed)
+    try:
+        chunking = default_chunking(toy, args.frames, args.chunk_frames, args.context_frames)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"{args.frames} frames, {chunking.describe()}")
+    report = evaluate(toy, args.clips, first_seed=args.first_seed, frames=args.frames, chunking=chunking)
     print(markdown_table([report]))
+    print("background drift per frame: " + " ".join(f"{v:.1f}" for v in report.drift_curve))
     if args.json:
         print(f"per-clip results: {write_report([report], args.json)}")
+    if args.plots:
+        print("plots: " + ", ".join(str(p) for p in write_plots([report], args.plots)))
     failures = report.failures()
     if failures:
         print("below the bars: " + "; ".join(failures), file=sys.stderr)
@@ -380,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="output height (default: the image's)")
     gen.add_argument(
         "--chunk-frames", type=int, default=None,
-        help="sample longer videos in chunks of this many frames: memory stays that of one chunk",
+        help="sample longer videos in chunks of this many frames: memory stays that of one chunk (default: "
+        "one piece, or chunks of the weights' horizon, the frames they were checked for, beyond it)",
     )  # fmt: skip
     gen.add_argument(
         "--context-frames", type=int, default=None,
@@ -434,9 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy_ablate.set_defaults(func=_toy_ablate)
     for command in (toy_build, toy_ablate):
         for f in fields(ToyRecipe):
+            kind = (
+                {"action": argparse.BooleanOptionalAction}
+                if isinstance(f.default, bool)
+                else {"type": type(f.default)}
+            )
             command.add_argument(
-                f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
-                help=f"(default {f.default})",
+                f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, help=f"(default {f.default})", **kind
             )  # fmt: skip
     toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
     toy_eval.add_argument(
@@ -454,7 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
     )
     toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
+    toy_eval.add_argument(
+        "--frames", type=int, default=toyworld.FRAMES,
+        help=f"frames per video, 2..{toyworld.MAX_FRAMES} (default {toyworld.FRAMES})",
+    )  # fmt: skip
+    toy_eval.add_argument(
+        "--chunk-frames", type=int, default=None, help="as generate's (default: the weights' horizon decides)"
+    )
+    toy_eval.add_argument("--context-frames", type=int, default=None, help="as generate's")
     toy_eval.add_argument("--json", default=None, help="also write the per-clip results here")
+    toy_eval.add_argument("--plots", default=None, help="also write isim.png and drift.png into this folder")
     toy_eval.add_argument("--check", action="store_true", help="exit 1 if a figure misses its bar")
     toy_eval.set_defaults(func=_toy_eval)
     return parser

@@ -35,10 +35,13 @@ def resolve_chunking(
     context_frames: int | None,
     depth: int | None,
     names: tuple[str, str, str] = ("num_frames", "chunk_frames", "context_frames"),
+    horizon: int | None = None,
 ) -> tuple[int, int]:
     """Check the frame counts of a run and fill in the defaults; returns ``(chunk_frames, context_frames)``.
 
-    ``chunk_frames`` None: one pass over all frames. ``context_frames`` None: the look-back
+    ``chunk_frames`` None: one pass over all frames, or, for more frames than the weights'
+    ``horizon`` (the longest video they were checked to sample in one piece), chunks of
+    ``horizon`` frames; a ``chunk_frames`` of at least ``num_frames`` asks for one pass. ``context_frames`` None: the look-back
     depth ``depth`` (what one look-back conv reads; 1 for the base UNet alone, ``depth`` None),
     at most ``chunk_frames - 1``. ``names`` are how the caller's user calls the three numbers
     (flags, node inputs), for the messages."""
@@ -49,6 +52,8 @@ def resolve_chunking(
         raise ValueError(f"{chunk_name} must be at least 2 (context and one new frame), got {chunk_frames}")
     if context_frames is not None and chunk_frames is None:
         raise ValueError(f"{context_name} needs {chunk_name}")
+    if chunk_frames is None and horizon is not None and num_frames > horizon:
+        chunk_frames = horizon
     chunk = chunk_frames or num_frames
     if context_frames is None:
         return chunk, max(1, min(depth or 1, chunk - 1))

@@ -10,7 +10,8 @@ centroid per frame come:
 - ``speed``: least-squares slope (px/frame) of the centroid along the captioned direction over
   the frames where the object is found (the world's truth: ``toyworld.SPEED``);
 - ``background_drift``: mean absolute change (levels of 255) of frames 1.. against frame 0,
-  outside the object (in either frame, grown by ``MASK_MARGIN`` px);
+  outside the object (in either frame, grown by ``MASK_MARGIN`` px); ``drift_per_frame`` is the
+  same for each frame (frame 0's is 0 by definition), to see where drift builds up;
 - ``frame_jump``: the mean change from frame 0 to frame 1 over the mean change between later
   neighbours (1: an even pace; the paper's reviewers saw a jump after the first frame).
 
@@ -20,6 +21,7 @@ centroid per frame come:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,6 +51,7 @@ class ClipMetrics:
     speed: float
     background_drift: float
     frame_jump: float = float("nan")
+    drift_per_frame: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +107,7 @@ def clip_metrics(
     outside = ~(_grow(mask, MASK_MARGIN) | _grow(mask[:1], MASK_MARGIN))
     change = np.abs(frames[1:].astype(np.float64) - frames[:1].astype(np.float64)).mean(axis=-1)
     drift = float(change[outside[1:]].mean()) if outside[1:].any() else float("nan")
+    per_frame = [float(c[o].mean()) if o.any() else float("nan") for c, o in zip(change, outside[1:])]
     return ClipMetrics(
         psnr(frames[0], start_image),
         persistence,
@@ -113,6 +117,7 @@ def clip_metrics(
         speed,
         drift,
         frame_jump(frames),
+        (0.0, *per_frame),
     )
 
 
@@ -123,6 +128,14 @@ def frame_jump(frames: np.ndarray) -> float:
     if len(steps) < 2 or steps[1:].mean() == 0:
         return float("nan")
     return float(steps[0] / steps[1:].mean())
+
+
+def mean_drift_per_frame(results: list[ClipMetrics]) -> list[float]:
+    """The background drift of each frame, averaged over clips (NaN where no clip measured it)."""
+    table = np.asarray([r.drift_per_frame for r in results], dtype=np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a frame no clip measured: NaN, said above
+        return [float(v) for v in np.nanmean(table, axis=0)]
 
 
 def summarise(results: list[ClipMetrics]) -> dict[str, float]:

@@ -4,7 +4,7 @@ Small enough to train an SD1.5-architecture model on in an hour of CPU time, yet
 look-back modules for exactly what the paper claims they give: keep the given image (frame 0)
 and move its content over the following frames, in the direction the caption names.
 
-A clip is ``FRAMES`` frames of ``SIZE x SIZE`` RGB at ``FPS``:
+A clip is ``FRAMES`` frames (or any length up to ``MAX_FRAMES``) of ``SIZE x SIZE`` RGB at ``FPS``:
 
 - background: a linear gradient, at a random angle, between two random colours whose channels
   all lie in ``BACKGROUND_RANGE``;
@@ -31,6 +31,8 @@ FRAMES = 16
 FPS = 8
 OBJECT_SIZE = 16
 SPEED = 2
+# The longest clip whose object can stay wholly inside the frame at SPEED px per frame.
+MAX_FRAMES = (SIZE - OBJECT_SIZE) // SPEED + 1
 BACKGROUND_RANGE = (40, 160)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -48,7 +50,7 @@ HELD_OUT_SEED = 1_000_000
 class ToyClip:
     """One clip of the world with the facts it was drawn from.
 
-    ``frames``: ``[FRAMES, SIZE, SIZE, 3]`` uint8. ``positions``: ``[FRAMES, 2]`` top-left corner
+    ``frames``: ``[f, SIZE, SIZE, 3]`` uint8. ``positions``: ``[f, 2]`` top-left corner
     ``(y, x)`` of the object's bounding box in every frame.
     """
 
@@ -94,27 +96,34 @@ def object_footprint(shape: str) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def make_clip(seed: int) -> ToyClip:
-    """The clip named by ``seed`` (the same seed always gives the same clip)."""
+def make_clip(seed: int, frames: int = FRAMES) -> ToyClip:
+    """The clip named by ``seed`` (the same seed always gives the same clip), ``frames`` long
+    (2..``MAX_FRAMES``). Longer clips start nearer the edge they move away from, so the object
+    stays inside; the colour, shape, direction and background of a seed are the same at every
+    length."""
+    if not 2 <= frames <= MAX_FRAMES:
+        raise ValueError(
+            f"a toy-world clip has 2 to {MAX_FRAMES} frames (the object must stay inside the frame), got {frames}"
+        )
     rng = np.random.default_rng(seed)
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
     background = _background(rng)
     step = np.array(DIRECTIONS[direction]) * SPEED
-    travel = step * (FRAMES - 1)
+    travel = step * (frames - 1)
     # Start positions that keep the object inside at frame 0 and at the last frame.
     low = np.maximum(0, -travel)
     high = SIZE - OBJECT_SIZE - np.maximum(0, travel)
     start = np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high)])
-    positions = start + np.arange(FRAMES)[:, None] * step
+    positions = start + np.arange(frames)[:, None] * step
     footprint = object_footprint(shape)
-    frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    pixels = np.empty((frames, SIZE, SIZE, 3), dtype=np.uint8)
     for i, (y, x) in enumerate(positions):
         frame = background.copy()
         frame[y : y + OBJECT_SIZE, x : x + OBJECT_SIZE][footprint] = COLOURS[colour]
-        frames[i] = np.round(frame).astype(np.uint8)
-    return ToyClip(seed, frames, colour, shape, direction, positions)
+        pixels[i] = np.round(frame).astype(np.uint8)
+    return ToyClip(seed, pixels, colour, shape, direction, positions)
 
 
 def write_dataset(folder: str | Path, seeds: range | list[int], *, progress: bool = True) -> Path:

@@ -9,7 +9,10 @@ Header metadata (all strings, as safetensors requires):
 - ``training``: JSON of training facts (frames, stride, resolution, steps, ...);
 - ``recommended_sampler``: JSON of the sampler settings the weights are meant to be used with
   (any of ``steps``, ``cfg_scale``, ``eta``, ``first_frame``; optional). Front ends use them
-  where the user gives none.
+  where the user gives none;
+- ``horizon_frames``: the longest video, in frames, the weights were checked to sample in one
+  piece (optional); front ends sample longer videos in chunks of this many frames unless told
+  otherwise (:func:`lookback_core.long_video.resolve_chunking`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ class TemporalHeader:
     training: dict[str, Any] = field(default_factory=dict)
     base_family: str = BASE_FAMILY
     recommended_sampler: dict[str, Any] = field(default_factory=dict)
+    horizon_frames: int | None = None
+
+
+def check_horizon(frames: Any) -> int:
+    """A valid horizon (an integer of at least 2 frames); raises ValueError otherwise."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"horizon_frames must be a whole number of frames >= 2, got {frames!r}")
+    return frames
 
 
 def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, Any]:
@@ -82,11 +93,13 @@ def save_temporal_weights(
     training: dict[str, Any] | None = None,
     base_family: str = BASE_FAMILY,
     recommended_sampler: dict[str, Any] | None = None,
+    horizon_frames: int | None = None,
 ) -> Path:
     """Write the look-back modules to ``path`` atomically (temporary file, then rename).
 
     ``recommended_sampler`` (any of :data:`RECOMMENDABLE`) is what front ends use
-    where the user sets nothing.
+    where the user sets nothing; ``horizon_frames`` the longest video they were checked to
+    sample in one piece.
     """
     if isinstance(temporal, LookBackUNet):
         temporal = temporal.temporal
@@ -101,6 +114,8 @@ def save_temporal_weights(
     }
     if recommended_sampler:
         metadata["recommended_sampler"] = json.dumps(check_recommended_sampler(recommended_sampler))
+    if horizon_frames is not None:
+        metadata["horizon_frames"] = str(check_horizon(horizon_frames))
     return save_safetensors(tensors, path, metadata)
 
 
@@ -134,7 +149,12 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
         recommended = check_recommended_sampler(json.loads(metadata.get("recommended_sampler", "{}")))
     except ValueError as err:
         raise TemporalWeightsError(path, f"its recommended_sampler metadata is invalid ({err})") from None
-    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended)
+    horizon = metadata.get("horizon_frames")
+    try:
+        horizon = None if horizon is None else check_horizon(int(horizon) if horizon.isdigit() else horizon)
+    except ValueError as err:
+        raise TemporalWeightsError(path, f"its horizon_frames metadata is invalid ({err})") from None
+    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended, horizon)
 
 
 def _check_family(path: Path, family: str) -> None:

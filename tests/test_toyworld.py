@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from lookback_core import toyworld
-from lookback_core.toymetrics import COLOUR_THRESHOLD, clip_metrics, frame_jump, object_mask, summarise
+from lookback_core.toymetrics import (
+    COLOUR_THRESHOLD,
+    clip_metrics,
+    frame_jump,
+    mean_drift_per_frame,
+    object_mask,
+    summarise,
+)
 from lookback_core.video_io import read_frames
 from training.data import discover_samples
 
@@ -147,3 +154,31 @@ def test_training_time_sums_the_runs_of_a_resumed_training_without_the_pause(tmp
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))
     assert training_seconds(log) == 9.0  # nine steps of one second; the 896 s pause counts as one step
+
+
+@pytest.mark.parametrize("frames", [2, 24, toyworld.MAX_FRAMES])
+def test_clips_of_any_length_up_to_the_frame_keep_the_object_inside(frames) -> None:
+    for seed in range(toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 40):
+        clip, short = toyworld.make_clip(seed, frames), toyworld.make_clip(seed)
+        assert clip.frames.shape[0] == frames and clip.caption == short.caption
+        assert clip.positions.min() >= 0 and clip.positions.max() <= toyworld.SIZE - toyworld.OBJECT_SIZE
+        result = clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)
+        assert result.speed == pytest.approx(toyworld.SPEED) and result.background_drift == 0.0
+    assert toyworld.MAX_FRAMES == 25  # 64 px, a 16 px object, 2 px a frame
+    for frames in (1, toyworld.MAX_FRAMES + 1):
+        with pytest.raises(ValueError, match=f"2 to {toyworld.MAX_FRAMES} frames"):
+            toyworld.make_clip(0, frames)
+
+
+def test_drift_is_measured_frame_by_frame() -> None:
+    clip = _truth()
+    frames = clip.frames.copy()
+    frames[5:] = np.clip(frames[5:].astype(int) + 12, 0, 255).astype(np.uint8)  # a shift from frame 5 on
+    result = clip_metrics(frames, clip.frames[0], clip.rgb, clip.direction)
+    assert len(result.drift_per_frame) == toyworld.FRAMES and result.drift_per_frame[0] == 0.0
+    assert result.drift_per_frame[1:5] == pytest.approx([0.0] * 4)
+    assert result.drift_per_frame[5:] == pytest.approx([12.0] * 11)
+    # the clip figure pools the pixels of all frames; outside the object they are nearly as many in each
+    assert result.background_drift == pytest.approx(np.mean(result.drift_per_frame[1:]), rel=0.05)
+    still = clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)
+    assert mean_drift_per_frame([result, still])[5:] == pytest.approx([6.0] * 11)
