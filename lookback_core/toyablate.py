@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors import safe_open
 
 from . import toyworld
 from .atomic import atomic_path
+from .curve_plot import plot_curves
 from .demo import contact_sheet
 from .toybuild import StageTimer, ToyRecipe, git_commit, machine, prepare, train_lookback
 from .toyeval import ToyModel, evaluate, generate_clip, load_toy_model
@@ -39,7 +40,12 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "d=2": ("--lookback_depth", "2"),
     "d=5": ("--lookback_depth", "5"),
     "add noise (ddpm objective)": ("--objective", "ddpm"),
-}
+    # beyond the paper
+    "+ first-frame anchor": ("--first_frame_anchor",),
+    "+ noisier timesteps (later x4)": (
+        "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "4", "--timestep_bias_portion", "0.3",
+    ),
+}  # fmt: skip
 COLUMNS = [  # summary key, header, format
     ("frame0_psnr", "frame-0 PSNR (dB)", "{:.1f}"),
     ("persistence", "persistence", "{:.2f}"),
@@ -51,8 +57,6 @@ COLUMNS = [  # summary key, header, format
     ("isim_latent_decay", "ISIM decay", "{:.4f}"),
     ("frame_jump", "frame 0->1 jump", "{:.2f}"),
 ]
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 
 
 def _folder_name(variant: str) -> str:
@@ -61,8 +65,9 @@ def _folder_name(variant: str) -> str:
 
 def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str] | None = None) -> list[dict]:
     """Train and evaluate ``variants`` (default: all of :data:`VARIANTS`) with ``recipe`` (default: the
-    toy build's); returns the table's rows."""
-    recipe = recipe or ToyRecipe()
+    toy build's, with the paper's modules: the first-frame anchor is a variant of its own);
+    returns the table's rows."""
+    recipe = replace(recipe or ToyRecipe(), first_frame_anchor=False)
     variants = list(VARIANTS) if variants is None else variants
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -152,32 +157,3 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [fmt.format(row["summary"][key]) for key, _, fmt in COLUMNS]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {row['train_s'] / 60:.1f} min |")
     return "\n".join(lines)
-
-
-def plot_curves(curves: dict[str, list[float]], size: tuple[int, int] = (720, 420)) -> Image.Image:
-    """ISIM against frame index, one line per variant, with axes from 0 to 1 and a legend."""
-    width, height = size
-    left, right, top, bottom = 50, 230, 20, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    frames = max(len(c) for c in curves.values())
-
-    def point(i: int, value: float) -> tuple[float, float]:
-        x = left + (width - left - right) * i / max(frames - 1, 1)
-        y = top + (height - top - bottom) * (1 - float(np.clip(value, 0, 1)))
-        return x, y
-
-    for tick in np.linspace(0, 1, 6):
-        draw.line([point(0, tick), point(frames - 1, tick)], fill=(225, 225, 225))
-        draw.text((8, point(0, tick)[1] - 6), f"{tick:.1f}", fill="black")
-    for i in range(frames):
-        draw.text((point(i, 0)[0] - 4, height - bottom + 6), str(i), fill="black")
-    draw.text((left, height - 16), "frame", fill="black")
-    draw.text((left, 4), "ISIM (latent) to frame 0", fill="black")
-    for k, (name, curve) in enumerate(curves.items()):
-        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
-        draw.line([point(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
-        y = top + 16 * k
-        draw.line([(width - right + 10, y + 6), (width - right + 30, y + 6)], fill=colour, width=3)
-        draw.text((width - right + 36, y), name, fill="black")
-    return image

@@ -12,7 +12,9 @@ Stages, each resumable (run the same command again after an interruption):
    wall times recorded in the weights' metadata (``training.toy_build``; a stage that picked up
    an earlier run's work is named in ``resumed_stages``, and a skipped base stage counts the
    training time its ``base_facts.json`` recorded);
-5. eval: held-out clips, with look-back and with the base UNet alone.
+5. eval: held-out clips, with look-back and with the base UNet alone at 16 frames, and with
+   look-back at ``long_eval_frames`` as ``generate`` samples them (in chunks of the weights'
+   horizon); ``eval.json``, ``eval.md``, ``isim.png`` and ``drift.png`` (drift per frame).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from safetensors import safe_open
 
 from . import toyworld
 from .atomic import save_safetensors
-from .toyeval import evaluate, load_toy_model, markdown_table, write_report
+from .toyeval import evaluate, load_toy_model, markdown_table, write_plots, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,14 +47,17 @@ class ToyRecipe:
     train_clips: int = 2000
     vae_steps: int = 2000
     unet_steps: int = 800
-    lookback_steps: int = 4000
+    lookback_steps: int = 6500
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
     preset: str = "light"
+    first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
+    horizon_frames: int = toyworld.FRAMES  # recorded in the weights: generate chunks beyond it
     sampler_steps: int = 25
     sampler_cfg_scale: float = 3.0
     eval_clips: int = 32
+    long_eval_frames: int = 24  # the eval's second length, sampled as generate would (in chunks)
     seed: int = 0
 
 
@@ -124,7 +129,13 @@ def train_lookback(
     out: Path, base: Path, folder: Path, recipe: ToyRecipe, extra: tuple[str, ...] = ()
 ) -> None:
     """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable);
-    ``extra``: more trainer flags (the ablation's variants)."""
+    ``extra``: more trainer flags (the ablation's variants; one without the look-back conv has no
+    first-frame anchor either, the anchor being part of that conv)."""
+    anchor = (
+        recipe.first_frame_anchor
+        and "--no_lookback_conv" not in extra
+        and "--first_frame_anchor" not in extra
+    )
     _run(
         [
         sys.executable, str(REPO / "training" / "train.py"),
@@ -150,6 +161,8 @@ def train_lookback(
         "--validation_guidance_scale", str(recipe.sampler_cfg_scale),
         "--report_to", "none",
         "--seed", str(recipe.seed),
+        "--horizon_frames", str(recipe.horizon_frames),
+        *(["--first_frame_anchor"] if anchor else []),
         *extra,
         ]
     )  # fmt: skip
@@ -178,6 +191,8 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     weights_source = lookback / "lookback_weights.safetensors"
     with safe_open(weights_source, framework="pt") as f:
         training = json.loads((f.metadata() or {}).get("training", "{}"))
+    # the packaged checkpoint's name, which the weights' base facts name (not the trainer's output)
+    training["base_checkpoint"] = checkpoint.name
 
     def package(record: dict) -> Path:
         training_facts = json.dumps({**training, "toy_build": record}, sort_keys=True)
@@ -185,11 +200,17 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
 
     weights = package(record)
     with stage("eval"):
-        reports = [evaluate(load_toy_model(checkpoint, weights), recipe.eval_clips)]
+        toy = load_toy_model(checkpoint, weights)
+        reports = [evaluate(toy, recipe.eval_clips)]
         reports.append(evaluate(load_toy_model(checkpoint, None, settings_from=weights), recipe.eval_clips))
-    write_report(reports, out / "eval.json")
+        long = evaluate(toy, recipe.eval_clips, frames=recipe.long_eval_frames)
+    write_report([*reports, long], out / "eval.json")
+    write_plots([reports[0], long, reports[1]], out)
     table = markdown_table(reports)
-    (out / "eval.md").write_text(table + "\n")
+    long_table = markdown_table([long])
+    (out / "eval.md").write_text(
+        f"{table}\n\n{recipe.long_eval_frames} frames ({long.chunking.describe()}):\n\n{long_table}\n"
+    )
     if "base" in resumed:  # the earlier run's training time, as base_facts.json recorded it
         stage.seconds["base_s"] = record["base_facts"]["seconds"]
     record |= {
@@ -197,11 +218,16 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
         "resumed_stages": resumed,
         "eval": {k: round(v, 4) for k, v in reports[0].summary.items()},
         "eval_base": {k: round(v, 4) for k, v in reports[1].summary.items()},
+        "eval_long": {k: round(v, 4) for k, v in long.summary.items()} | {"frames": recipe.long_eval_frames},
+        "drift_per_frame": reports[0].drift_curve,
+        "drift_per_frame_long": long.drift_curve,
         "machine": machine(),
     }
     package(record)
     print(table)
-    failures = reports[0].failures()
+    print(f"{recipe.long_eval_frames} frames ({long.chunking.describe()}):")
+    print(long_table)
+    failures = reports[0].failures() + [f"{recipe.long_eval_frames} frames: {f}" for f in long.failures()]
     print(
         f"toy build done in {record['wall_time_s']['total_s'] / 60:.1f} min: {checkpoint} and {weights}"
         + ("" if not failures else "\nbelow the bars: " + "; ".join(failures))
