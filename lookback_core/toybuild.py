@@ -47,7 +47,7 @@ class ToyRecipe:
     train_clips: int = 2000
     vae_steps: int = 2000
     unet_steps: int = 800
-    lookback_steps: int = 6500
+    lookback_steps: int = 5000
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
