@@ -99,3 +99,34 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+    """Check, before any work, that a file (``folder``: a folder) can be written at ``path``.
+
+    Raises ``ValueError`` naming the problem: a folder where a file is wanted (or a file where a
+    folder is), a name longer than the file system allows, a parent that is a file, or a folder
+    that cannot be written to (tried with a probe file, so read-only and pseudo file systems are
+    found too)."""
+    path = Path(path).absolute()
+    limit = os.pathconf(path.anchor, "PC_NAME_MAX")  # before any look at the path, which would fail
+    long = [part for part in path.parts if len(os.fsencode(part)) > limit]
+    if long:
+        raise ValueError(f"cannot write '{path}': the name '{long[0][:40]}...' is longer than {limit} bytes")
+    if path.is_dir() and not folder:
+        raise ValueError(f"path '{path}' is a folder, not a file")
+    if path.exists() and not path.is_dir() and folder:
+        raise ValueError(f"'{path}' is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot write '{path}': '{existing}' is a file, not a folder")
+    if existing == path and not folder:
+        existing = path.parent
+    probe = existing / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"cannot write '{path}': the folder '{existing}' is not writable ({err.strerror})"
+        ) from None

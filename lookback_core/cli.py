@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from . import toyworld
 from .atomic import sigterm_as_exit
+from .long_video import resolve_chunking
 from .precision import DTYPES, dtype_named
-from .sampler import InvalidSetting, SamplerSettings, resolve_settings
+from .sampler import InvalidSetting, SamplerSettings, check_setting, resolve_settings
 from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from .toyablate import VARIANTS
 from .toybuild import ToyRecipe
@@ -82,11 +83,12 @@ class GeneratePlan:
 def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     """Check every ``generate`` argument (files, numbers, output, device, memory) without loading a model."""
     from .image_prep import fitted_size, image_size
-    from .long_video import resolve_chunking
     from .video_io import check_video_target
     from .weights import read_temporal_header
 
     checkpoint = _existing_file("--checkpoint", args.checkpoint)
+    if args.config_dir is not None and not Path(args.config_dir).is_dir():
+        raise UsageError(f"--config-dir: no such folder: {args.config_dir}")
     weights = _existing_file("--weights", args.weights) if args.weights else None
     image = _existing_file("--image", args.image)
     header = read_temporal_header(weights) if weights else None
@@ -293,7 +295,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> ToyRecipe:
-    return ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
+    """The recipe the flags give (its numbers checked by ``ToyRecipe``: a ValueError naming the flag)
+    and a writable ``--out``, before any work."""
+    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
+    _writable("--out", args.out, folder=True)
+    return recipe
+
+
+def _writable(flag: str, value: str, *, folder: bool = False) -> None:
+    from .atomic import check_writable
+
+    try:
+        check_writable(Path(value).expanduser(), folder=folder)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
 
 
 def _toy_build(args: argparse.Namespace) -> int:
@@ -310,13 +325,35 @@ def _toy_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The bounds of toyworld eval's numbers (the recipe's are ToyRecipe's), checked before any work.
+EVAL_RULES = {
+    "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
+    "first_seed": (lambda v: HELD_OUT_SEED <= v < 2**63, f"{HELD_OUT_SEED} or more (held-out seeds start there)"),
+    "frames": (lambda v: 2 <= v <= toyworld.MAX_FRAMES, f"2..{toyworld.MAX_FRAMES} (the object must stay inside the frame)"),
+}  # fmt: skip
+
+
 def _toy_eval(args: argparse.Namespace) -> int:
     from .toyeval import default_chunking, evaluate, load_toy_model, markdown_table, write_plots, write_report
 
-    if not 2 <= args.frames <= toyworld.MAX_FRAMES:
-        raise UsageError(
-            f"--frames must be 2..{toyworld.MAX_FRAMES} (the object must stay inside the frame), got {args.frames}"
-        )
+    for name, (valid, expected) in EVAL_RULES.items():
+        if not valid(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    for name, flag in (("steps", "--steps"), ("cfg_scale", "--cfg"), ("eta", "--eta")):
+        try:
+            if getattr(args, name) is not None:
+                check_setting(name, getattr(args, name))
+        except InvalidSetting as err:
+            raise UsageError(f"{flag}: {err}") from None
+    try:  # the counts alone; the weights' depth and horizon fill in the defaults once loaded
+        resolve_chunking(args.frames, args.chunk_frames, args.context_frames, None,
+                         names=("--frames", "--chunk-frames", "--context-frames"))  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        _writable("--json", args.json)
+    if args.plots:
+        _writable("--plots", args.plots, folder=True)
     weights = None if args.weights.lower() == "none" else _existing_file("--weights", args.weights)
     toy = load_toy_model(
         _existing_file("--checkpoint", args.checkpoint),

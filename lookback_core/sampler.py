@@ -154,11 +154,11 @@ def sample_video(
         noise = initial_noise(shape, settings.seed, image_latent.device, image_latent.dtype)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must be {list(shape)} (the new frames), got shape {tuple(noise.shape)}")
-    generator = torch.Generator("cpu").manual_seed(settings.seed + 1)
+    generator = torch.Generator("cpu").manual_seed((settings.seed + 1) % 2**64)  # seeds wrap round 2^64
     pinned = image_latent
     pinned_noise = None
     if settings.first_frame == "noised":
-        pinned_noise = initial_noise(tuple(pinned.shape), settings.seed + 2, pinned.device, pinned.dtype)
+        pinned_noise = initial_noise(tuple(pinned.shape), (settings.seed + 2) % 2**64, pinned.device, pinned.dtype)
     moving = noise * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     for step, t in enumerate(scheduler.timesteps):

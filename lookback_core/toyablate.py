@@ -27,7 +27,7 @@ from . import toyworld
 from .atomic import atomic_path
 from .curve_plot import plot_curves
 from .demo import contact_sheet
-from .toybuild import StageTimer, ToyRecipe, git_commit, machine, prepare, train_lookback
+from .toybuild import StageTimer, ToyRecipe, check_reusable, git_commit, machine, prepare, train_lookback
 from .toyeval import ToyModel, evaluate, generate_clip, load_toy_model
 
 # name -> the trainer's flags for it (None: the base model alone, no temporal modules)
@@ -73,6 +73,8 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     out = Path(out).resolve()
+    for name in variants:  # before any work: no stage of another recipe is reused
+        check_reusable(out, recipe, out / "variants" / _folder_name(name))
     out.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     base, _ = prepare(out, recipe, StageTimer())

@@ -26,15 +26,18 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from . import toyworld
-from .atomic import save_safetensors
+from .atomic import atomic_path, save_safetensors
+from .config import PRESETS
+from .sampler import SETTING_RULES
 from .toyeval import evaluate, load_toy_model, markdown_table, write_plots, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +62,36 @@ class ToyRecipe:
     eval_clips: int = 32
     long_eval_frames: int = 24  # the eval's second length, sampled as generate would (in chunks)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, (valid, expected) in RECIPE_RULES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not valid(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
+def _whole(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and low <= v <= high), f"a whole number in {low}..{high}"
+
+
+# The bounds of every number of the recipe (the toy build's and ablation's flags), checked before any
+# work; the upper bounds keep a typo from filling the disk or running for weeks.
+RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "train_clips": _whole(1, 100_000),
+    "vae_steps": _whole(1, 1_000_000),
+    "unet_steps": _whole(1, 1_000_000),
+    "lookback_steps": _whole(1, 1_000_000),
+    "lookback_frames": _whole(2, toyworld.FRAMES),  # the training clips' length
+    "lookback_batch_size": _whole(1, 1024),
+    "lookback_learning_rate": (lambda v: isinstance(v, float | int) and 0 < v <= 1, "a number in (0, 1]"),
+    "preset": (lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"),
+    "horizon_frames": _whole(2, toyworld.MAX_FRAMES),
+    "sampler_steps": SETTING_RULES["steps"],
+    "sampler_cfg_scale": SETTING_RULES["cfg_scale"],
+    "eval_clips": _whole(1, 10_000),
+    "long_eval_frames": _whole(2, toyworld.MAX_FRAMES),
+    "seed": _whole(0, 2**32 - 1),
+}
 
 
 def _run(command: list[str]) -> None:
@@ -101,6 +134,59 @@ def _to_fp16(source: Path, target: Path, extra_metadata: dict[str, str] | None =
     return save_safetensors(tensors, target, {**metadata, **(extra_metadata or {})})
 
 
+# The recipe fields each stage's files depend on: a stage's earlier files are reused only when
+# they were made with the same values (the look-back stage records them in LOOKBACK_RECIPE).
+BASE_FIELDS = ("train_clips", "vae_steps", "unet_steps", "seed")
+EVAL_ONLY_FIELDS = ("eval_clips", "long_eval_frames")
+LOOKBACK_RECIPE = "toy_recipe.json"
+
+
+class StageMismatch(ValueError):
+    """An earlier build's files in ``--out`` were made with another recipe."""
+
+
+def check_reusable(out: Path, recipe: ToyRecipe, lookback: Path) -> None:
+    """Refuse, before any work, to reuse stages of ``out`` that another recipe made (the record
+    would name this recipe while the files are the other's)."""
+    differences = []
+    data = out / "data"
+    if data.is_dir():
+        wanted = {f"clip_{seed:07d}.mp4" for seed in range(recipe.train_clips)}
+        extra = sorted(p.name for p in data.glob("clip_*.mp4") if p.name not in wanted)
+        if extra:
+            differences.append(
+                f"{data} holds clips beyond --train-clips {recipe.train_clips} ({extra[0]}, ...)"
+            )
+    facts_file = out / "base" / "base_facts.json"
+    if (out / "base" / "base.safetensors").is_file() and facts_file.is_file():
+        facts = json.loads(facts_file.read_text())
+        differences += [
+            f"the base stage was trained with {name} {facts.get(name)} (this recipe: {getattr(recipe, name)})"
+            for name in BASE_FIELDS
+            if facts.get(name) != getattr(recipe, name)
+        ]
+    record = lookback / LOOKBACK_RECIPE
+    if record.is_file():
+        earlier = json.loads(record.read_text())
+        differences += [
+            f"the look-back stage was trained with {name} {earlier.get(name)} (this recipe: {value})"
+            for name, value in _lookback_fields(recipe).items()
+            if earlier.get(name) != value
+        ]
+    elif any(lookback.glob("checkpoint-*")):
+        differences.append(f"{lookback} holds checkpoints of a build that did not record its recipe")
+    if differences:
+        raise StageMismatch(
+            f"--out {out} holds an earlier build of another recipe: "
+            + "; ".join(differences)
+            + "; run with that recipe to resume it, or choose another --out"
+        )
+
+
+def _lookback_fields(recipe: ToyRecipe) -> dict[str, Any]:
+    return {k: v for k, v in asdict(recipe).items() if k not in EVAL_ONLY_FIELDS}
+
+
 def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list[str]]:
     """The data and base stages into ``out``; returns the base checkpoint and the stages resumed."""
     with stage("data"):
@@ -130,7 +216,12 @@ def train_lookback(
 ) -> None:
     """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable);
     ``extra``: more trainer flags (the ablation's variants; one without the look-back conv has no
-    first-frame anchor either, the anchor being part of that conv)."""
+    first-frame anchor either, the anchor being part of that conv). The recipe is recorded in
+    ``folder`` (:data:`LOOKBACK_RECIPE`) for :func:`check_reusable`."""
+    record = folder / LOOKBACK_RECIPE
+    if not record.is_file():
+        with atomic_path(record) as partial:
+            partial.write_text(json.dumps(_lookback_fields(recipe), indent=2, sort_keys=True))
     anchor = (
         recipe.first_frame_anchor
         and "--no_lookback_conv" not in extra
@@ -171,6 +262,7 @@ def train_lookback(
 def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     """Run every stage into ``out``; returns the build record (also in the weights' metadata)."""
     out = Path(out).resolve()
+    check_reusable(out, recipe, out / "lookback")
     out.mkdir(parents=True, exist_ok=True)
     stage = StageTimer()
     commit = git_commit()  # the code the stages run, before anything changes in the checkout

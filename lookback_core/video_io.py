@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_writable
 
 FORMATS = ("mp4", "gif", "webp")
 
@@ -115,16 +115,7 @@ def check_video_target(path: str | os.PathLike[str], *, fps: float, format: str 
     kind = _format_of(path, format)
     if not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
-    if path.is_dir():
-        raise ValueError(f"path '{path}' is a folder, not a video file")
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if existing != path.absolute():
-        if not existing.is_dir():
-            raise ValueError(f"cannot write '{path}': '{existing}' is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write '{path}': the folder '{existing}' is not writable")
-    elif not os.access(path.absolute().parent, os.W_OK | os.X_OK):  # replacing a file needs its folder
-        raise ValueError(f"cannot write '{path}': its folder is not writable")
+    check_writable(path)
     return kind
 
 

@@ -26,6 +26,7 @@ travel from the sampler to the model calls in ``transformer_options[PIN_KEY]``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from torch import nn
 from lookback_core.sites import ldm_site_channels, site_problems
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, base_problems
+
+logger = logging.getLogger(__name__)
 
 PIN_KEY = "lookback_pinned_frames"
 
@@ -200,11 +203,18 @@ def _pinned_in(latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | N
 
 def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
                            noise: torch.Tensor, latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None,
-                           disable_pbar: bool) -> torch.Tensor:  # fmt: skip
+                           disable_pbar: bool, horizon: int | None = None) -> torch.Tensor:  # fmt: skip
     """ComfyUI's SAMPLER_SAMPLE wrapper: hands the pinned frames and their clean latents (already in
     the model's latent space) to the model calls of this sampling run, and returns the pinned
     frames exactly (a multistep sampler such as uni_pc ends a little off the last denoised output,
-    which ComfyUI's inpainting step pins)."""
+    which ComfyUI's inpainting step pins). A video longer than the weights' ``horizon`` (the frames
+    they were checked for at once) is sampled as asked, with a warning that says how to chunk it."""
+    if horizon is not None and latent_image is not None and latent_image.shape[0] > horizon:
+        logger.warning(
+            "Look-Back: sampling %d frames at once, more than these weights were checked for (%d); for a "
+            "longer video, sample %d and continue with Look-Back Extend Video (chunks of up to %d frames)",
+            latent_image.shape[0], horizon, horizon, horizon,
+        )  # fmt: skip
     pinned = _pinned_in(latent_image, denoise_mask)
     if pinned is not None:
         extra_args["model_options"].setdefault("transformer_options", {})[PIN_KEY] = (latent_image, pinned)

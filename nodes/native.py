@@ -64,6 +64,8 @@ class LookBackWeights:
         if "latent_scale" in facts:
             parts.append(f"latent scale {facts['latent_scale']:.5g}")
         parts.append(f"{len(self.header.config.sites)} sites")
+        if self.header.horizon_frames is not None:
+            parts.append(f"checked for {self.header.horizon_frames} frames at once")
         return ", ".join(parts)
 
 
@@ -112,7 +114,11 @@ def apply_lookback(model, weights: LookBackWeights):
     patched.add_object_patch(name, with_marker(patched.get_model_object(name), f"output.{last}"))
     patched.set_model_forward_timestep_embed_patch((SiteMarker, patches.after_last_block))
     patched.set_additional_models(WRAPPER_KEY, [host.companion_model(temporal, model)])
-    patched.add_wrapper_with_key(host.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample_wrapper)
+    patched.add_wrapper_with_key(
+        host.SAMPLER_SAMPLE,
+        WRAPPER_KEY,
+        functools.partial(sampler_sample_wrapper, horizon=weights.header.horizon_frames),
+    )
     patched.add_wrapper_with_key(host.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
     return patched
 
@@ -220,7 +226,8 @@ class LookBackExtendVideo:
         return {
             "required": {
                 "video": ("LATENT", {"tooltip": "The video so far (a KSampler or Look-Back Join Video output)."}),
-                "frames": ("INT", {"default": 12, "min": 1, "max": 4096, "tooltip": "New frames in this chunk."}),
+                "frames": ("INT", {"default": 13, "min": 1, "max": 4096,
+                                   "tooltip": "New frames in this chunk; with context_frames, at most the frames the weights were checked for at once (the shipped toy's: 16)."}),
                 "context_frames": ("INT", {"default": 3, "min": 1, "max": 64,
                                            "tooltip": "Frames of the video so far the chunk continues from; up to the weights' look-back depth d is what the modules read."}),
             }

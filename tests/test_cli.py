@@ -105,6 +105,9 @@ def test_same_seed_same_gif(assets, tmp_path) -> None:
         (("--cfg", "nan"), "--cfg must be a finite number >= 0"),
         (("--cfg", "inf"), "--cfg must be a finite number >= 0"),
         (("--seed", "-1"), "--seed must be an integer in 0..2^64-1"),
+        (("--out", "/proc/v.mp4"), "--out: cannot write '/proc/v.mp4': the folder '/proc' is not writable"),
+        (("--out", "{tmp}/" + "x" * 300 + ".mp4"), "is longer than 255 bytes"),
+        (("--config-dir", "{tmp}/nowhere"), "--config-dir: no such folder"),
         (("--width", "0"), "--width must be a positive number of pixels"),
         (("--width", "40"), "requested size 40x"),
         (("--device", "potato"), "--device: 'potato' is not a device"),
@@ -136,6 +139,54 @@ def test_bad_input_is_refused_before_the_model_loads(
     assert message.replace("{tmp}", str(tmp_path)) in err, err
     if "estimated for" in message:  # a refusal names the estimate and the ways out
         assert "--skip-memory-check" in err and "GiB" in err
+
+
+def test_the_largest_seed_samples(assets, tmp_path) -> None:
+    # seeds wrap round 2^64 where the sampler derives more generators from the one given
+    assert main([*_args(assets, tmp_path / "v.gif"), "--seed", str(2**64 - 1), "--steps", "1"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--clips", "0"], "--clips must be 1..10000, got 0"),
+        (["eval", "--clips", "-1"], "--clips must be 1..10000, got -1"),
+        (["eval", "--clips", "1000000000"], "--clips must be 1..10000, got 1000000000"),
+        (["eval", "--first-seed", "5"], "--first-seed must be 1000000 or more"),
+        (["eval", "--frames", "40"], "--frames must be 2..25"),
+        (["eval", "--steps", "0"], "--steps: steps=0 must be an integer in 1..1000"),
+        (["eval", "--chunk-frames", "4", "--context-frames", "4"], "--context-frames must be between 1 and"),
+        (["eval", "--json", "{tmp}"], "--json: path '{tmp}' is a folder, not a file"),
+        (["eval", "--json", "{tmp}/afile/r.json"], "--json: cannot write '{tmp}/afile/r.json': '{tmp}/afile' is a file"),
+        (["eval", "--json", "/proc/r.json"], "--json: cannot write '/proc/r.json': the folder '/proc' is not writable"),
+        (["eval", "--plots", "{tmp}/afile"], "--plots: '{tmp}/afile' is a file, not a folder"),
+        (["build", "--out", "{tmp}/b", "--train-clips", "-1"], "--train-clips must be a whole number in 1..100000, got -1"),
+        (["build", "--out", "{tmp}/b", "--train-clips", "1000000000000"], "--train-clips must be a whole number in 1..100000"),
+        (["build", "--out", "{tmp}/b", "--lookback-steps", "0"], "--lookback-steps must be a whole number in 1..1000000, got 0"),
+        (["build", "--out", "{tmp}/b", "--preset", "bogus"], "--preset must be one of ['light', 'light-decoder', 'paper']"),
+        (["build", "--out", "{tmp}/b", "--sampler-cfg-scale", "nan"], "--sampler-cfg-scale must be a finite number"),
+        (["build", "--out", "/proc/toy"], "--out: cannot write '/proc/toy': the folder '/proc' is not writable"),
+        (["build", "--out", "{tmp}/afile"], "--out: '{tmp}/afile' is a file, not a folder"),
+        (["ablate", "--out", "{tmp}/b", "--eval-clips", "0"], "--eval-clips must be a whole number in 1..10000"),
+    ],
+)  # fmt: skip
+def test_toyworld_numbers_and_outputs_are_checked_before_any_work(
+    tmp_path, capsys, monkeypatch, argv, message
+) -> None:
+    import lookback_core.toyablate as toyablate
+    import lookback_core.toybuild as toybuild
+    import lookback_core.toyeval as toyeval
+
+    def never(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    for module, name in ((toyeval, "load_toy_model"), (toybuild, "prepare"), (toyablate, "prepare")):
+        monkeypatch.setattr(module, name, never)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["toyworld", *argv]) == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_an_oversized_image_is_refused_with_little_memory(assets, tmp_path) -> None:

@@ -336,3 +336,21 @@ def test_video_combine_keeps_frame_order(tmp_path, monkeypatch) -> None:
     out = LookBackVideoCombine().combine(frames, 4.0, "order", "image/webp", 0)
     video = read_video(out["result"][0]).astype(np.float32).mean(axis=(1, 2, 3))
     assert np.all(np.diff(video) > 40)
+
+
+def test_sampling_past_the_weights_horizon_warns_how_to_chunk(caplog) -> None:
+    calls = []
+
+    def executor(*args):
+        calls.append(args)
+        return torch.zeros(3)
+
+    for frames, horizon, warned in ((16, 16, False), (17, 16, True), (40, None, False)):
+        caplog.clear()
+        latent = torch.zeros(frames, 4, 8, 8)
+        lookback_patch.sampler_sample_wrapper(
+            executor, None, None, {"model_options": {}}, None, None, latent, None, True, horizon=horizon
+        )
+        assert ("more than these weights were checked for (16)" in caplog.text) is warned
+        assert ("Look-Back Extend Video" in caplog.text) is warned
+    assert len(calls) == 3  # sampled as asked every time

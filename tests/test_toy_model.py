@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import imageio.v3 as iio
 import numpy as np
@@ -16,7 +18,7 @@ from lookback_core.demo import run_demo
 from lookback_core.sd15 import load_sd15
 from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS
 from lookback_core.toyablate import ablate
-from lookback_core.toybuild import ToyRecipe, build
+from lookback_core.toybuild import StageMismatch, ToyRecipe, build
 from lookback_core.toyeval import bars, evaluate, load_toy_model
 from lookback_core.weights import read_temporal_header
 
@@ -146,6 +148,18 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
     frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
     assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])
+    assert {"isim.png", "drift.png"} <= {p.name for p in (tmp_path / "toy").iterdir()}
+    assert len(record["drift_per_frame_long"]) == recipe.long_eval_frames
+    # the same folder with another recipe: refused before any work, naming what differs
+    stamp = (tmp_path / "toy" / "lookback_toy.safetensors").stat().st_mtime_ns
+    for changed, message in (
+        ({"lookback_steps": 3}, "look-back stage was trained with lookback_steps 2 (this recipe: 3)"),
+        ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
+        ({"train_clips": 5}, "holds clips beyond --train-clips 5"),
+    ):
+        with pytest.raises(StageMismatch, match=re.escape(message)):
+            build(tmp_path / "toy", replace(recipe, **changed))
+    assert (tmp_path / "toy" / "lookback_toy.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
@@ -181,3 +195,48 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     )
     again = ablate(out, recipe, variants)
     assert evaluations == [] and toyablate.markdown_table(again) == toyablate.markdown_table(rows)
+
+
+def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) -> None:
+    horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames
+    assert horizon == toyworld.FRAMES  # the build records what its eval checked
+    report, plots = tmp_path / "eval.json", tmp_path / "plots"
+    command = [
+        "toyworld",
+        "eval",
+        "--clips",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+        str(report),
+        "--plots",
+        str(plots),
+    ]
+    assert main([*command, "--frames", "24"]) == 0
+    out = capsys.readouterr().out
+    assert f"24 frames, chunks of {horizon} frames, 3 of context" in out and "drift per frame" in out
+    data = json.loads(report.read_text())[0]
+    assert data["frames"] == 24 and data["chunking"] == {"chunk_frames": horizon, "context_frames": 3}
+    assert len(data["drift_per_frame"]) == 24 and data["drift_per_frame"][0] == 0.0
+    assert len(data["clips"][0]["drift_per_frame"]) == 24
+    assert {p.name for p in plots.iterdir()} == {"isim.png", "drift.png"}
+    # told otherwise: one piece
+    assert main([*command, "--frames", "24", "--chunk-frames", "24"]) == 0
+    assert json.loads(report.read_text())[0]["chunking"] == {"chunk_frames": None, "context_frames": None}
+    assert main([*command, "--frames", str(toyworld.MAX_FRAMES + 1)]) == 2
+    assert f"--frames must be 2..{toyworld.MAX_FRAMES}" in capsys.readouterr().err
+
+
+def test_generate_chunks_beyond_the_weights_horizon_unless_told(tmp_path, capsys) -> None:
+    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    start = tmp_path / "start.png"
+    iio.imwrite(start, clip.frames[0])
+    horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames
+    command = ["generate", "--checkpoint", str(TOY_CHECKPOINT), "--weights", str(TOY_WEIGHTS), "--image",
+               str(start), "--prompt", clip.caption, "--steps", "2", "--frames", str(horizon + 2)]  # fmt: skip
+    assert main([*command, "--out", str(tmp_path / "a.gif")]) == 0
+    assert f"sampling in chunks of {horizon} frames with 3 of context" in capsys.readouterr().out
+    assert iio.imread(tmp_path / "a.gif").shape[0] == horizon + 2
+    assert main([*command, "--chunk-frames", str(horizon + 2), "--out", str(tmp_path / "b.gif")]) == 0
+    assert "sampling in chunks" not in capsys.readouterr().out

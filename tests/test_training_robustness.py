@@ -159,6 +159,45 @@ def test_resuming_with_another_preset_names_both(setup, tmp_path, caplog) -> Non
     assert "asks for d=3 k=3 at 21 sites with a causal adapter" in caplog.text
 
 
+def test_resuming_with_another_objective_or_timestep_bias_is_refused(setup, tmp_path, caplog) -> None:
+    out = tmp_path / "run"
+    assert train_main(train_args(setup, out, "--max_train_steps", "2")) == 0
+    before = read_temporal_header(out / "lookback_weights.safetensors").training
+    resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    assert train_main(train_args(setup, out, *resume, "--objective", "ddpm")) == 2
+    assert "was trained with objective 'hybrid' (this run: 'ddpm')" in caplog.text
+    caplog.clear()
+    bias = ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "2"]
+    assert train_main(train_args(setup, out, *resume, *bias)) == 2
+    assert "timestep_bias None (this run: {'strategy': 'later'" in caplog.text
+    assert read_temporal_header(out / "lookback_weights.safetensors").training == before  # nothing changed
+    assert train_main(train_args(setup, out, *resume)) == 0  # the same flags continue
+
+
+def test_overwriting_a_run_never_deletes_an_input_it_needs(setup, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train_main(train_args(setup, out, "--max_train_steps", "1")) == 0
+    weights = out / "lookback_weights.safetensors"
+    again = train_args(setup, out, "--max_train_steps", "1", "--overwrite_output_dir",
+                       "--init_lookback_weights", str(weights))  # fmt: skip
+    again.remove("--preset"), again.remove("light")
+    with pytest.raises(SystemExit):
+        train_main(again)
+    assert "--overwrite_output_dir would delete it" in capsys.readouterr().err
+    assert weights.is_file() and checkpoints.complete_checkpoints(out)  # nothing was deleted
+    # a copy outside the folder is fine: the run starts over from it
+    kept = tmp_path / "kept.safetensors"
+    shutil.copy(weights, kept)
+    again[again.index(str(weights))] = str(kept)
+    assert train_main(again) == 0 and weights.is_file()
+
+
+def test_causal_adapter_without_an_adapter_is_refused(setup, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        train_main(train_args(setup, tmp_path / "run", "--causal_adapter", "--no_adapter"))
+    assert "with --no_adapter there is none" in capsys.readouterr().err
+
+
 def test_ablation_flags_shape_the_trained_modules(setup, tmp_path) -> None:
     out = tmp_path / "run"
     flags = ["--max_train_steps", "1", "--lookback_depth", "2", "--no_adapter", "--causal_adapter"]

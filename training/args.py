@@ -15,6 +15,7 @@ from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.weights import check_recommended_sampler
+from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
 
 DEFAULT_PRESET = "paper"  # the look-back modules when neither --preset nor --init_lookback_weights is given
@@ -282,6 +283,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             )
     else:
         args.preset = args.preset or DEFAULT_PRESET
+        if args.causal_adapter and args.no_adapter:
+            parser.error(
+                "--causal_adapter makes the adapter causal; with --no_adapter there is none: leave out one"
+            )
         try:
             module_config(args)
         except ValueError as err:
@@ -301,6 +306,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             parser.error(f"--{flag}: no such file: {value}")
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        inputs = {
+            f"--{f}": getattr(args, f)
+            for f in ("pretrained_model", "init_lookback_weights", "validation_image")
+        }
+        doomed = checkpoints.inputs_inside_run(Path(args.output_dir), inputs)
+        if doomed:
+            parser.error(
+                f"{', '.join(f'{f} {inputs[f]}' for f in doomed)}: --overwrite_output_dir would delete it with the "
+                f"earlier run in {args.output_dir}; copy it out of that folder first, or choose another --output_dir"
+            )
     if not Path(args.train_data_dir).is_dir():
         parser.error(f"--train_data_dir: no such folder: {args.train_data_dir}")
     return args

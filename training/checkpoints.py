@@ -129,10 +129,27 @@ def load_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
     generator.set_state(load_file(rng_path(folder, rank))["state"])
 
 
+def run_files(output_dir: Path) -> list[Path]:
+    """An earlier run's checkpoints and deployable files in ``output_dir`` (what ``remove_run`` deletes)."""
+    if not output_dir.is_dir():
+        return []
+    files = [p for p in output_dir.iterdir() if _NAME.fullmatch(p.name.removesuffix(".tmp"))]
+    return files + [output_dir / n for n in (WEIGHTS_NAME, BACKBONE_NAME) if (output_dir / n).exists()]
+
+
+def inputs_inside_run(output_dir: Path, inputs: dict[str, str | None]) -> list[str]:
+    """The ``inputs`` (flag -> path) that are, or lie inside, one of ``output_dir``'s run files."""
+    doomed = [p.resolve() for p in run_files(output_dir)]
+    return [
+        flag
+        for flag, value in inputs.items()
+        if value is not None and any(Path(value).resolve().is_relative_to(d) for d in doomed)
+    ]
+
+
 def remove_run(output_dir: Path) -> list[Path]:
     """Delete an earlier run's checkpoints and deployable files (``--overwrite_output_dir``)."""
-    doomed = [p for p in output_dir.iterdir() if _NAME.fullmatch(p.name.removesuffix(".tmp"))]
-    doomed += [output_dir / n for n in (WEIGHTS_NAME, BACKBONE_NAME) if (output_dir / n).exists()]
+    doomed = run_files(output_dir)
     for path in doomed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return doomed

@@ -152,7 +152,8 @@ def _save_only_trainable_weights(accelerator: Accelerator) -> None:
 def _describe(config: LookBackConfig) -> str:
     parts = [f"d={config.depth}", f"k={config.kernel}", f"at {len(config.sites)} sites"]
     parts += [name for name, on in (("without look-back conv", not config.lookback),
-              ("without adapter", not config.adapter), ("with a causal adapter", config.causal_adapter)) if on]  # fmt: skip
+              ("without adapter", not config.adapter), ("with a causal adapter", config.causal_adapter),
+              ("with the first-frame anchor", config.first_frame_anchor)) if on]  # fmt: skip
     return " ".join(parts)
 
 
@@ -166,25 +167,37 @@ class ResumeError(ValueError):
     """The output folder's checkpoints cannot be continued as asked; the message says why and what to do."""
 
 
+# Training facts a resumed run must share with its checkpoint: the weights record them for the whole run.
+RESUMED_FACTS = ("objective", "timestep_bias", "frames", "stride", "resolution", "train_backbone")
+
+
 def resume(
-    args, accelerator: Accelerator, lookback, ema, rng: torch.Generator, output_dir: Path
+    args, accelerator: Accelerator, lookback, ema, rng: torch.Generator, output_dir: Path, facts: dict
 ) -> tuple[Path | None, int]:
     """Load the newest checkpoint that loads (``--resume_from_checkpoint latest``) or the one named;
     returns it and its step (``None, 0`` when there is none yet).
 
     A damaged checkpoint is skipped with a warning naming it and why, and the next older one is
-    tried; a checkpoint of another preset stops the run with both configs named."""
+    tried; a checkpoint of another preset, or trained otherwise (:data:`RESUMED_FACTS`, against
+    this run's ``facts``), stops the run with both named."""
     if args.resume_from_checkpoint == "latest":
         candidates = checkpoints.complete_checkpoints(output_dir)[::-1]
     else:
         candidates = [checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)]
     for candidate in candidates:
         try:
-            stored = read_temporal_header(candidate / checkpoints.WEIGHTS_NAME).config
+            header = read_temporal_header(candidate / checkpoints.WEIGHTS_NAME)
         except TemporalWeightsError as err:
             logger.warning("skipped %s: %s", candidate, err)
             continue
-        wanted = lookback.config
+        stored, wanted = header.config, lookback.config
+        differing = [k for k in RESUMED_FACTS if k in header.training and header.training[k] != facts.get(k)]
+        if differing:
+            raise ResumeError(
+                f"{candidate} was trained with "
+                + ", ".join(f"{k} {header.training[k]!r} (this run: {facts.get(k)!r})" for k in differing)
+                + "; resume with the flags it was trained with, or start over in another --output_dir"
+            )
         if replace(stored, channels={}) != replace(wanted, channels={}):
             raise ResumeError(
                 f"{candidate} holds look-back modules {_describe(stored)}, but this run asks for "
@@ -374,7 +387,7 @@ def train(args) -> Path:
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        found, global_step = resume(args, accelerator, lookback, ema, rng, output_dir)
+        found, global_step = resume(args, accelerator, lookback, ema, rng, output_dir, facts)
         if found is None:
             logger.info("no complete checkpoint in %s yet; starting from step 0", output_dir)
         else:
