@@ -34,6 +34,18 @@ def _existing_file(flag: str, value: str) -> Path:
     return path
 
 
+def _check_text(flag: str, text: str) -> None:
+    """Refuse text that is not valid UTF-8 (Python passes undecodable bytes of the command line on
+    as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        raise UsageError(
+            f"{flag} is not valid UTF-8 text (byte {bad!r} at character {err.start}); write it in UTF-8"
+        ) from None
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The ``--device`` and ``--dtype`` to use, checked against this machine."""
     if device == "auto":
@@ -86,6 +98,8 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     from .video_io import check_video_target
     from .weights import read_temporal_header
 
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        _check_text(flag, text)
     checkpoint = _existing_file("--checkpoint", args.checkpoint)
     if args.config_dir is not None and not Path(args.config_dir).is_dir():
         raise UsageError(f"--config-dir: no such folder: {args.config_dir}")

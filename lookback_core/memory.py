@@ -101,6 +101,23 @@ def estimate_generate(
     )
 
 
+# Training in fp32 with AdamW holds four numbers per trained parameter: the weight, its gradient
+# and the optimizer's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def training_shortfall(parameters: int, device: torch.device) -> str | None:
+    """Why ``parameters`` trained parameters alone do not fit on ``device``, or ``None``."""
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = host_available_bytes() if device.type == "cpu" else device_available_bytes(device)
+    if available is not None and needed > HEADROOM * available:
+        return (
+            f"training {parameters / 1e6:.0f}M parameters needs about {needed / GiB:.1f} GiB "
+            f"(weights, gradients, AdamW's moments), {available / GiB:.1f} GiB of {device} memory is available"
+        )
+    return None
+
+
 def host_available_bytes() -> int | None:
     """Memory the host can still give (Linux ``MemAvailable``; other systems: free physical pages)."""
     meminfo = Path("/proc/meminfo")

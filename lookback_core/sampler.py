@@ -158,7 +158,9 @@ def sample_video(
     pinned = image_latent
     pinned_noise = None
     if settings.first_frame == "noised":
-        pinned_noise = initial_noise(tuple(pinned.shape), (settings.seed + 2) % 2**64, pinned.device, pinned.dtype)
+        pinned_noise = initial_noise(
+            tuple(pinned.shape), (settings.seed + 2) % 2**64, pinned.device, pinned.dtype
+        )
     moving = noise * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     for step, t in enumerate(scheduler.timesteps):

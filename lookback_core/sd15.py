@@ -556,7 +556,8 @@ def encode_long_prompt(
     :func:`encode_prompt`'s ``[1, 77, dim]``."""
     length = text_encoder.config.max_position_embeddings
     window = length - 2
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    # verbose=False: no warning that the ids exceed the model's length; they are windowed below
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
     pieces = [ids[i : i + window] for i in range(0, len(ids), window)] or [[]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = [

@@ -160,3 +160,11 @@ def create_lookback_unet(unet: nn.Module, config: LookBackConfig) -> LookBackUNe
     param = next(unet.parameters())
     temporal = TemporalModules(config).to(device=param.device, dtype=param.dtype)
     return LookBackUNet(unet, temporal)
+
+
+def temporal_parameter_count(unet: nn.Module, config: LookBackConfig) -> int:
+    """Parameters of the look-back modules ``config`` would attach to ``unet``, counted without
+    allocating them (on the meta device)."""
+    config = config.with_channels(site_channels(unet))
+    with torch.device("meta"):
+        return sum(p.numel() for p in TemporalModules(config).parameters())

@@ -142,9 +142,14 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
         )
     try:
         config = LookBackConfig.from_json(metadata["config"])
-        training = json.loads(metadata.get("training", "{}"))
     except (KeyError, ValueError, TypeError) as err:
         raise TemporalWeightsError(path, f"its config metadata is invalid ({err})") from None
+    try:
+        training = json.loads(metadata.get("training", "{}"))
+        if not isinstance(training, dict):
+            raise ValueError(f"a JSON object was expected, got {type(training).__name__}")
+    except ValueError as err:
+        raise TemporalWeightsError(path, f"its training metadata is invalid ({err})") from None
     try:
         recommended = check_recommended_sampler(json.loads(metadata.get("recommended_sampler", "{}")))
     except ValueError as err:

@@ -171,6 +171,12 @@ def join_videos(video: dict, continuation: dict) -> dict[str, torch.Tensor]:
             f"continuation: frames of shape {tuple(more.shape[1:])} cannot follow frames of shape {tuple(ahead.shape[1:])}"
         )
     mask = continuation.get("noise_mask")
+    if mask is not None and mask.shape[0] != more.shape[0]:
+        raise ValueError(
+            f"continuation: its noise_mask covers {mask.shape[0]} frames but it holds {more.shape[0]}; join the "
+            "Look-Back Extend Video chunk as KSampler returns it (a mask set in between changes which frames "
+            "are its pinned context)"
+        )
     new = more if mask is None else more[~pinned_frames(mask)]
     return {"samples": torch.cat([ahead, new.to(ahead)])}
 

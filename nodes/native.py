@@ -21,7 +21,7 @@ from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
 from lookback_core.temporal_unet import TemporalModules
-from lookback_core.weights import TemporalHeader, load_temporal_weights
+from lookback_core.weights import TemporalHeader, TemporalWeightsError, load_temporal_weights
 
 from . import host
 from .lookback_patch import (
@@ -77,7 +77,10 @@ def _read_weights(path: str, _mtime_ns: int, _size: int) -> LookBackWeights:
 
 def read_weights(path: str | os.PathLike) -> LookBackWeights:
     """The weights of ``path``, read once for as long as the file does not change."""
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise TemporalWeightsError(path, f"cannot be read ({err.strerror})") from None
     return _read_weights(os.fspath(path), stat.st_mtime_ns, stat.st_size)
 
 
@@ -196,6 +199,11 @@ class LookBackImageToVideo:
         }  # fmt: skip
 
     def encode(self, vae, image: torch.Tensor, frames: int, node_id: str | None = None) -> tuple[dict]:
+        if image.ndim != 4 or image.shape[-1] not in (3, 4):
+            raise ValueError(
+                f"image: an IMAGE is [batch, height, width, 3], got shape {list(image.shape)}; connect an "
+                "image (Load Image, a decoder) here"
+            )
         if image.shape[0] != 1:
             raise ValueError(
                 f"image: a batch of {image.shape[0]} images; a video starts from one image "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -218,6 +219,40 @@ def test_long_prompts_are_encoded_whole_and_said_so(assets, tmp_path, capsys) ->
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "--prompt: " in out and "tokens, more than CLIP's 75 per sequence: encoded whole in" in out
+
+
+def test_a_long_prompt_raises_no_warning_that_it_is_cut() -> None:
+    # the shipped toy has CLIP's own tokenizer and 77 positions: transformers would warn of "indexing
+    # errors" for any prompt over 77 tokens, though the windows never pass more to the model
+    from lookback_core.sd15 import encode_long_prompt
+    from lookback_core.toy import TOY_CHECKPOINT
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records, transformers_logger = Records(), logging.getLogger("transformers")
+    transformers_logger.addHandler(records)
+    try:
+        parts = load_sd15(TOY_CHECKPOINT)
+        prompt = " ".join(f"word{i}" for i in range(80))
+        hidden, tokens = encode_long_prompt(parts.tokenizer, parts.text_encoder, prompt, "cpu")
+    finally:
+        transformers_logger.removeHandler(records)
+    assert tokens > 77 and hidden.shape[1] == 77 * 4
+    assert not [m for m in records.messages if "Token indices sequence length" in m]
+
+
+def test_a_prompt_that_is_not_utf8_is_named_before_the_model_loads(assets, tmp_path, capsys) -> None:
+    args = _args(assets, tmp_path / "v.gif")
+    args[args.index("--prompt") + 1] = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # as argv gives it
+    assert main(args) == 2
+    assert "--prompt is not valid UTF-8 text (byte b'\\xe9' at character 3)" in capsys.readouterr().err
+    assert not (tmp_path / "v.gif").exists()
 
 
 def test_sigterm_removes_the_half_written_video(assets, tmp_path) -> None:

@@ -188,6 +188,10 @@ def test_a_long_video_continues_from_pinned_context_and_joins_without_repeats() 
         LookBackExtendVideo().extend(video, frames=4, context_frames=6)
     with pytest.raises(ValueError, match="cannot follow"):
         LookBackJoinVideo().join(video, {"samples": torch.randn(3, 4, 8, 6)})
+    # a Set Latent Noise Mask node in between: its mask covers other frames
+    remasked = {**sampled, "noise_mask": torch.ones(1, 1, 8, 8)}
+    with pytest.raises(ValueError, match="its noise_mask covers 1 frames but it holds 6"):
+        LookBackJoinVideo().join(video, remasked)
 
 
 def test_pinned_frames_are_only_those_the_mask_keeps_whole() -> None:
@@ -232,6 +236,15 @@ def test_image_to_video_encodes_one_start_image_cropped_to_multiples_of_8(tiny_f
         LookBackImageToVideo().encode(vae, torch.rand(2, 64, 64, 3), 6)
     with pytest.raises(ValueError, match="too small"):
         LookBackImageToVideo().encode(vae, torch.rand(1, 40, 64, 3), 6)
+    with pytest.raises(
+        ValueError, match=r"image: an IMAGE is \[batch, height, width, 3\], got shape \[64, 64, 3\]"
+    ):
+        LookBackImageToVideo().encode(vae, torch.rand(64, 64, 3), 6)
+
+
+def test_reading_missing_weights_names_the_file(tmp_path) -> None:
+    with pytest.raises(TemporalWeightsError, match="nowhere.safetensors.*cannot be read"):
+        read_weights(tmp_path / "nowhere.safetensors")
 
 
 def test_toy_checkpoint_configs_translate_to_comfyuis_sd15_classes(tiny_files, tmp_path) -> None:

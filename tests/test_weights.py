@@ -105,6 +105,24 @@ def test_bad_recommended_sampler_metadata_is_named(trained, tmp_path, stored, me
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "stored", "message"),
+    [
+        ("training", "{", "training metadata is invalid"),
+        ("training", "[1]", "training metadata is invalid (a JSON object was expected, got list)"),
+        ("horizon_frames", "1", "horizon_frames metadata is invalid"),
+        ("horizon_frames", "many", "horizon_frames metadata is invalid"),
+    ],
+)
+def test_bad_training_and_horizon_metadata_is_named_as_such(trained, tmp_path, key, stored, message) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained, horizon_frames=16)
+    assert read_temporal_header(path).horizon_frames == 16
+    save_file(load_file(path), path, metadata={**_metadata(path), key: stored})
+    with pytest.raises(TemporalWeightsError, match="w.safetensors") as err:
+        read_temporal_header(path)
+    assert message in str(err.value) and "config metadata" not in str(err.value)
+
+
 def test_save_is_atomic_and_leaves_no_temp_files(trained, tmp_path, monkeypatch) -> None:
     path = save_temporal_weights(tmp_path / "w.safetensors", trained)
     before = path.read_bytes()

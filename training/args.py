@@ -302,6 +302,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:
         parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
+    try:
+        args.validation_prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        parser.error(
+            f"--validation_prompt is not valid UTF-8 text (at character {err.start}); write it in UTF-8"
+        )
     for flag in ("pretrained_model", "init_lookback_weights", "validation_image", "csv"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():

@@ -38,9 +38,10 @@ from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  #
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
+from lookback_core.memory import training_shortfall  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
-from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
+from lookback_core.temporal_unet import create_lookback_unet, temporal_parameter_count  # noqa: E402
 from lookback_core.weights import (  # noqa: E402
     TemporalWeightsError,
     load_lookback_unet,
@@ -274,7 +275,14 @@ def train(args) -> Path:
             args.init_lookback_weights, components.unet, latent_scale=latent_scale(components.vae)
         )
     else:
-        model = create_lookback_unet(components.unet, module_config(args))
+        config = module_config(args)
+        problem = training_shortfall(temporal_parameter_count(components.unet, config), accelerator.device)
+        if problem:  # before anything is allocated
+            raise ValueError(
+                f"the look-back modules of {_module_source(args)} ({_describe(config)}): {problem}; "
+                "choose a smaller --lookback_depth or preset"
+            )
+        model = create_lookback_unet(components.unet, config)
     components.vae.requires_grad_(False)
     components.text_encoder.requires_grad_(False)
     model.unet.requires_grad_(args.train_backbone)
