@@ -102,13 +102,13 @@ def estimate_generate(
 
 
 # Training in fp32 with AdamW holds four numbers per trained parameter: the weight, its gradient
-# and the optimizer's two moments.
-TRAINING_BYTES_PER_PARAMETER = 16
+# and the optimizer's two moments (8-bit Adam: 2 bytes of moments).
+TRAINING_BYTES_PER_PARAMETER = {"adamw": 16, "adamw_8bit": 10}
 
 
-def training_shortfall(parameters: int, device: torch.device) -> str | None:
+def training_shortfall(parameters: int, device: torch.device, optimizer: str = "adamw") -> str | None:
     """Why ``parameters`` trained parameters alone do not fit on ``device``, or ``None``."""
-    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER[optimizer]
     available = host_available_bytes() if device.type == "cpu" else device_available_bytes(device)
     if available is not None and needed > HEADROOM * available:
         return (

@@ -276,7 +276,10 @@ def train(args) -> Path:
         )
     else:
         config = module_config(args)
-        problem = training_shortfall(temporal_parameter_count(components.unet, config), accelerator.device)
+        problem = training_shortfall(
+            temporal_parameter_count(components.unet, config), accelerator.device,
+            "adamw_8bit" if args.use_8bit_adam else "adamw",
+        )  # fmt: skip
         if problem:  # before anything is allocated
             raise ValueError(
                 f"the look-back modules of {_module_source(args)} ({_describe(config)}): {problem}; "
