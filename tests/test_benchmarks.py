@@ -6,6 +6,7 @@ Smallest settings only (this checks the scripts, not the numbers): full SD1.5 si
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -38,3 +39,14 @@ def test_step_benchmark_compares_configs_in_fresh_processes() -> None:
     base, light = (list(map(float, rows[k].split())) for k in ("base", "light-decoder"))
     assert base[2] == 1.0 and base[4] == 1.0  # ratios are to the base row
     assert light[0] > base[0] and light[3] > base[3]  # more parameters, more peak memory
+
+
+def test_training_step_profile_groups_the_time_and_compares_the_anchor(tmp_path) -> None:
+    report = tmp_path / "profile.json"
+    out = _run("profile_toy_step.py", "--batch", "1", "--frames", "3", "--steps", "1", "--json", str(report))
+    assert "| convolution backward |" in out and "| convolution forward |" in out, out
+    shares = [int(s) for s in re.findall(r"^\| [a-z ,]+ \| (\d+)% \|", out, re.M)]
+    assert len(shares) >= 5 and 95 <= sum(shares) <= 105, out  # every kind, adding up to the whole
+    assert re.search(r"without the first-frame anchor \d+ ms, with it \d+ ms \([\d.]+x\)", out), out
+    data = json.loads(report.read_text())
+    assert data["batch"] == 1 and set(data["step_s"]) == {"no_anchor", "anchor"}
