@@ -118,10 +118,10 @@ def check_writable(path: str | os.PathLike[str], *, folder: bool = False) -> Non
     if path.exists() and not path.is_dir() and folder:
         raise ValueError(f"'{path}' is a file, not a folder")
     existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not folder:  # replacing a file: its folder must take a new one
+        existing = path.parent
     if not existing.is_dir():
         raise ValueError(f"cannot write '{path}': '{existing}' is a file, not a folder")
-    if existing == path and not folder:
-        existing = path.parent
     probe = existing / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         probe.write_bytes(b"")

@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rebuild",
         action="store_true",
-        help="first rebuild the toy model from nothing (toyworld build; ~1 h on CPU)",
+        help="first rebuild the toy model from nothing (toyworld build; about 75 min on 2 CPU cores)",
     )
     demo.set_defaults(func=_demo)
 

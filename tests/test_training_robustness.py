@@ -209,10 +209,10 @@ def test_causal_adapter_without_an_adapter_is_refused(setup, tmp_path, capsys) -
 
 def test_ablation_flags_shape_the_trained_modules(setup, tmp_path) -> None:
     out = tmp_path / "run"
-    flags = ["--max_train_steps", "1", "--lookback_depth", "2", "--no_adapter", "--causal_adapter"]
+    flags = ["--max_train_steps", "1", "--lookback_depth", "2", "--no_adapter", "--first_frame_anchor"]
     assert train_main(train_args(setup, out, *flags)) == 0
     config = read_temporal_header(out / "lookback_weights.safetensors").config
-    assert (config.depth, config.kernel, config.lookback, config.adapter, config.causal_adapter) == (
+    assert (config.depth, config.kernel, config.lookback, config.adapter, config.first_frame_anchor) == (
         2,
         3,
         True,

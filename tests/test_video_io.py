@@ -335,3 +335,14 @@ def test_cut_mp4_gives_a_prefix_or_a_read_error(tmp_path):
 def test_video_info_is_a_plain_record():
     info = VideoInfo(frames=3, fps=8.0, width=64, height=48)
     assert info == VideoInfo(3, 8.0, 64, 48)
+
+
+def test_an_existing_file_can_be_replaced_and_its_folder_is_probed(tmp_path) -> None:
+    from lookback_core.atomic import check_writable
+
+    target = tmp_path / "v.gif"
+    target.write_bytes(b"old")
+    check_writable(target)  # replacing a file is writing into its folder
+    check_writable(tmp_path, folder=True)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_writable(target, folder=True)
