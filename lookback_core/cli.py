@@ -304,6 +304,8 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_rules(args)
+    _writable("--out", args.out, folder=True)
     run_demo(Path(args.out), clip=args.clip, rebuild=args.rebuild)
     return 0
 
@@ -339,20 +341,27 @@ def _toy_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-# The bounds of toyworld eval's numbers (the recipe's are ToyRecipe's), checked before any work.
-EVAL_RULES = {
+# The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's), checked
+# before any work.
+TOY_RULES = {
+    "clip": (lambda v: 0 <= v < 2**62, "0 or more (held-out clip N is seed 1000000 + N)"),
     "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
     "first_seed": (lambda v: HELD_OUT_SEED <= v < 2**63, f"{HELD_OUT_SEED} or more (held-out seeds start there)"),
     "frames": (lambda v: 2 <= v <= toyworld.MAX_FRAMES, f"2..{toyworld.MAX_FRAMES} (the object must stay inside the frame)"),
 }  # fmt: skip
 
 
+def _check_rules(args: argparse.Namespace) -> None:
+    """The command's numbers against :data:`TOY_RULES` (those it has)."""
+    for name, (valid, expected) in TOY_RULES.items():
+        if hasattr(args, name) and not valid(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+
+
 def _toy_eval(args: argparse.Namespace) -> int:
     from .toyeval import default_chunking, evaluate, load_toy_model, markdown_table, write_plots, write_report
 
-    for name, (valid, expected) in EVAL_RULES.items():
-        if not valid(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    _check_rules(args)
     for name, flag in (("steps", "--steps"), ("cfg_scale", "--cfg"), ("eta", "--eta")):
         try:
             if getattr(args, name) is not None:

@@ -169,6 +169,8 @@ def test_the_largest_seed_samples(assets, tmp_path) -> None:
         (["build", "--out", "/proc/toy"], "--out: cannot write '/proc/toy': the folder '/proc' is not writable"),
         (["build", "--out", "{tmp}/afile"], "--out: '{tmp}/afile' is a file, not a folder"),
         (["ablate", "--out", "{tmp}/b", "--eval-clips", "0"], "--eval-clips must be a whole number in 1..10000"),
+        (["demo", "--out", "{tmp}/b", "--clip", "-5"], "--clip must be 0 or more (held-out clip N is seed 1000000 + N)"),
+        (["demo", "--out", "{tmp}/afile"], "--out: '{tmp}/afile' is a file, not a folder"),
     ],
 )  # fmt: skip
 def test_toyworld_numbers_and_outputs_are_checked_before_any_work(
@@ -181,11 +183,18 @@ def test_toyworld_numbers_and_outputs_are_checked_before_any_work(
     def never(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    for module, name in ((toyeval, "load_toy_model"), (toybuild, "prepare"), (toyablate, "prepare")):
+    import lookback_core.demo as demo
+
+    for module, name in (
+        (toyeval, "load_toy_model"),
+        (toybuild, "prepare"),
+        (toyablate, "prepare"),
+        (demo, "run_demo"),
+    ):
         monkeypatch.setattr(module, name, never)
     (tmp_path / "afile").write_text("a file, not a folder")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert main(["toyworld", *argv]) == 2
+    assert main(argv if argv[0] == "demo" else ["toyworld", *argv]) == 2
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
