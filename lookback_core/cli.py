@@ -34,18 +34,6 @@ def _existing_file(flag: str, value: str) -> Path:
     return path
 
 
-def _check_text(flag: str, text: str) -> None:
-    """Refuse text that is not valid UTF-8 (Python passes undecodable bytes of the command line on
-    as lone surrogates, which no tokenizer takes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = text[err.start].encode("utf-8", "surrogateescape")
-        raise UsageError(
-            f"{flag} is not valid UTF-8 text (byte {bad!r} at character {err.start}); write it in UTF-8"
-        ) from None
-
-
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The ``--device`` and ``--dtype`` to use, checked against this machine."""
     if device == "auto":
@@ -95,11 +83,14 @@ class GeneratePlan:
 def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     """Check every ``generate`` argument (files, numbers, output, device, memory) without loading a model."""
     from .image_prep import fitted_size, image_size
+    from .sd15 import utf8_problem
     from .video_io import check_video_target
     from .weights import read_temporal_header
 
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
-        _check_text(flag, text)
+        problem = utf8_problem(text)
+        if problem:
+            raise UsageError(f"{flag} {problem}")
     checkpoint = _existing_file("--checkpoint", args.checkpoint)
     if args.config_dir is not None and not Path(args.config_dir).is_dir():
         raise UsageError(f"--config-dir: no such folder: {args.config_dir}")
@@ -362,9 +353,9 @@ def _toy_eval(args: argparse.Namespace) -> int:
     from .toyeval import default_chunking, evaluate, load_toy_model, markdown_table, write_plots, write_report
 
     _check_rules(args)
-    for name, flag in (("steps", "--steps"), ("cfg_scale", "--cfg"), ("eta", "--eta")):
+    for name, flag in SAMPLER_FLAGS.items():
         try:
-            if getattr(args, name) is not None:
+            if getattr(args, name, None) is not None:
                 check_setting(name, getattr(args, name))
         except InvalidSetting as err:
             raise UsageError(f"{flag}: {err}") from None

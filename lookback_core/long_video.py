@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .sampler import SamplerSettings, StepCallback, sample_video
+from .sampler import SamplerSettings, StepCallback, offset_seed, sample_video
 from .temporal_unet import LookBackUNet
 
 ChunkCallback = Callable[[int, torch.Tensor], None]
@@ -85,7 +85,7 @@ def sample_long_video(
     :func:`~lookback_core.sampler.sample_video` pass. ``context_frames`` (``c``, 1 <= c <
     ``chunk_frames``; default the model's look-back depth ``d``, which is what one look-back
     conv reads, or 1 for the base UNet alone) clean frames of the previous chunk start each following chunk. Chunk ``i``
-    draws its noise from ``seed + i`` (modulo 2^64).
+    draws its noise from ``seed + i`` (modulo 2^64, :func:`~lookback_core.sampler.offset_seed`).
     ``on_step`` counts steps over all chunks; ``on_chunk(start, frames)`` receives each chunk's
     new frames ``[b, c, n, h, w]`` and where they start. Returns ``[b, c, num_frames, h, w]``
     on the CPU.
@@ -103,7 +103,7 @@ def sample_long_video(
         if on_step is not None:
             progress = lambda step, total, x, i=index: on_step(i * total + step, chunks * total, x)  # noqa: E731
         chunk = sample_video(
-            model, pinned, positive, negative, frames, replace(settings, seed=(settings.seed + index) % 2**64),
+            model, pinned, positive, negative, frames, replace(settings, seed=offset_seed(settings.seed, index)),
             scheduler_config, on_step=progress, should_cancel=should_cancel,
         )  # fmt: skip
         new = chunk[:, :, pinned.shape[2] :]

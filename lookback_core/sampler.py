@@ -96,6 +96,12 @@ def resolve_settings(
     return SamplerSettings(seed=seed, **{**recommended, **given}), from_recommended
 
 
+def offset_seed(seed: int, offset: int) -> int:
+    """The seed ``offset`` places after ``seed``, wrapping round 2^64 (seeds are 0..2^64-1), for the
+    further generators a run derives from the one seed it is given."""
+    return (seed + offset) % 2**64
+
+
 def initial_noise(
     shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -154,12 +160,12 @@ def sample_video(
         noise = initial_noise(shape, settings.seed, image_latent.device, image_latent.dtype)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"noise must be {list(shape)} (the new frames), got shape {tuple(noise.shape)}")
-    generator = torch.Generator("cpu").manual_seed((settings.seed + 1) % 2**64)  # seeds wrap round 2^64
+    generator = torch.Generator("cpu").manual_seed(offset_seed(settings.seed, 1))
     pinned = image_latent
     pinned_noise = None
     if settings.first_frame == "noised":
         pinned_noise = initial_noise(
-            tuple(pinned.shape), (settings.seed + 2) % 2**64, pinned.device, pinned.dtype
+            tuple(pinned.shape), offset_seed(settings.seed, 2), pinned.device, pinned.dtype
         )
     moving = noise * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)

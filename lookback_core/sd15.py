@@ -531,6 +531,17 @@ def load_sd15(
     )
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` is not valid UTF-8 (Python passes undecodable bytes of a command line on as
+    lone surrogates, which no tokenizer takes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        return f"is not valid UTF-8 text (byte {bad!r} at character {err.start}); write it in UTF-8"
+    return None
+
+
 def encode_prompt(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], device: torch.device | str
 ) -> torch.Tensor:

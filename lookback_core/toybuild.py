@@ -300,9 +300,8 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     write_plots([reports[0], long, reports[1]], out)
     table = markdown_table(reports)
     long_table = markdown_table([long])
-    (out / "eval.md").write_text(
-        f"{table}\n\n{recipe.long_eval_frames} frames ({long.chunking.describe()}):\n\n{long_table}\n"
-    )
+    long_heading = f"{recipe.long_eval_frames} frames ({long.chunking.describe()}):"
+    (out / "eval.md").write_text(f"{table}\n\n{long_heading}\n\n{long_table}\n")
     if "base" in resumed:  # the earlier run's training time, as base_facts.json recorded it
         stage.seconds["base_s"] = record["base_facts"]["seconds"]
     record |= {
@@ -317,7 +316,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     }
     package(record)
     print(table)
-    print(f"{recipe.long_eval_frames} frames ({long.chunking.describe()}):")
+    print(long_heading)
     print(long_table)
     failures = reports[0].failures() + [f"{recipe.long_eval_frames} frames: {f}" for f in long.failures()]
     print(

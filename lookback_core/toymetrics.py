@@ -133,7 +133,7 @@ def frame_jump(frames: np.ndarray) -> float:
 def mean_drift_per_frame(results: list[ClipMetrics]) -> list[float]:
     """The background drift of each frame, averaged over clips (NaN where no clip measured it)."""
     table = np.asarray([r.drift_per_frame for r in results], dtype=np.float64)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a frame no clip measured: NaN, said above
         return [float(v) for v in np.nanmean(table, axis=0)]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
+from lookback_core.sd15 import utf8_problem
 from lookback_core.weights import check_recommended_sampler
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
@@ -302,12 +303,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:
         parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
-    try:
-        args.validation_prompt.encode("utf-8")
-    except UnicodeEncodeError as err:
-        parser.error(
-            f"--validation_prompt is not valid UTF-8 text (at character {err.start}); write it in UTF-8"
-        )
+    problem = utf8_problem(args.validation_prompt)
+    if problem:
+        parser.error(f"--validation_prompt {problem}")
     for flag in ("pretrained_model", "init_lookback_weights", "validation_image", "csv"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():

@@ -78,10 +78,8 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
-def _timestep_bias_facts(args) -> dict | None:
-    """The timestep bias the weights were trained with, as the flags gave it (None: uniform)."""
-    if args.timestep_bias_strategy == "none" or args.timestep_bias_multiplier == 1.0:
-        return None
+def _timestep_bias_facts(args) -> dict:
+    """The timestep bias the weights were trained with, as the flags gave it."""
     facts = {"strategy": args.timestep_bias_strategy, "multiplier": args.timestep_bias_multiplier}
     if args.timestep_bias_strategy == "range":
         return facts | {"begin": args.timestep_bias_begin, "end": args.timestep_bias_end}
@@ -386,7 +384,7 @@ def train(args) -> Path:
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
-        "timestep_bias": _timestep_bias_facts(args),
+        "timestep_bias": None if draw_weights is None else _timestep_bias_facts(args),  # None: uniform
         # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
         "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
     }  # fmt: skip
