@@ -18,7 +18,6 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -27,24 +26,35 @@ from . import toyworld
 from .atomic import atomic_path
 from .curve_plot import plot_curves
 from .demo import contact_sheet
-from .toybuild import StageTimer, ToyRecipe, check_reusable, git_commit, machine, prepare, train_lookback
+from .toybuild import (
+    StageTimer,
+    ToyRecipe,
+    check_reusable,
+    git_commit,
+    lookback_phases,
+    machine,
+    prepare,
+    train_lookback,
+    training_seconds,
+)
 from .toyeval import ToyModel, evaluate, generate_clip, load_toy_model
 
-# name -> the trainer's flags for it (None: the base model alone, no temporal modules)
-VARIANTS: dict[str, tuple[str, ...] | None] = {
+# name -> the trainer's flags for it: those that choose the modules, and the others (None: the
+# base model alone, no temporal modules)
+VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
     "base only": None,
-    "adapter only (normal 3D conv)": ("--no_lookback_conv",),
-    "look-back conv only": ("--no_adapter",),
-    "look-back + adapter (paper)": (),
-    "look-back + causal adapter": ("--causal_adapter",),
-    "d=2": ("--lookback_depth", "2"),
-    "d=5": ("--lookback_depth", "5"),
-    "add noise (ddpm objective)": ("--objective", "ddpm"),
+    "adapter only (normal 3D conv)": (("--no_lookback_conv",), ()),
+    "look-back conv only": (("--no_adapter",), ()),
+    "look-back + adapter (paper)": ((), ()),
+    "look-back + causal adapter": (("--causal_adapter",), ()),
+    "d=2": (("--lookback_depth", "2"), ()),
+    "d=5": (("--lookback_depth", "5"), ()),
+    "add noise (ddpm objective)": ((), ("--objective", "ddpm")),
     # beyond the paper
-    "+ first-frame anchor": ("--first_frame_anchor",),
-    "+ noisier timesteps (later x4)": (
+    "+ first-frame anchor": (("--first_frame_anchor",), ()),
+    "+ noisier timesteps (later x4)": ((), (
         "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "4", "--timestep_bias_portion", "0.3",
-    ),
+    )),
 }  # fmt: skip
 COLUMNS = [  # summary key, header, format
     ("frame0_psnr", "frame-0 PSNR (dB)", "{:.1f}"),
@@ -84,14 +94,16 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
         flags = VARIANTS[name]
         folder = out / "variants" / _folder_name(name)
         if flags is None:
-            checkpoint, weights = base, None
+            checkpoint, weights, train_s = base, None, 0
         else:
-            train_lookback(out, base, folder, recipe, flags)
+            final = train_lookback(out, base, folder, recipe, *flags)
             checkpoint, weights = (
-                folder / "base_checkpoint.safetensors",
-                folder / "lookback_weights.safetensors",
+                final / "base_checkpoint.safetensors",
+                final / "lookback_weights.safetensors",
             )
-        train_s = 0 if flags is None else round(training_seconds(folder / "logs" / "metrics.jsonl"))
+            train_s = round(sum(
+                training_seconds(phase / "logs" / "metrics.jsonl") for phase in lookback_phases(folder, recipe).values()
+            ))  # fmt: skip
         toy = load_toy_model(
             checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
         )
@@ -106,18 +118,6 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
     print(table)
     return rows
-
-
-def training_seconds(metrics: Path) -> float:
-    """Wall time of a training from the trainer's step log (``time`` per step), summed over its
-    runs: a pause between an interrupted run and its resumption (a step that took over 20 times the
-    median) counts as one median step."""
-    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
-    steps = np.diff(np.asarray(times, dtype=np.float64))
-    if len(steps) == 0:
-        return 0.0
-    median = float(np.median(steps))
-    return float(np.where(steps > 20 * median, median, steps).sum() + median)  # + the first step
 
 
 def _digest(path: Path) -> str:
@@ -143,7 +143,7 @@ def _evaluated(
         if row.get("key") == key:
             return row
     report = evaluate(toy, recipe.eval_clips)
-    row = {"variant": name, "flags": list(VARIANTS[name] or ()), "train_s": train_s, "key": key,
+    row = {"variant": name, "flags": [f for group in VARIANTS[name] or () for f in group], "train_s": train_s, "key": key,
            "summary": report.summary, "isim_curve": report.isim_curve}  # fmt: skip
     with atomic_path(saved) as partial:
         partial.write_text(json.dumps(row, indent=2))

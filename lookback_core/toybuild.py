@@ -7,11 +7,13 @@ Stages, each resumable (run the same command again after an interruption):
 3. look-back: ``training/train.py`` (the product's trainer) trains the look-back modules on the
    clips, with ``--train_backbone``: the base only ever saw single frames, so the UNet learns,
    together with the modules, to read the motion words of the caption (the direction of a
-   clip is in its caption alone);
+   clip is in its caption alone). First on short clips (``lookback_frames``: a step costs half),
+   then, continuing from those weights (``full_clips/``), on whole clips, the horizon that is
+   generated (``full_clip_steps``): without it the object moves at a fifth of its speed;
 4. package: the trained checkpoint and temporal weights as fp16, the recipe and the stages'
    wall times recorded in the weights' metadata (``training.toy_build``; a stage that picked up
-   an earlier run's work is named in ``resumed_stages``, and a skipped base stage counts the
-   training time its ``base_facts.json`` recorded);
+   an earlier run's work is named in ``resumed_stages`` and counts the training time that work
+   recorded: the base's ``base_facts.json``, a look-back phase's step log);
 5. eval: held-out clips, with look-back and with the base UNet alone at 16 frames, and with
    look-back at ``long_eval_frames`` as ``generate`` samples them (in chunks of the weights'
    horizon); ``eval.json``, ``eval.md``, ``isim.png`` and ``drift.png`` (drift per frame).
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -54,6 +57,8 @@ class ToyRecipe:
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
+    full_clip_steps: int = 600  # then on whole clips (toyworld.FRAMES), at a constant rate; 0: none
+    full_clip_learning_rate: float = 1e-4
     preset: str = "light"
     first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
     horizon_frames: int = toyworld.FRAMES  # recorded in the weights: generate chunks beyond it
@@ -74,6 +79,10 @@ def _whole(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, int) and low <= v <= high), f"a whole number in {low}..{high}"
 
 
+def _rate() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, float | int) and 0 < v <= 1), "a number in (0, 1]"
+
+
 # The bounds of every number of the recipe (the toy build's and ablation's flags), checked before any
 # work; the upper bounds keep a typo from filling the disk or running for weeks.
 RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -83,7 +92,9 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lookback_steps": _whole(1, 1_000_000),
     "lookback_frames": _whole(2, toyworld.FRAMES),  # the training clips' length
     "lookback_batch_size": _whole(1, 1024),
-    "lookback_learning_rate": (lambda v: isinstance(v, float | int) and 0 < v <= 1, "a number in (0, 1]"),
+    "lookback_learning_rate": _rate(),
+    "full_clip_steps": _whole(0, 1_000_000),
+    "full_clip_learning_rate": _rate(),
     "preset": (lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"),
     "horizon_frames": _whole(2, toyworld.MAX_FRAMES),
     "sampler_steps": SETTING_RULES["steps"],
@@ -135,10 +146,12 @@ def _to_fp16(source: Path, target: Path, extra_metadata: dict[str, str] | None =
 
 
 # The recipe fields each stage's files depend on: a stage's earlier files are reused only when
-# they were made with the same values (the look-back stage records them in LOOKBACK_RECIPE).
+# they were made with the same values (each look-back phase records them in LOOKBACK_RECIPE).
 BASE_FIELDS = ("train_clips", "vae_steps", "unet_steps", "seed")
 EVAL_ONLY_FIELDS = ("eval_clips", "long_eval_frames")
+FULL_CLIP_FIELDS = ("full_clip_steps", "full_clip_learning_rate")  # the second phase's alone
 LOOKBACK_RECIPE = "toy_recipe.json"
+FULL_CLIPS = "full_clips"  # the second look-back phase's folder, inside the first's
 
 
 class StageMismatch(ValueError):
@@ -165,16 +178,20 @@ def check_reusable(out: Path, recipe: ToyRecipe, lookback: Path) -> None:
             for name in BASE_FIELDS
             if facts.get(name) != getattr(recipe, name)
         ]
-    record = lookback / LOOKBACK_RECIPE
-    if record.is_file():
-        earlier = json.loads(record.read_text())
-        differences += [
-            f"the look-back stage was trained with {name} {earlier.get(name)} (this recipe: {value})"
-            for name, value in _lookback_fields(recipe).items()
-            if earlier.get(name) != value
-        ]
-    elif any(lookback.glob("checkpoint-*")):
-        differences.append(f"{lookback} holds checkpoints of a build that did not record its recipe")
+    for folder, phase in (
+        (lookback, "look-back stage"),
+        (lookback / FULL_CLIPS, "look-back stage's full-clip phase"),
+    ):
+        record = folder / LOOKBACK_RECIPE
+        if record.is_file():
+            earlier = json.loads(record.read_text())
+            differences += [
+                f"the {phase} was trained with {name} {earlier.get(name)} (this recipe: {value})"
+                for name, value in _lookback_fields(recipe, folder != lookback).items()
+                if earlier.get(name) != value
+            ]
+        elif any(folder.glob("checkpoint-*")):
+            differences.append(f"{folder} holds checkpoints of a build that did not record its recipe")
     if differences:
         raise StageMismatch(
             f"--out {out} holds an earlier build of another recipe: "
@@ -183,8 +200,22 @@ def check_reusable(out: Path, recipe: ToyRecipe, lookback: Path) -> None:
         )
 
 
-def _lookback_fields(recipe: ToyRecipe) -> dict[str, Any]:
-    return {k: v for k, v in asdict(recipe).items() if k not in EVAL_ONLY_FIELDS}
+def _lookback_fields(recipe: ToyRecipe, full_clips: bool) -> dict[str, Any]:
+    """The fields a look-back phase's files depend on (the first phase's: not the second's)."""
+    skipped = EVAL_ONLY_FIELDS + (() if full_clips else FULL_CLIP_FIELDS)
+    return {k: v for k, v in asdict(recipe).items() if k not in skipped}
+
+
+def training_seconds(metrics: Path) -> float:
+    """Wall time of a training from the trainer's step log (``time`` per step), summed over its
+    runs: a pause between an interrupted run and its resumption (a step that took over 20 times the
+    median) counts as one median step."""
+    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
+    steps = np.diff(np.asarray(times, dtype=np.float64))
+    if len(steps) == 0:
+        return 0.0
+    median = float(np.median(steps))
+    return float(np.where(steps > 20 * median, median, steps).sum() + median)  # + the first step
 
 
 def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list[str]]:
@@ -211,41 +242,78 @@ def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list
     return base, resumed
 
 
+def lookback_phases(folder: Path, recipe: ToyRecipe) -> dict[str, Path]:
+    """The look-back stage's phases (the name each is timed under -> its folder), in order."""
+    return {"lookback": folder} | ({FULL_CLIPS: folder / FULL_CLIPS} if recipe.full_clip_steps else {})
+
+
 def train_lookback(
-    out: Path, base: Path, folder: Path, recipe: ToyRecipe, extra: tuple[str, ...] = ()
-) -> None:
-    """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable);
-    ``extra``: more trainer flags (the ablation's variants; one without the look-back conv has no
-    first-frame anchor either, the anchor being part of that conv). The recipe is recorded in
-    ``folder`` (:data:`LOOKBACK_RECIPE`) for :func:`check_reusable`."""
+    out: Path,
+    base: Path,
+    folder: Path,
+    recipe: ToyRecipe,
+    modules: tuple[str, ...] = (),
+    training: tuple[str, ...] = (),
+    stage: StageTimer | None = None,
+) -> Path:
+    """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable),
+    first on ``lookback_frames``-frame clips, then (``full_clip_steps``, into ``folder/full_clips``)
+    on whole clips from those weights; returns the folder of the final weights. ``modules`` and
+    ``training``: more trainer flags (the ablation's variants), those that choose the modules and
+    the others (the second phase takes its modules from the first's file). A variant without the
+    look-back conv has no first-frame anchor either, the anchor being part of that conv. Each
+    phase records the recipe in its folder (:data:`LOOKBACK_RECIPE`) for :func:`check_reusable`
+    and is timed in ``stage`` under its :func:`lookback_phases` name."""
+    stage = stage or StageTimer()
+    anchor = recipe.first_frame_anchor and not {"--no_lookback_conv", "--first_frame_anchor"} & set(modules)
+    phases = lookback_phases(folder, recipe)
+    with stage("lookback"):
+        _train_phase(out, folder, recipe, False, [
+            "--pretrained_model", str(base),
+            "--preset", recipe.preset,
+            *(["--first_frame_anchor"] if anchor else []),
+            *modules,
+            "--num_frames", str(recipe.lookback_frames),
+            "--learning_rate", str(recipe.lookback_learning_rate),
+            "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
+            *training,
+        ])  # fmt: skip
+    if FULL_CLIPS not in phases:
+        return folder
+    with stage(FULL_CLIPS):
+        _train_phase(out, phases[FULL_CLIPS], recipe, True, [
+            "--pretrained_model", str(folder / "base_checkpoint.safetensors"),
+            "--init_lookback_weights", str(folder / "lookback_weights.safetensors"),
+            "--num_frames", str(toyworld.FRAMES),
+            "--learning_rate", str(recipe.full_clip_learning_rate),
+            "--lr_scheduler", "constant",
+            "--lr_warmup_steps", str(min(50, recipe.full_clip_steps // 10)),
+            *training,
+        ])  # fmt: skip
+    return phases[FULL_CLIPS]
+
+
+def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, flags: list[str]) -> None:
+    steps = recipe.full_clip_steps if full_clips else recipe.lookback_steps
     record = folder / LOOKBACK_RECIPE
     if not record.is_file():
+        fields = _lookback_fields(recipe, full_clips)
         with atomic_path(record) as partial:
-            partial.write_text(json.dumps(_lookback_fields(recipe), indent=2, sort_keys=True))
-    anchor = (
-        recipe.first_frame_anchor
-        and "--no_lookback_conv" not in extra
-        and "--first_frame_anchor" not in extra
-    )
+            partial.write_text(json.dumps(fields, indent=2, sort_keys=True))
     _run(
         [
         sys.executable, str(REPO / "training" / "train.py"),
-        "--pretrained_model", str(base),
         "--train_data_dir", str(out / "data"),
         "--output_dir", str(folder),
         "--cache_dir", str(out / "cache"),
         "--train_backbone",
-        "--preset", recipe.preset,
         "--resolution", str(toyworld.SIZE),
-        "--num_frames", str(recipe.lookback_frames),
         "--frame_stride", "1",
         "--train_batch_size", str(recipe.lookback_batch_size),
         "--gradient_accumulation_steps", "1",
-        "--learning_rate", str(recipe.lookback_learning_rate),
-        "--lr_scheduler", "cosine",
-        "--lr_warmup_steps", str(min(100, recipe.lookback_steps // 10)),
-        "--max_train_steps", str(recipe.lookback_steps),
-        "--checkpointing_steps", str(max(1, recipe.lookback_steps // 5)),
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", str(max(1, steps // 5)),
         "--checkpoints_total_limit", "1",
         "--resume_from_checkpoint", "latest",
         "--validation_inference_steps", str(recipe.sampler_steps),
@@ -253,8 +321,7 @@ def train_lookback(
         "--report_to", "none",
         "--seed", str(recipe.seed),
         "--horizon_frames", str(recipe.horizon_frames),
-        *(["--first_frame_anchor"] if anchor else []),
-        *extra,
+        *flags,
         ]
     )  # fmt: skip
 
@@ -268,10 +335,9 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     commit = git_commit()  # the code the stages run, before anything changes in the checkout
     base, resumed = prepare(out, recipe, stage)
     lookback = out / "lookback"
-    if any(lookback.glob("checkpoint-*")):
-        resumed.append("lookback")
-    with stage("lookback"):
-        train_lookback(out, base, lookback, recipe)
+    phases = lookback_phases(lookback, recipe)
+    resumed += [name for name, folder in phases.items() if any(folder.glob("checkpoint-*"))]
+    final = train_lookback(out, base, lookback, recipe, stage=stage)
 
     record = {
         "recipe": asdict(recipe),
@@ -279,8 +345,8 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
         "command": "python -m lookback_core toyworld build",
         "base_facts": json.loads((base.parent / "base_facts.json").read_text()),
     }
-    checkpoint = _to_fp16(lookback / "base_checkpoint.safetensors", out / "sd15_toy.safetensors")
-    weights_source = lookback / "lookback_weights.safetensors"
+    checkpoint = _to_fp16(final / "base_checkpoint.safetensors", out / "sd15_toy.safetensors")
+    weights_source = final / "lookback_weights.safetensors"
     with safe_open(weights_source, framework="pt") as f:
         training = json.loads((f.metadata() or {}).get("training", "{}"))
     # the packaged checkpoint's name, which the weights' base facts name (not the trainer's output)
@@ -302,8 +368,11 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     long_table = markdown_table([long])
     long_heading = f"{recipe.long_eval_frames} frames ({long.chunking.describe()}):"
     (out / "eval.md").write_text(f"{table}\n\n{long_heading}\n\n{long_table}\n")
-    if "base" in resumed:  # the earlier run's training time, as base_facts.json recorded it
+    # a resumed stage: the earlier runs' training time, as base_facts.json or the step log recorded it
+    if "base" in resumed:
         stage.seconds["base_s"] = record["base_facts"]["seconds"]
+    for name in set(resumed) & set(phases):
+        stage.seconds[f"{name}_s"] = round(training_seconds(phases[name] / "logs" / "metrics.jsonl"))
     record |= {
         "wall_time_s": {**stage.seconds, "total_s": sum(stage.seconds.values())},
         "resumed_stages": resumed,

@@ -130,13 +130,18 @@ def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
 def test_toyworld_build_smoke(tmp_path) -> None:
     """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
     recipe = ToyRecipe(
-        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, lookback_batch_size=2, eval_clips=1,
+        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2, lookback_batch_size=2, eval_clips=1,
         sampler_steps=2,
     )  # fmt: skip
     record = build(tmp_path / "toy", recipe)
-    assert record["recipe"]["lookback_steps"] == 2 and set(record["wall_time_s"]) >= {"base_s", "lookback_s"}
+    assert record["recipe"]["lookback_steps"] == 2
+    assert set(record["wall_time_s"]) >= {"base_s", "lookback_s", "full_clips_s"}
     weights = tmp_path / "toy" / "lookback_toy.safetensors"
     header = read_temporal_header(weights)
+    # the shipped weights are the second phase's: whole clips, from the first phase's weights
+    assert header.training["frames"] == toyworld.FRAMES and header.training["steps"] == 2
+    assert header.training["init_lookback_weights"] == "lookback_weights.safetensors"
+    assert header.config.first_frame_anchor  # the first phase's modules, carried on
     assert header.training["toy_build"]["eval"]["clips"] == 1
     assert header.recommended_sampler == {"steps": 2, "cfg_scale": recipe.sampler_cfg_scale}
     components = load_sd15(tmp_path / "toy" / "sd15_toy.safetensors")
@@ -161,6 +166,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     stamp = (tmp_path / "toy" / "lookback_toy.safetensors").stat().st_mtime_ns
     for changed, message in (
         ({"lookback_steps": 3}, "look-back stage was trained with lookback_steps 2 (this recipe: 3)"),
+        ({"full_clip_steps": 3}, "full-clip phase was trained with full_clip_steps 2 (this recipe: 3)"),
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
         ({"train_clips": 5}, "holds clips beyond --train-clips 5"),
     ):
@@ -172,7 +178,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
 def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     """The ablation at a few steps: same base and data for every variant, table, plot and sheet."""
     recipe = ToyRecipe(
-        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, lookback_batch_size=2, eval_clips=1,
+        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2, lookback_batch_size=2, eval_clips=1,
         sampler_steps=2,
     )  # fmt: skip
     variants = ["base only", "look-back + causal adapter", "add noise (ddpm objective)"]

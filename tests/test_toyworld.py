@@ -148,7 +148,7 @@ def test_the_jump_after_frame_zero_is_measured_against_the_later_pace() -> None:
 def test_training_time_sums_the_runs_of_a_resumed_training_without_the_pause(tmp_path) -> None:
     import json
 
-    from lookback_core.toyablate import training_seconds
+    from lookback_core.toybuild import training_seconds
 
     times = [100.0 + i for i in range(5)] + [1000.0 + i for i in range(4)]  # 1 s steps, resumed after a pause
     log = tmp_path / "metrics.jsonl"
