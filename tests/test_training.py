@@ -33,7 +33,7 @@ from lookback_core.weights import (
 from training import checkpoints
 from training.cache import encoder_fingerprint
 from training.data import VideoClipDataset, collate, discover_samples
-from training.objective import hybrid_noisy_latents, lookback_loss, timestep_weights
+from training.objective import hybrid_noisy_latents, lookback_loss, motion_weights, timestep_weights
 from training.train import main as train_main
 
 REPO = Path(__file__).parents[1]
@@ -150,18 +150,49 @@ def test_timestep_bias_draws_the_chosen_timesteps_more_often() -> None:
     assert drawn.min() >= 900 and len(drawn.unique()) > 20
 
 
+def test_motion_weight_counts_the_loss_more_where_frames_change() -> None:
+    latents = torch.zeros(1, 4, 3, 4, 4)
+    latents[:, :, 1:, 0, 0] = 2.0  # one latent pixel changes after frame 0; the rest stays still
+    weights = motion_weights(latents, 3.0)
+    mean_change = 2.0 / 16  # over frames 1.. and every pixel
+    assert weights.shape == (1, 1, 3, 4, 4) and weights[0, 0, 1, 0, 0] == pytest.approx(1 + 3 * 2.0 / mean_change)
+    assert torch.all(weights[:, :, 0] == 1) and torch.all(weights[0, 0, 1:, 1:, 1:] == 1)
+    assert torch.all(motion_weights(torch.ones(1, 4, 3, 4, 4), 3.0) == 1)  # a still clip: plain MSE
+
+    class WrongAt(torch.nn.Module):  # predicts the noise exactly, off by 1 at one latent pixel
+        def __init__(self, y: int, x: int) -> None:
+            super().__init__()
+            self.y, self.x = y, x
+
+        def forward(self, x, t, ctx):
+            out = noise.clone()
+            out[:, :, :, self.y, self.x] += 1
+            return out
+
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+
+    def loss(y: int, x: int, strength: float) -> float:
+        return float(lookback_loss(WrongAt(y, x), latents, torch.zeros(1, 3, 4), scheduler,
+                                   torch.Generator().manual_seed(0), motion_weight=strength))  # fmt: skip
+
+    assert loss(0, 0, 0.0) == pytest.approx(loss(3, 3, 0.0)) == pytest.approx(1 / 16)  # plain MSE
+    assert loss(0, 0, 3.0) > 10 * loss(3, 3, 3.0)  # the same error weighs more where things move
+
+
 def test_timestep_bias_and_horizon_are_recorded_and_checked(setup, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     flags = ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "3", "--horizon_frames", "12"]
     assert train_main(train_args(setup, out, "--max_train_steps", "1", *flags)) == 0
     header = read_temporal_header(out / "lookback_weights.safetensors")
     assert header.training["timestep_bias"] == {"strategy": "later", "multiplier": 3.0, "portion": 0.25}
-    assert header.horizon_frames == 12
+    assert header.horizon_frames == 12 and header.training["motion_loss_weight"] == 0
     for bad, message in (
         (["--timestep_bias_multiplier", "0"], "--timestep_bias_multiplier must be > 0"),
         (["--timestep_bias_portion", "1.5"], "--timestep_bias_portion must be in"),
         (["--timestep_bias_begin", "500", "--timestep_bias_end", "400"], "must be below --timestep_bias_end"),
         (["--horizon_frames", "1"], "--horizon_frames must be"),
+        (["--motion_loss_weight", "-1"], "--motion_loss_weight must be >= 0"),
     ):
         with pytest.raises(SystemExit):
             train_main(train_args(setup, tmp_path / "bad", "--max_train_steps", "1", *bad))

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timestep_bias_multiplier", type=float, default=1.0,
         help="weight of the biased timesteps against the others (2: drawn twice as often; 1: no bias)",
     )  # fmt: skip
+    opt.add_argument(
+        "--motion_loss_weight", type=float, default=0.0,
+        help="weigh the loss by 1 + this x how much a latent pixel differs from frame 0 (relative to the "
+        "clip's mean): more of the loss where things move (0: the paper's plain MSE)",
+    )  # fmt: skip
     opt.add_argument("--timestep_bias_portion", type=float, default=0.25, help="share of timesteps biased")
     opt.add_argument("--timestep_bias_begin", type=int, default=0, help="first biased timestep (range)")
     opt.add_argument(
@@ -219,6 +224,7 @@ NUMBER_RULES = {
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "timestep_bias_multiplier": (lambda v: v > 0, "> 0"),
+    "motion_loss_weight": (lambda v: v >= 0, ">= 0"),
     "timestep_bias_portion": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "timestep_bias_begin": at_least(0),
     "timestep_bias_end": at_least(1),

@@ -4,7 +4,8 @@ Frame 0 of every clip is the clean latent of its first frame; frames ``1..L-1`` 
 DDPM forward process at one timestep per clip; the UNet with look-back modules predicts the
 noise (or v), and the MSE is taken over frames ``1..L-1`` only. ``objective="ddpm"`` is the plain
 DDPM objective instead (every frame noised and in the loss), the counterpart of the paper's
-"add noise" sampling strategy.
+"add noise" sampling strategy. With a motion weight (beyond the paper) the MSE is a weighted
+mean that counts more where a frame differs from frame 0 (:func:`motion_weights`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def hybrid_noisy_latents(
     return torch.cat([latents[:, :, :1], noisy[:, :, 1:]], dim=2)
 
 
+def motion_weights(latents: torch.Tensor, strength: float) -> torch.Tensor:
+    """Loss weights ``[b, 1, f, h, w]`` of ``latents`` ``[b, c, f, h, w]``: ``1 + strength * m``, where
+    ``m`` is how much each latent pixel of a frame differs from frame 0 (mean over channels),
+    relative to the clip's mean difference over frames 1.. (so the weights do not depend on the
+    latents' scale). Where things move (an object where it is now and where it was) the loss
+    counts more; a still clip weighs 1 everywhere."""
+    change = (latents - latents[:, :, :1]).abs().mean(dim=1, keepdim=True)
+    mean_change = change[:, :, 1:].mean(dim=(2, 3, 4), keepdim=True).clamp_min(1e-8)
+    return 1 + strength * change / mean_change
+
+
 def lookback_loss(
     model: LookBackUNet,
     latents: torch.Tensor,
@@ -66,6 +78,7 @@ def lookback_loss(
     input_dtype: torch.dtype | None = None,
     objective: str = "hybrid",
     timestep_weights: torch.Tensor | None = None,
+    motion_weight: float = 0.0,
 ) -> torch.Tensor:
     """MSE between the prediction and the target on frames 1..L-1 of ``latents`` ``[b, c, f, h, w]``.
 
@@ -73,7 +86,8 @@ def lookback_loss(
     ``sqrt(1 - alpha_bar_t)`` rounds to 0 for the smallest ``t``: no noise would be added while
     the target is pure noise); only the model's input is cast, to ``input_dtype`` (default
     ``text``'s dtype). Timesteps are drawn uniformly, or with ``timestep_weights`` (one per
-    training timestep, see :func:`timestep_weights`)."""
+    training timestep, see :func:`timestep_weights`). ``motion_weight`` > 0 weighs the MSE by
+    :func:`motion_weights` of that strength (0: the plain MSE)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     latents = latents.float()
@@ -97,4 +111,8 @@ def lookback_loss(
     else:
         target = noise
     first = 1 if objective == "hybrid" else 0
-    return F.mse_loss(prediction[:, :, first:].float(), target[:, :, first:])
+    prediction, target = prediction[:, :, first:].float(), target[:, :, first:]
+    if motion_weight == 0:
+        return F.mse_loss(prediction, target)
+    weights = motion_weights(latents, motion_weight)[:, :, first:].expand_as(target)
+    return ((prediction - target) ** 2 * weights).sum() / weights.sum()

@@ -167,7 +167,7 @@ class ResumeError(ValueError):
 
 
 # Training facts a resumed run must share with its checkpoint: the weights record them for the whole run.
-RESUMED_FACTS = ("objective", "timestep_bias", "frames", "stride", "resolution", "train_backbone")
+RESUMED_FACTS = ("objective", "timestep_bias", "motion_loss_weight", "frames", "stride", "resolution", "train_backbone")
 
 
 def resume(
@@ -385,6 +385,7 @@ def train(args) -> Path:
         "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
         "effective_batch_size": scale,
         "timestep_bias": None if draw_weights is None else _timestep_bias_facts(args),  # None: uniform
+        "motion_loss_weight": args.motion_loss_weight,
         # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
         "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
     }  # fmt: skip
@@ -475,6 +476,7 @@ def train(args) -> Path:
                         weight_dtype,
                         args.objective,
                         draw_weights,
+                        args.motion_loss_weight,
                     )
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
