@@ -1,7 +1,8 @@
 """ComfyUI entry point of the Look-Back I2V node pack (ComfyUI loads this from custom_nodes/).
 
-The pack's folder is put on ``sys.path`` so ``lookback_core``, the model code shared with the
-command line and the trainer, imports under its own name whatever the folder is called.
+The pack's folder is put on ``sys.path`` so ``lookback_core``, the model library shared with the
+command line and the trainer (and ``toyworld``, for the toy start image), imports under its own
+name whatever the folder is called.
 """
 
 import os

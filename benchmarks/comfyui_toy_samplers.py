@@ -8,7 +8,7 @@ loader (ComfyUI's own MODEL, CLIP and VAE), Apply Look-Back, Look-Back Image To 
 clip's start image (the user's VAE), the caption and an empty negative through CLIP Text Encode,
 KSampler at the weights' recommended steps and cfg with the clip's seed, VAE Decode. The same
 clips through ``toyworld eval``'s code (the command line's sampler) make the first column. The
-toy metrics (:mod:`lookback_core.toymetrics`) of each are written as a markdown table and JSON.
+toy metrics (:mod:`toyworld.metrics`) of each are written as a markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -32,26 +32,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from lookback_core import toyworld  # noqa: E402
 from lookback_core.sampler import SamplerSettings  # noqa: E402
-from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
-from lookback_core.toyeval import evaluate, load_toy_model, markdown_table, measure, write_report  # noqa: E402
 from nodes.native import LookBackImageToVideo, apply_lookback, read_weights  # noqa: E402
 from nodes.own_config_checkpoint import load_own_config_checkpoint  # noqa: E402
+from toyworld import world  # noqa: E402
+from toyworld.evaluate import evaluate, load_toy_model, markdown_table, measure, write_report  # noqa: E402
+from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 
 SAMPLERS = [("ddim", "ddim_uniform"), ("euler", "normal"), ("dpmpp_2m", "karras"), ("uni_pc", "normal")]
 
 
 def comfyui_generator(model, clip, vae, sampler: str, scheduler: str, steps: int, cfg: float):
-    """A :data:`lookback_core.toyeval.ClipGenerator` that samples with ComfyUI's KSampler code path."""
+    """A :data:`toyworld.evaluate.ClipGenerator` that samples with ComfyUI's KSampler code path."""
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     scale = model.model.latent_format.scale_factor
 
     @torch.inference_mode()  # as ComfyUI's executor runs every node: no autograd graph is kept
-    def generate(toy_clip: toyworld.ToyClip, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    def generate(toy_clip: world.ToyClip, seed: int) -> tuple[np.ndarray, torch.Tensor]:
         image = torch.from_numpy(toy_clip.frames[0]).float().div(255)[None]
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(toy_clip.caption))
-        (latent,) = LookBackImageToVideo().encode(vae, image, toyworld.FRAMES)
+        (latent,) = LookBackImageToVideo().encode(vae, image, world.FRAMES)
         noise = comfy.sample.prepare_noise(latent["samples"], seed)
         samples = comfy.sample.sample(
             model, noise, steps, cfg, sampler, scheduler, positive, negative, latent["samples"],
@@ -89,7 +89,7 @@ def main() -> int:
     table = markdown_table(reports)
     timing = ", ".join(f"{name}: {s / args.clips:.1f} s/clip" for name, s in seconds.items())
     out.with_suffix(".md").write_text(
-        f"{args.clips} held-out clips (seeds {toyworld.HELD_OUT_SEED}..), {steps} steps, cfg {cfg}.\n\n"
+        f"{args.clips} held-out clips (seeds {world.HELD_OUT_SEED}..), {steps} steps, cfg {cfg}.\n\n"
         f"{table}\n\nTime ({torch.get_num_threads()} threads): {timing}\n"
     )
     print(table)

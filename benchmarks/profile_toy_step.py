@@ -26,12 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lookback_core import toyworld  # noqa: E402
 from lookback_core.latents import encode_latents  # noqa: E402
-from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
+from lookback_core.prompts import encode_prompt  # noqa: E402
+from lookback_core.sd15 import load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet  # noqa: E402
-from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 from lookback_core.weights import read_temporal_header  # noqa: E402
+from toyworld import world  # noqa: E402
+from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 from training.objective import lookback_loss  # noqa: E402
 
 # operator name fragments -> kind, first match wins (aten names as the CPU profiler reports them)
@@ -57,7 +58,7 @@ def kind_of(name: str) -> str:
 
 
 def batch(components, size: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    clips = [toyworld.make_clip(s) for s in range(size)]
+    clips = [world.make_clip(s) for s in range(size)]
     pixels = (
         torch.stack([torch.from_numpy(c.frames[:frames]).permute(0, 3, 1, 2) for c in clips]).float() / 127.5
         - 1
@@ -109,12 +110,9 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not (
-        1 <= args.batch <= 256
-        and 2 <= args.frames <= toyworld.FRAMES
-        and args.steps >= 1
-        and args.threads >= 1
+        1 <= args.batch <= 256 and 2 <= args.frames <= world.FRAMES and args.steps >= 1 and args.threads >= 1
     ):
-        parser.error(f"--batch 1..256, --frames 2..{toyworld.FRAMES}, --steps >= 1 and --threads >= 1")
+        parser.error(f"--batch 1..256, --frames 2..{world.FRAMES}, --steps >= 1 and --threads >= 1")
     torch.set_num_threads(args.threads)
     components = load_sd15(TOY_CHECKPOINT)
     latents, text = batch(components, args.batch, args.frames)

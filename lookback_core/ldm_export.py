@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from .atomic import save_safetensors
-from .sd15 import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, embedded_configs_metadata, read_checkpoint
+from .checkpoint_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, read_checkpoint
+from .sd15 import embedded_configs_metadata
 
 _RESNET_TO_LDM = {
     "norm1": "in_layers.0",

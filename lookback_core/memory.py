@@ -8,7 +8,7 @@ estimate is deliberately simple and on the high side:
   the files themselves, which are read whole into host memory while loading;
 - **sampling**: :data:`SAMPLING_BYTES_PER_CELL` per latent cell (``h/8 x w/8``) per UNet frame
   in flight (the frames of one chunk, twice with classifier-free guidance), scaled by the dtype
-  size. Measured on the full SD1.5 UNet at 256x256 (README, "Benchmarks"): 48 KiB per cell for
+  size. Measured on the full SD1.5 UNet at 256x256 (docs/benchmarks.md): 48 KiB per cell for
   the base UNet, 57 KiB with ``light`` look-back modules;
 - **decoding**: the VAE decoder works on :data:`DECODE_FRAMES` frames at a time at full
   resolution, :data:`DECODE_BYTES_PER_PIXEL` per pixel per frame;

@@ -1,4 +1,4 @@
-"""Tiny models of the real SD1.5 architectures, for tests and the offline demo.
+"""Tiny models of the real SD1.5 architectures, for tests and benchmarks.
 
 They have SD1.5's block structure (so all 21 look-back sites exist) with tiny widths, the real
 tokenizer and scheduler, and seeded random weights: nothing needs downloading.

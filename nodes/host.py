@@ -92,7 +92,7 @@ def register_model_folders() -> None:
     pack's shipped toy files, listed after the user's own."""
     if not IN_COMFYUI:
         return
-    from lookback_core.toy import TOY_CHECKPOINT_DIR, TOY_WEIGHTS_DIR
+    from toyworld.model import TOY_CHECKPOINT_DIR, TOY_WEIGHTS_DIR
 
     folder_paths.add_model_folder_path(
         LOOKBACK_FOLDER, os.path.join(folder_paths.models_dir, LOOKBACK_FOLDER), True

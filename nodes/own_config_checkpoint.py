@@ -28,17 +28,16 @@ from typing import Any
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig
 
-from lookback_core.latents import latent_scale
-from lookback_core.sd15 import (
-    EMBEDDED_CONFIGS_KEY,
+from lookback_core.checkpoint_file import (
     TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
-    ModelConfigs,
     checkpoint_metadata,
     read_checkpoint,
 )
+from lookback_core.latents import latent_scale
+from lookback_core.sd15 import EMBEDDED_CONFIGS_KEY, ModelConfigs
 
 from . import host
 from .native import CATEGORY

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lookback_core import toyworld
+from toyworld import world
 
 from .native import CATEGORY
 
@@ -31,5 +31,5 @@ class LookBackToyStartImage:
         }  # fmt: skip
 
     def make(self, clip_number: int) -> tuple[torch.Tensor, str]:
-        clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + clip_number)
+        clip = world.make_clip(world.HELD_OUT_SEED + clip_number)
         return torch.from_numpy(clip.frames[0]).float().div(255)[None], clip.caption

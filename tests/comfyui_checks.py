@@ -34,10 +34,10 @@ from einops import rearrange  # noqa: E402
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import latent_scale  # noqa: E402
 from lookback_core.pipeline import encode_image_latent  # noqa: E402
+from lookback_core.prompts import encode_prompt  # noqa: E402
 from lookback_core.sampler import SamplerSettings, sample_video  # noqa: E402
-from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
+from lookback_core.sd15 import load_sd15  # noqa: E402
 from lookback_core.temporal_unet import TemporalModules  # noqa: E402
-from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 from lookback_core.weights import load_lookback_unet, read_temporal_header, save_temporal_weights  # noqa: E402
 from nodes import host  # noqa: E402
 from nodes.native import (  # noqa: E402
@@ -49,6 +49,7 @@ from nodes.native import (  # noqa: E402
 )
 from nodes.own_config_checkpoint import load_own_config_checkpoint  # noqa: E402
 from nodes.toy import LookBackToyStartImage  # noqa: E402
+from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 
 FRAMES, SEED = 4, 7
 CORE_FRAMES = 16  # the native-equals-core check: the toy's whole horizon at its recommended settings

@@ -9,8 +9,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lookback_core.checkpoint_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from lookback_core.ldm_export import to_ldm_state_dict, unet_to_ldm, vae_to_ldm
-from lookback_core.sd15 import SHIPPED_CONFIG_DIR, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from lookback_core.sd15 import SHIPPED_CONFIG_DIR
 from lookback_core.tiny import tiny_config_dir, tiny_sd15_models, write_tiny_sd15_checkpoint
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""``python -m lookback_core``: a tiny real-format checkpoint and weights file, end to end."""
+"""``python -m lookback_cli``: a tiny real-format checkpoint and weights file, end to end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import PEAK_RSS_EXPRESSION
 
-from lookback_core.cli import main
+from lookback_cli.main import main
 from lookback_core.image_prep import fit_to_multiple, load_image
 from lookback_core.pipeline import decode_latents, encode_image_latent
 from lookback_core.sd15 import load_sd15
@@ -176,14 +176,14 @@ def test_the_largest_seed_samples(assets, tmp_path) -> None:
 def test_toyworld_numbers_and_outputs_are_checked_before_any_work(
     tmp_path, capsys, monkeypatch, argv, message
 ) -> None:
-    import lookback_core.toyablate as toyablate
-    import lookback_core.toybuild as toybuild
-    import lookback_core.toyeval as toyeval
+    import toyworld.ablate as toyablate
+    import toyworld.build as toybuild
+    import toyworld.evaluate as toyeval
 
     def never(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    import lookback_core.demo as demo
+    import lookback_cli.demo as demo
 
     for module, name in (
         (toyeval, "load_toy_model"),
@@ -209,7 +209,7 @@ def test_an_oversized_image_is_refused_with_little_memory(assets, tmp_path) -> N
     args[args.index("--image") + 1] = str(big)
     script = (
         "import sys\n"
-        "from lookback_core.cli import main\n"
+        "from lookback_cli.main import main\n"
         f"code = main({args!r})\n"
         f"print('exit', code, 'peak', {PEAK_RSS_EXPRESSION})\n"
     )
@@ -233,8 +233,8 @@ def test_long_prompts_are_encoded_whole_and_said_so(assets, tmp_path, capsys) ->
 def test_a_long_prompt_raises_no_warning_that_it_is_cut() -> None:
     # the shipped toy has CLIP's own tokenizer and 77 positions: transformers would warn of "indexing
     # errors" for any prompt over 77 tokens, though the windows never pass more to the model
-    from lookback_core.sd15 import encode_long_prompt
-    from lookback_core.toy import TOY_CHECKPOINT
+    from lookback_core.prompts import encode_long_prompt
+    from toyworld.model import TOY_CHECKPOINT
 
     class Records(logging.Handler):
         def __init__(self) -> None:
@@ -276,7 +276,7 @@ def test_sigterm_removes_the_half_written_video(assets, tmp_path) -> None:
         "    print('written', flush=True)\n"
         "    time.sleep(60)\n"
         "video_io._write = slow\n"
-        "from lookback_core.cli import main\n"
+        "from lookback_cli.main import main\n"
         f"sys.exit(main({_args(assets, out)!r}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -317,7 +317,7 @@ def test_checkpoint_passed_as_weights_is_named(assets, tmp_path, capsys) -> None
 def test_module_entry_point_and_info(assets) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "lookback_core", "info", str(assets["weights"])],
+        [sys.executable, "-m", "lookback_cli", "info", str(assets["weights"])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -327,7 +327,8 @@ def test_module_entry_point_and_info(assets) -> None:
 
 
 def test_without_weights_the_base_unet_alone_makes_the_frames(assets, tmp_path, capsys) -> None:
-    from lookback_core.cli import build_parser, run_generate
+    from lookback_cli.generate import run_generate
+    from lookback_cli.main import build_parser
 
     args = _args(assets, tmp_path / "base.gif")
     del args[args.index("--weights") : args.index("--weights") + 2]
@@ -376,7 +377,7 @@ def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "lookback_core", "info", str(recommending_weights)],
+        [sys.executable, "-m", "lookback_cli", "info", str(recommending_weights)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -48,7 +48,7 @@ def test_native_ddim_gives_the_core_samplers_frames_on_the_trained_toy(results) 
     core = results["core"]
     # Mathematically the same steps (DDIM with eta 0 is Euler in sigma space); what is left is
     # float32 rounding through the steps and ComfyUI's timestep from sigma (a float, not exactly
-    # the integer DDIM uses): 1e-5 of the frames' magnitude bounds it (measured: see the README).
+    # the integer DDIM uses): 1e-5 of the frames' magnitude bounds it (measured: see docs/comfyui.md).
     # The modules alone change the frames by far more, and so does re-noising frame 0.
     tolerance = 1e-5 * core["magnitude"]
     assert core["max_abs_diff"] < tolerance, core

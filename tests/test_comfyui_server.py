@@ -223,13 +223,13 @@ def test_toy_template_runs_with_nothing_to_download(server) -> None:
     """The toy template as shipped (its checkpoint, weights and start image come with the pack):
     16 frames that keep the held-out start image and its object. (That the object moves the
     captioned way is the model's to learn: the shipped toy does in half the held-out clips, and
-    KSampler's noise for this one is not the command line's; see the README.)"""
-    from lookback_core import toyworld
-    from lookback_core.toymetrics import clip_metrics
+    KSampler's noise for this one is not the command line's; see docs/comfyui.md.)"""
+    from toyworld import world
+    from toyworld.metrics import clip_metrics
 
-    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED)  # the template's clip_number 0
+    clip = world.make_clip(world.HELD_OUT_SEED)  # the template's clip_number 0
     video = _video(server, _run(server, _api_workflow("lookback_toy_i2v_api.json")))
-    assert video.shape == (toyworld.FRAMES, toyworld.SIZE, toyworld.SIZE, 3)
+    assert video.shape == (world.FRAMES, world.SIZE, world.SIZE, 3)
     metrics = clip_metrics(video, clip.frames[0], clip.rgb, clip.direction)
     # measured through the mp4 (H.264 on top of the VAE's 28.7 dB): frame 0 26.4 dB, persistence 0.93
     assert metrics.frame0_psnr > 25 and metrics.persistence >= 0.9, metrics

@@ -248,8 +248,9 @@ def test_reading_missing_weights_names_the_file(tmp_path) -> None:
 
 
 def test_toy_checkpoint_configs_translate_to_comfyuis_sd15_classes(tiny_files, tmp_path) -> None:
-    from lookback_core.sd15 import EMBEDDED_CONFIGS_KEY, ModelConfigs, checkpoint_metadata
-    from lookback_core.toy import TOY_CHECKPOINT
+    from lookback_core.checkpoint_file import checkpoint_metadata
+    from lookback_core.sd15 import EMBEDDED_CONFIGS_KEY, ModelConfigs
+    from toyworld.model import TOY_CHECKPOINT
 
     configs = ModelConfigs.from_metadata(
         TOY_CHECKPOINT, checkpoint_metadata(TOY_CHECKPOINT)[EMBEDDED_CONFIGS_KEY]
@@ -273,10 +274,10 @@ def test_toy_checkpoint_configs_translate_to_comfyuis_sd15_classes(tiny_files, t
 
 
 def test_toy_start_image_is_a_held_out_first_frame_and_its_caption() -> None:
-    from lookback_core import toyworld
+    from toyworld import world
 
     image, caption = LookBackToyStartImage().make(3)
-    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    clip = world.make_clip(world.HELD_OUT_SEED + 3)
     assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32
     assert torch.equal((image[0] * 255).round().to(torch.uint8), torch.from_numpy(clip.frames[0]))
     assert caption == clip.caption and caption.startswith("a ")

@@ -27,18 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lookback_core.checkpoint_file import CheckpointError, detect_family
 from lookback_core.ldm_export import replace_unet, save_ldm_checkpoint
+from lookback_core.prompts import encode_long_prompt, encode_prompt, match_token_lengths
 from lookback_core.sd15 import (
     EMBEDDED_CONFIGS_KEY,
     SHIPPED_CONFIG_DIR,
-    CheckpointError,
     SD15Components,
-    detect_family,
     embedded_configs_metadata,
-    encode_long_prompt,
-    encode_prompt,
     load_sd15,
-    match_token_lengths,
 )
 
 

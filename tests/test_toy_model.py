@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lookback_core import toyablate, toyworld
-from lookback_core.cli import main
-from lookback_core.demo import run_demo
+from lookback_cli.demo import run_demo
+from lookback_cli.main import main
 from lookback_core.sd15 import load_sd15
-from lookback_core.toy import TOY_CHECKPOINT, TOY_WEIGHTS
-from lookback_core.toyablate import ablate
-from lookback_core.toybuild import StageMismatch, ToyRecipe, build
-from lookback_core.toyeval import bars, evaluate, load_toy_model
 from lookback_core.weights import read_temporal_header
+from toyworld import ablate as toyablate
+from toyworld import world
+from toyworld.ablate import ablate
+from toyworld.build import StageMismatch, ToyRecipe, build
+from toyworld.evaluate import bars, evaluate, load_toy_model
+from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 
 EVAL_CLIPS = 12
 
@@ -45,8 +46,8 @@ def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
 
 # What the shipped model measured on the first 12 held-out clips (frame 0 28.8 dB, persistence
 # 0.99, direction 0.50, speed 0.42, drift 7.0; the build at commit 0c5b2fc, with the first-frame
-# anchor), less a margin: a regression guard. The bars (toyeval.bars) are what
-# `toyworld eval --check` holds it to; the README says which of them the shipped model misses on
+# anchor), less a margin: a regression guard. The bars (toyworld.evaluate.bars) are what
+# `toyworld eval --check` holds it to; docs/toyworld.md says which of them the shipped model misses on
 # 32 clips (direction 0.47, speed 0.48, drift 8.2): it holds the image and its background, and
 # moves the object the captioned way in half the clips, too slowly.
 FLOORS = {"frame0_psnr": 28.0, "persistence": 0.9, "direction_accuracy": 0.3, "speed": 0.25}
@@ -58,7 +59,7 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     for key, floor in FLOORS.items():
         assert summary[key] >= floor, (key, lookback_report.summary)
     assert summary["background_drift"] <= DRIFT_CEILING, lookback_report.summary
-    assert summary["speed"] <= bars(toyworld.FRAMES)["speed"][1]  # never faster than the world moves
+    assert summary["speed"] <= bars(world.FRAMES)["speed"][1]  # never faster than the world moves
     header = read_temporal_header(TOY_WEIGHTS)
     assert header.config.first_frame_anchor and header.training["toy_build"]["recipe"]["first_frame_anchor"]
     # the anchor holds the background: drift levels off after the first frames instead of growing
@@ -90,14 +91,14 @@ def test_eval_command_reports_and_checks_the_bars(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| direction accuracy | >= 0.9 |" in out
     data = json.loads(report.read_text())
-    assert [clip["seed"] for clip in data[0]["clips"]] == [toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 1]
+    assert [clip["seed"] for clip in data[0]["clips"]] == [world.HELD_OUT_SEED, world.HELD_OUT_SEED + 1]
     # a run far too short to draw anything misses the bars, and --check says so with its exit code
     assert main(["toyworld", "eval", "--clips", "1", "--steps", "1", "--check"]) == 1
     assert "below the bars" in capsys.readouterr().err
 
 
 def test_generate_loads_the_toy_files_with_no_extra_flag(tmp_path, capsys) -> None:
-    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    clip = world.make_clip(world.HELD_OUT_SEED + 3)
     start = tmp_path / "start.png"
     iio.imwrite(start, clip.frames[0])
     out = tmp_path / "v.gif"
@@ -123,8 +124,8 @@ def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
     for name in ("start.png", "video.mp4", "contact_sheet.png", "caption.txt"):
         assert (tmp_path / "demo" / name).is_file(), name
     sheet = iio.imread(tmp_path / "demo" / "contact_sheet.png")
-    assert sheet.shape[0] == 2 * 3 * (toyworld.SIZE + 2)  # three rows at 2x
-    assert metrics["frame0_psnr"] >= bars(toyworld.FRAMES)["frame0_psnr"][0]
+    assert sheet.shape[0] == 2 * 3 * (world.SIZE + 2)  # three rows at 2x
+    assert metrics["frame0_psnr"] >= bars(world.FRAMES)["frame0_psnr"][0]
 
 
 def test_toyworld_build_smoke(tmp_path) -> None:
@@ -139,7 +140,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     weights = tmp_path / "toy" / "lookback_toy.safetensors"
     header = read_temporal_header(weights)
     # the shipped weights are the second phase's: whole clips, from the first phase's weights
-    assert header.training["frames"] == toyworld.FRAMES and header.training["steps"] == 2
+    assert header.training["frames"] == world.FRAMES and header.training["steps"] == 2
     assert header.training["init_lookback_weights"] == "lookback_weights.safetensors"
     assert header.config.first_frame_anchor  # the first phase's modules, carried on
     assert header.training["toy_build"]["eval"]["clips"] == 1
@@ -196,9 +197,9 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     table = (out / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + len(variants) and "frame 0->1 jump" in table[0]
     facts = json.loads((out / "ablation.json").read_text())
-    assert facts["recipe"]["lookback_steps"] == 2 and len(facts["rows"][0]["isim_curve"]) == toyworld.FRAMES
+    assert facts["recipe"]["lookback_steps"] == 2 and len(facts["rows"][0]["isim_curve"]) == world.FRAMES
     sheet = iio.imread(out / "contact_sheet.png")
-    assert sheet.shape[0] == 2 * (len(variants) + 1) * (toyworld.SIZE + 2)  # every variant and the truth
+    assert sheet.shape[0] == 2 * (len(variants) + 1) * (world.SIZE + 2)  # every variant and the truth
     assert iio.imread(out / "isim.png").shape == (420, 720, 3)
     assert main(["toyworld", "ablate", "--out", str(out), "--variants", "no such variant"]) == 2
     # a rerun does only what is left: the trainings resume at their end, the evaluations are kept
@@ -212,7 +213,7 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
 
 def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) -> None:
     horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames
-    assert horizon == toyworld.FRAMES  # the build records what its eval checked
+    assert horizon == world.FRAMES  # the build records what its eval checked
     report, plots = tmp_path / "eval.json", tmp_path / "plots"
     command = [
         "toyworld",
@@ -237,12 +238,12 @@ def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) 
     # told otherwise: one piece
     assert main([*command, "--frames", "24", "--chunk-frames", "24"]) == 0
     assert json.loads(report.read_text())[0]["chunking"] == {"chunk_frames": None, "context_frames": None}
-    assert main([*command, "--frames", str(toyworld.MAX_FRAMES + 1)]) == 2
-    assert f"--frames must be 2..{toyworld.MAX_FRAMES}" in capsys.readouterr().err
+    assert main([*command, "--frames", str(world.MAX_FRAMES + 1)]) == 2
+    assert f"--frames must be 2..{world.MAX_FRAMES}" in capsys.readouterr().err
 
 
 def test_generate_chunks_beyond_the_weights_horizon_unless_told(tmp_path, capsys) -> None:
-    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED + 3)
+    clip = world.make_clip(world.HELD_OUT_SEED + 3)
     start = tmp_path / "start.png"
     iio.imwrite(start, clip.frames[0])
     horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookback_core import toyworld
-from lookback_core.toymetrics import (
+from lookback_core.video_io import read_frames
+from toyworld import world
+from toyworld.metrics import (
     COLOUR_THRESHOLD,
     clip_metrics,
     frame_jump,
@@ -14,29 +15,28 @@ from lookback_core.toymetrics import (
     object_mask,
     summarise,
 )
-from lookback_core.video_io import read_frames
 from training.data import discover_samples
 
 
 def test_a_seed_names_one_clip() -> None:
-    a, b, other = toyworld.make_clip(7), toyworld.make_clip(7), toyworld.make_clip(8)
+    a, b, other = world.make_clip(7), world.make_clip(7), world.make_clip(8)
     assert np.array_equal(a.frames, b.frames) and a.caption == b.caption
     assert not np.array_equal(a.frames, other.frames)
-    assert a.frames.shape == (toyworld.FRAMES, toyworld.SIZE, toyworld.SIZE, 3) and a.frames.dtype == np.uint8
+    assert a.frames.shape == (world.FRAMES, world.SIZE, world.SIZE, 3) and a.frames.dtype == np.uint8
 
 
 @pytest.mark.parametrize("seed", range(0, 400, 7))
 def test_clips_follow_the_world_rules(seed) -> None:
-    clip = toyworld.make_clip(seed)
+    clip = world.make_clip(seed)
     assert clip.caption == f"a {clip.colour} {clip.shape} moving {clip.direction}"
     step = np.diff(clip.positions, axis=0)
-    assert (step == np.array(toyworld.DIRECTIONS[clip.direction]) * toyworld.SPEED).all()
-    assert clip.positions.min() >= 0 and clip.positions.max() <= toyworld.SIZE - toyworld.OBJECT_SIZE
-    footprint = toyworld.object_footprint(clip.shape)
-    low, high = toyworld.BACKGROUND_RANGE
+    assert (step == np.array(world.DIRECTIONS[clip.direction]) * world.SPEED).all()
+    assert clip.positions.min() >= 0 and clip.positions.max() <= world.SIZE - world.OBJECT_SIZE
+    footprint = world.object_footprint(clip.shape)
+    low, high = world.BACKGROUND_RANGE
     for frame, (y, x) in zip(clip.frames, clip.positions):
         inside = np.zeros(frame.shape[:2], dtype=bool)
-        inside[y : y + toyworld.OBJECT_SIZE, x : x + toyworld.OBJECT_SIZE] = footprint
+        inside[y : y + world.OBJECT_SIZE, x : x + world.OBJECT_SIZE] = footprint
         assert (frame[inside] == clip.rgb).all()
         assert frame[~inside].min() >= low and frame[~inside].max() <= high
     if clip.shape == "square":
@@ -47,55 +47,55 @@ def test_clips_follow_the_world_rules(seed) -> None:
 
 
 def test_all_colours_shapes_and_directions_occur() -> None:
-    clips = [toyworld.make_clip(s) for s in range(200)]
-    assert {c.colour for c in clips} == set(toyworld.COLOURS)
-    assert {c.shape for c in clips} == set(toyworld.SHAPES)
-    assert {c.direction for c in clips} == set(toyworld.DIRECTIONS)
+    clips = [world.make_clip(s) for s in range(200)]
+    assert {c.colour for c in clips} == set(world.COLOURS)
+    assert {c.shape for c in clips} == set(world.SHAPES)
+    assert {c.direction for c in clips} == set(world.DIRECTIONS)
 
 
 def test_no_background_colour_is_taken_for_the_object() -> None:
-    low, high = toyworld.BACKGROUND_RANGE
+    low, high = world.BACKGROUND_RANGE
     corners = np.array(np.meshgrid(*[[low, high]] * 3)).reshape(3, -1).T
-    for rgb in toyworld.COLOURS.values():
+    for rgb in world.COLOURS.values():
         nearest = np.clip(np.asarray(rgb), low, high)  # the background colour closest to the object's
         assert np.linalg.norm(nearest - np.asarray(rgb)) > COLOUR_THRESHOLD
         assert not object_mask(corners.reshape(1, -1, 1, 3).astype(np.uint8), rgb).any()
 
 
 def test_dataset_is_the_trainers_video_folder_layout(tmp_path) -> None:
-    folder = toyworld.write_dataset(tmp_path / "data", range(3), progress=False)
+    folder = world.write_dataset(tmp_path / "data", range(3), progress=False)
     samples = discover_samples(folder)
-    assert [s.caption for s in samples] == [toyworld.make_clip(s).caption for s in range(3)]
-    frames = read_frames(samples[1].path, list(range(toyworld.FRAMES)))
-    error = np.abs(frames.astype(float) - toyworld.make_clip(1).frames).mean()
+    assert [s.caption for s in samples] == [world.make_clip(s).caption for s in range(3)]
+    frames = read_frames(samples[1].path, list(range(world.FRAMES)))
+    error = np.abs(frames.astype(float) - world.make_clip(1).frames).mean()
     assert error < 2.0  # near-lossless H.264
     # an interrupted write resumes: complete pairs are kept, a missing video is written
     (folder / "clip_0000001.mp4").unlink()
     before = (folder / "clip_0000000.mp4").stat().st_mtime_ns
-    toyworld.write_dataset(folder, range(3), progress=False)
+    world.write_dataset(folder, range(3), progress=False)
     assert (folder / "clip_0000001.mp4").is_file()
     assert (folder / "clip_0000000.mp4").stat().st_mtime_ns == before
 
 
-def _truth(seed: int = toyworld.HELD_OUT_SEED) -> toyworld.ToyClip:
-    return toyworld.make_clip(seed)
+def _truth(seed: int = world.HELD_OUT_SEED) -> world.ToyClip:
+    return world.make_clip(seed)
 
 
 def test_the_true_clips_meet_every_bar() -> None:
     results = []
-    for seed in range(toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 24):
+    for seed in range(world.HELD_OUT_SEED, world.HELD_OUT_SEED + 24):
         clip = _truth(seed)
         results.append(clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction))
     summary = summarise(results)
     assert summary["frame0_psnr"] == 100.0 and summary["persistence"] == 1.0
     assert summary["direction_accuracy"] == 1.0 and summary["background_drift"] == 0.0
-    assert summary["speed"] == pytest.approx(toyworld.SPEED, abs=1e-9)
+    assert summary["speed"] == pytest.approx(world.SPEED, abs=1e-9)
     assert all(r.travel == pytest.approx(30) and r.sideways == pytest.approx(0) for r in results)
 
 
 def test_a_still_video_has_no_motion() -> None:
     clip = _truth()
-    still = np.repeat(clip.frames[:1], toyworld.FRAMES, axis=0)
+    still = np.repeat(clip.frames[:1], world.FRAMES, axis=0)
     result = clip_metrics(still, clip.frames[0], clip.rgb, clip.direction)
     assert not result.direction_ok and result.travel == 0 and result.speed == pytest.approx(0, abs=1e-9)
     assert result.persistence == 1.0 and result.background_drift == 0.0
@@ -105,7 +105,7 @@ def test_motion_the_wrong_way_is_not_counted() -> None:
     clip = _truth()
     result = clip_metrics(clip.frames[::-1].copy(), clip.frames[-1], clip.rgb, clip.direction)
     assert not result.direction_ok and result.travel == pytest.approx(-30)
-    assert result.speed == pytest.approx(-toyworld.SPEED)
+    assert result.speed == pytest.approx(-world.SPEED)
 
 
 def test_vanishing_object_and_drifting_background_are_measured() -> None:
@@ -134,7 +134,7 @@ def test_frame0_psnr_compares_with_the_start_image() -> None:
 
 
 def test_the_jump_after_frame_zero_is_measured_against_the_later_pace() -> None:
-    clip = toyworld.make_clip(11)
+    clip = world.make_clip(11)
     assert 0.8 < frame_jump(clip.frames) < 1.25  # the truth moves at an even pace
     jumped = clip.frames.copy()
     jumped[1:] = np.clip(jumped[1:].astype(int) + 40, 0, 255).astype(
@@ -148,7 +148,7 @@ def test_the_jump_after_frame_zero_is_measured_against_the_later_pace() -> None:
 def test_training_time_sums_the_runs_of_a_resumed_training_without_the_pause(tmp_path) -> None:
     import json
 
-    from lookback_core.toybuild import training_seconds
+    from toyworld.build import training_seconds
 
     times = [100.0 + i for i in range(5)] + [1000.0 + i for i in range(4)]  # 1 s steps, resumed after a pause
     log = tmp_path / "metrics.jsonl"
@@ -156,18 +156,18 @@ def test_training_time_sums_the_runs_of_a_resumed_training_without_the_pause(tmp
     assert training_seconds(log) == 9.0  # nine steps of one second; the 896 s pause counts as one step
 
 
-@pytest.mark.parametrize("frames", [2, 24, toyworld.MAX_FRAMES])
+@pytest.mark.parametrize("frames", [2, 24, world.MAX_FRAMES])
 def test_clips_of_any_length_up_to_the_frame_keep_the_object_inside(frames) -> None:
-    for seed in range(toyworld.HELD_OUT_SEED, toyworld.HELD_OUT_SEED + 40):
-        clip, short = toyworld.make_clip(seed, frames), toyworld.make_clip(seed)
+    for seed in range(world.HELD_OUT_SEED, world.HELD_OUT_SEED + 40):
+        clip, short = world.make_clip(seed, frames), world.make_clip(seed)
         assert clip.frames.shape[0] == frames and clip.caption == short.caption
-        assert clip.positions.min() >= 0 and clip.positions.max() <= toyworld.SIZE - toyworld.OBJECT_SIZE
+        assert clip.positions.min() >= 0 and clip.positions.max() <= world.SIZE - world.OBJECT_SIZE
         result = clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)
-        assert result.speed == pytest.approx(toyworld.SPEED) and result.background_drift == 0.0
-    assert toyworld.MAX_FRAMES == 25  # 64 px, a 16 px object, 2 px a frame
-    for frames in (1, toyworld.MAX_FRAMES + 1):
-        with pytest.raises(ValueError, match=f"2 to {toyworld.MAX_FRAMES} frames"):
-            toyworld.make_clip(0, frames)
+        assert result.speed == pytest.approx(world.SPEED) and result.background_drift == 0.0
+    assert world.MAX_FRAMES == 25  # 64 px, a 16 px object, 2 px a frame
+    for frames in (1, world.MAX_FRAMES + 1):
+        with pytest.raises(ValueError, match=f"2 to {world.MAX_FRAMES} frames"):
+            world.make_clip(0, frames)
 
 
 def test_drift_is_measured_frame_by_frame() -> None:
@@ -175,7 +175,7 @@ def test_drift_is_measured_frame_by_frame() -> None:
     frames = clip.frames.copy()
     frames[5:] = np.clip(frames[5:].astype(int) + 12, 0, 255).astype(np.uint8)  # a shift from frame 5 on
     result = clip_metrics(frames, clip.frames[0], clip.rgb, clip.direction)
-    assert len(result.drift_per_frame) == toyworld.FRAMES and result.drift_per_frame[0] == 0.0
+    assert len(result.drift_per_frame) == world.FRAMES and result.drift_per_frame[0] == 0.0
     assert result.drift_per_frame[1:5] == pytest.approx([0.0] * 4)
     assert result.drift_per_frame[5:] == pytest.approx([12.0] * 11)
     # the clip figure pools the pixels of all frames; outside the object they are nearly as many in each

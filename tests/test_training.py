@@ -155,7 +155,9 @@ def test_motion_weight_counts_the_loss_more_where_frames_change() -> None:
     latents[:, :, 1:, 0, 0] = 2.0  # one latent pixel changes after frame 0; the rest stays still
     weights = motion_weights(latents, 3.0)
     mean_change = 2.0 / 16  # over frames 1.. and every pixel
-    assert weights.shape == (1, 1, 3, 4, 4) and weights[0, 0, 1, 0, 0] == pytest.approx(1 + 3 * 2.0 / mean_change)
+    assert weights.shape == (1, 1, 3, 4, 4) and weights[0, 0, 1, 0, 0] == pytest.approx(
+        1 + 3 * 2.0 / mean_change
+    )
     assert torch.all(weights[:, :, 0] == 1) and torch.all(weights[0, 0, 1:, 1:, 1:] == 1)
     assert torch.all(motion_weights(torch.ones(1, 4, 3, 4, 4), 3.0) == 1)  # a still clip: plain MSE
 

@@ -395,7 +395,7 @@ def test_cache_entries_are_never_reused_across_base_checkpoints(setup, tmp_path)
 
 
 def _launch(setup, out: Path, steps: int, *extra: str) -> subprocess.Popen:
-    """``accelerate launch`` with two processes on the CPU (gloo), as the README says to scale out."""
+    """``accelerate launch`` with two processes on the CPU (gloo), as docs/training.md says to scale out."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -422,7 +422,7 @@ def test_two_processes_train_together_and_resume_after_a_kill(setup, tmp_path) -
     lines = (tmp_path / "straight" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))  # one writer
     facts = read_temporal_header(tmp_path / "straight" / checkpoints.WEIGHTS_NAME).training
-    # the README: effective batch = train_batch_size x gradient_accumulation_steps x processes
+    # docs/training.md: effective batch = train_batch_size x gradient_accumulation_steps x processes
     assert facts["processes"] == 2 and facts["effective_batch_size"] == 2 * 1 * 2 and facts["steps"] == steps
 
     out = tmp_path / "killed"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
-from lookback_core.sd15 import utf8_problem
+from lookback_core.prompts import utf8_problem
 from lookback_core.weights import check_recommended_sampler
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES

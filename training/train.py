@@ -40,7 +40,8 @@ from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.memory import training_shortfall  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
-from lookback_core.sd15 import encode_prompt, load_sd15  # noqa: E402
+from lookback_core.prompts import encode_prompt  # noqa: E402
+from lookback_core.sd15 import load_sd15  # noqa: E402
 from lookback_core.temporal_unet import create_lookback_unet, temporal_parameter_count  # noqa: E402
 from lookback_core.weights import (  # noqa: E402
     TemporalWeightsError,
@@ -167,7 +168,15 @@ class ResumeError(ValueError):
 
 
 # Training facts a resumed run must share with its checkpoint: the weights record them for the whole run.
-RESUMED_FACTS = ("objective", "timestep_bias", "motion_loss_weight", "frames", "stride", "resolution", "train_backbone")
+RESUMED_FACTS = (
+    "objective",
+    "timestep_bias",
+    "motion_loss_weight",
+    "frames",
+    "stride",
+    "resolution",
+    "train_backbone",
+)
 
 
 def resume(

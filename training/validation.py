@@ -9,8 +9,9 @@ import torch
 from lookback_core.image_prep import fit_to_multiple, load_image
 from lookback_core.metrics import ClipImageFeatures, isim_curve, isim_summary, latent_features
 from lookback_core.pipeline import decode_latents, encode_image_latent
+from lookback_core.prompts import encode_prompt
 from lookback_core.sampler import SamplerSettings, sample_video
-from lookback_core.sd15 import SD15Components, encode_prompt
+from lookback_core.sd15 import SD15Components
 from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.video_io import write_video
 from training.args import recommended_sampler

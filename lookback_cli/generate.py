@@ -1,37 +1,24 @@
-"""Command line: ``python -m lookback_core generate|info|demo ...``."""
+"""``python -m lookback_cli generate`` (one image to a video) and ``info`` (what a weights file holds).
+
+Every input is checked before a model is loaded (:func:`plan_generate`), and the memory estimate
+before sampling starts."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import toyworld
-from .atomic import sigterm_as_exit
-from .long_video import resolve_chunking
-from .precision import DTYPES, dtype_named
-from .sampler import InvalidSetting, SamplerSettings, check_setting, resolve_settings
-from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
-from .toyablate import VARIANTS
-from .toybuild import ToyRecipe
-from .toyworld import HELD_OUT_SEED
+from lookback_core.long_video import resolve_chunking
+from lookback_core.precision import DTYPES, dtype_named
+from lookback_core.sampler import InvalidSetting, SamplerSettings, resolve_settings
 
-
-class UsageError(Exception):
-    """A problem with the user's input; printed without a traceback."""
-
-
-def _existing_file(flag: str, value: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UsageError(f"{flag}: no such file: {path}")
-    return path
+from .usage import UsageError, existing_file
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -82,22 +69,22 @@ class GeneratePlan:
 
 def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     """Check every ``generate`` argument (files, numbers, output, device, memory) without loading a model."""
-    from .image_prep import fitted_size, image_size
-    from .sd15 import utf8_problem
-    from .video_io import check_video_target
-    from .weights import read_temporal_header
+    from lookback_core.image_prep import fitted_size, image_size
+    from lookback_core.prompts import utf8_problem
+    from lookback_core.video_io import check_video_target
+    from lookback_core.weights import read_temporal_header
 
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
         problem = utf8_problem(text)
         if problem:
             raise UsageError(f"{flag} {problem}")
-    checkpoint = _existing_file("--checkpoint", args.checkpoint)
+    checkpoint = existing_file("--checkpoint", args.checkpoint)
     if args.config_dir is not None and not Path(args.config_dir).is_dir():
         raise UsageError(f"--config-dir: no such folder: {args.config_dir}")
-    weights = _existing_file("--weights", args.weights) if args.weights else None
-    image = _existing_file("--image", args.image)
+    weights = existing_file("--weights", args.weights) if args.weights else None
+    image = existing_file("--image", args.image)
     header = read_temporal_header(weights) if weights else None
-    settings, origin = _sampler_settings(args, header.recommended_sampler if header else {})
+    settings, origin = sampler_settings(args, header.recommended_sampler if header else {})
     try:
         check_video_target(args.out, fps=args.fps)
     except ValueError as err:
@@ -138,8 +125,8 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
 
 def _check_memory(plan: GeneratePlan, frames: int) -> None:
     """Refuse a run whose estimated memory (:mod:`lookback_core.memory`) exceeds what is available."""
-    from .memory import GiB, estimate_generate, largest_chunk_that_fits, shortfall
-    from .sd15 import tensor_elements
+    from lookback_core.checkpoint_file import tensor_elements
+    from lookback_core.memory import GiB, estimate_generate, largest_chunk_that_fits, shortfall
 
     files = [plan.checkpoint] + ([plan.weights] if plan.weights else [])
     parameters = sum(tensor_elements(path) for path in files)
@@ -173,13 +160,14 @@ def _check_memory(plan: GeneratePlan, frames: int) -> None:
 
 def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     """``generate``: returns the frames ``[f, 3, h, w]`` in ``[0, 1]`` and the video file written."""
-    from .image_prep import fit_to_multiple, load_image
-    from .latents import latent_scale
-    from .pipeline import generate_video
-    from .sd15 import encode_long_prompt, load_sd15, match_token_lengths
-    from .temporal_unet import LookBackUNet
-    from .video_io import write_video
-    from .weights import load_lookback_unet
+    from lookback_core.image_prep import fit_to_multiple, load_image
+    from lookback_core.latents import latent_scale
+    from lookback_core.pipeline import generate_video
+    from lookback_core.prompts import encode_long_prompt, match_token_lengths
+    from lookback_core.sd15 import load_sd15
+    from lookback_core.temporal_unet import LookBackUNet
+    from lookback_core.video_io import write_video
+    from lookback_core.weights import load_lookback_unet
 
     plan = plan_generate(args)
     image, message = fit_to_multiple(load_image(plan.image), width=args.width, height=args.height)
@@ -244,7 +232,7 @@ def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     return frames, written
 
 
-def _generate(args: argparse.Namespace) -> int:
+def generate_command(args: argparse.Namespace) -> int:
     run_generate(args)
     return 0
 
@@ -252,7 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
 SAMPLER_FLAGS = {"steps": "--steps", "cfg_scale": "--cfg", "eta": "--eta", "first_frame": "--first-frame"}
 
 
-def _sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
+def sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
     """Flags given by the user, else the weights file's recommended settings, else the defaults.
 
     Returns the settings and a phrase saying where they came from."""
@@ -269,10 +257,10 @@ def _sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[Samp
     return settings, origin
 
 
-def _info(args: argparse.Namespace) -> int:
-    from .weights import read_temporal_header
+def info_command(args: argparse.Namespace) -> int:
+    from lookback_core.weights import read_temporal_header
 
-    header = read_temporal_header(_existing_file("weights", args.weights))
+    header = read_temporal_header(existing_file("weights", args.weights))
     print(
         json.dumps(
             {
@@ -292,119 +280,8 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    _check_rules(args)
-    _writable("--out", args.out, folder=True)
-    run_demo(Path(args.out), clip=args.clip, rebuild=args.rebuild)
-    return 0
-
-
-def _recipe(args: argparse.Namespace) -> ToyRecipe:
-    """The recipe the flags give (its numbers checked by ``ToyRecipe``: a ValueError naming the flag)
-    and a writable ``--out``, before any work."""
-    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
-    _writable("--out", args.out, folder=True)
-    return recipe
-
-
-def _writable(flag: str, value: str, *, folder: bool = False) -> None:
-    from .atomic import check_writable
-
-    try:
-        check_writable(Path(value).expanduser(), folder=folder)
-    except ValueError as err:
-        raise UsageError(f"{flag}: {err}") from None
-
-
-def _toy_build(args: argparse.Namespace) -> int:
-    from .toybuild import build
-
-    build(Path(args.out), _recipe(args))
-    return 0
-
-
-def _toy_ablate(args: argparse.Namespace) -> int:
-    from .toyablate import ablate
-
-    ablate(Path(args.out), _recipe(args), args.variants)  # unknown variants: a ValueError before any work
-    return 0
-
-
-# The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's), checked
-# before any work.
-TOY_RULES = {
-    "clip": (lambda v: 0 <= v < 2**62, "0 or more (held-out clip N is seed 1000000 + N)"),
-    "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
-    "first_seed": (lambda v: HELD_OUT_SEED <= v < 2**63, f"{HELD_OUT_SEED} or more (held-out seeds start there)"),
-    "frames": (lambda v: 2 <= v <= toyworld.MAX_FRAMES, f"2..{toyworld.MAX_FRAMES} (the object must stay inside the frame)"),
-}  # fmt: skip
-
-
-def _check_rules(args: argparse.Namespace) -> None:
-    """The command's numbers against :data:`TOY_RULES` (those it has)."""
-    for name, (valid, expected) in TOY_RULES.items():
-        if hasattr(args, name) and not valid(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
-
-
-def _toy_eval(args: argparse.Namespace) -> int:
-    from .toyeval import default_chunking, evaluate, load_toy_model, markdown_table, write_plots, write_report
-
-    _check_rules(args)
-    for name, flag in SAMPLER_FLAGS.items():
-        try:
-            if getattr(args, name, None) is not None:
-                check_setting(name, getattr(args, name))
-        except InvalidSetting as err:
-            raise UsageError(f"{flag}: {err}") from None
-    try:  # the counts alone; the weights' depth and horizon fill in the defaults once loaded
-        resolve_chunking(args.frames, args.chunk_frames, args.context_frames, None,
-                         names=("--frames", "--chunk-frames", "--context-frames"))  # fmt: skip
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.json:
-        _writable("--json", args.json)
-    if args.plots:
-        _writable("--plots", args.plots, folder=True)
-    weights = None if args.weights.lower() == "none" else _existing_file("--weights", args.weights)
-    toy = load_toy_model(
-        _existing_file("--checkpoint", args.checkpoint),
-        weights,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        eta=args.eta,
-        settings_from=TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None,
-    )
-    s = toy.settings
-    print(
-        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}"
-    )
-    try:
-        chunking = default_chunking(toy, args.frames, args.chunk_frames, args.context_frames)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    print(f"{args.frames} frames, {chunking.describe()}")
-    report = evaluate(toy, args.clips, first_seed=args.first_seed, frames=args.frames, chunking=chunking)
-    print(markdown_table([report]))
-    print("background drift per frame: " + " ".join(f"{v:.1f}" for v in report.drift_curve))
-    if args.json:
-        print(f"per-clip results: {write_report([report], args.json)}")
-    if args.plots:
-        print("plots: " + ", ".join(str(p) for p in write_plots([report], args.plots)))
-    failures = report.failures()
-    if failures:
-        print("below the bars: " + "; ".join(failures), file=sys.stderr)
-        return 1 if args.check else 0
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lookback_core", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    gen = commands.add_parser("generate", help="turn one image into a video")
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """The ``generate`` command's flags, on its subparser (or a parser of its own, as the demo's)."""
     gen.add_argument(
         "--checkpoint", required=True, help="SD1.5 single-file checkpoint (.safetensors, or .ckpt)"
     )
@@ -467,93 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run even when the memory estimate says the run does not fit",
     )  # fmt: skip
     gen.add_argument("--config-dir", default=None, help=argparse.SUPPRESS)  # tiny test models only
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=generate_command)
 
+
+def parse_generate_args(argv: list[str]) -> argparse.Namespace:
+    """``generate``'s flags parsed as the command line parses them."""
+    parser = argparse.ArgumentParser(prog="python -m lookback_cli generate")
+    add_generate_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_info_command(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser("info", help="print the config and training facts of a temporal weights file")
     info.add_argument("weights")
-    info.set_defaults(func=_info)
-
-    demo = commands.add_parser(
-        "demo", help="turn a held-out toy-world image into a video with the shipped toy model (offline, CPU)"
-    )
-    demo.add_argument("--out", default="outputs/demo", help="folder for everything the demo writes")
-    demo.add_argument(
-        "--clip", type=int, default=0, help="which held-out clip gives the start image (default 0)"
-    )
-    demo.add_argument(
-        "--rebuild",
-        action="store_true",
-        help="first rebuild the toy model from nothing (toyworld build; about 75 min on 2 CPU cores)",
-    )
-    demo.set_defaults(func=_demo)
-
-    toy = commands.add_parser(
-        "toyworld", help="the toy world: rebuild the toy model, or evaluate a model on it"
-    )
-    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
-    toy_build = toy_commands.add_parser("build", help="data, base model and look-back weights, from nothing")
-    toy_build.add_argument("--out", required=True, help="folder for the data, the stages and the result")
-    toy_build.set_defaults(func=_toy_build)
-    toy_ablate = toy_commands.add_parser(
-        "ablate",
-        help="train and evaluate the paper's ablations on the toy world (table, ISIM plot, contact sheet)",
-    )
-    toy_ablate.add_argument("--out", required=True, help="folder for the data, the variants and the results")
-    toy_ablate.add_argument(
-        "--variants", nargs="+", default=None, metavar="NAME", help="a subset of the variants (default: all): "
-        + "; ".join(f"'{name}'" for name in VARIANTS),
-    )  # fmt: skip
-    toy_ablate.set_defaults(func=_toy_ablate)
-    for command in (toy_build, toy_ablate):
-        for f in fields(ToyRecipe):
-            kind = (
-                {"action": argparse.BooleanOptionalAction}
-                if isinstance(f.default, bool)
-                else {"type": type(f.default)}
-            )
-            command.add_argument(
-                f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, help=f"(default {f.default})", **kind
-            )  # fmt: skip
-    toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
-    toy_eval.add_argument(
-        "--checkpoint", default=str(TOY_CHECKPOINT), help="default: the shipped toy checkpoint"
-    )
-    toy_eval.add_argument(
-        "--weights", default=str(TOY_WEIGHTS), help="temporal weights, or 'none' for the base UNet alone"
-    )
-    toy_eval.add_argument("--clips", type=int, default=64, help="held-out clips to generate (default 64)")
-    toy_eval.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help=f"default {HELD_OUT_SEED}")
-    toy_eval.add_argument(
-        "--steps", type=int, default=None, help="DDIM steps (default: the weights' recommended)"
-    )
-    toy_eval.add_argument(
-        "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
-    )
-    toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
-    toy_eval.add_argument(
-        "--frames", type=int, default=toyworld.FRAMES,
-        help=f"frames per video, 2..{toyworld.MAX_FRAMES} (default {toyworld.FRAMES})",
-    )  # fmt: skip
-    toy_eval.add_argument(
-        "--chunk-frames", type=int, default=None, help="as generate's (default: the weights' horizon decides)"
-    )
-    toy_eval.add_argument("--context-frames", type=int, default=None, help="as generate's")
-    toy_eval.add_argument("--json", default=None, help="also write the per-clip results here")
-    toy_eval.add_argument("--plots", default=None, help="also write isim.png and drift.png into this folder")
-    toy_eval.add_argument("--check", action="store_true", help="exit 1 if a figure misses its bar")
-    toy_eval.set_defaults(func=_toy_eval)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .sd15 import CheckpointError
-    from .video_io import VideoReadError
-    from .weights import TemporalWeightsError
-
-    try:
-        with sigterm_as_exit():
-            return args.func(args)
-    except (UsageError, CheckpointError, TemporalWeightsError, VideoReadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    info.set_defaults(func=info_command)

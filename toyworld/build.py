@@ -1,9 +1,9 @@
-"""``python -m lookback_core toyworld build``: the shipped toy model, rebuilt from nothing.
+"""``python -m lookback_cli toyworld build``: the shipped toy model, rebuilt from nothing.
 
 Stages, each resumable (run the same command again after an interruption):
 
-1. data: training clips of :mod:`lookback_core.toyworld` in the trainer's video-folder layout;
-2. base: ``training/toy_base.py`` trains the tiny SD1.5-architecture VAE, text tower and UNet;
+1. data: training clips of :mod:`toyworld.world` in the trainer's video-folder layout;
+2. base: :mod:`toyworld.base_model` trains the tiny SD1.5-architecture VAE, text tower and UNet;
 3. look-back: ``training/train.py`` (the product's trainer) trains the look-back modules on the
    clips, with ``--train_backbone``: the base only ever saw single frames, so the UNet learns,
    together with the modules, to read the motion words of the caption (the direction of a
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from . import toyworld
-from .atomic import atomic_path, save_safetensors
-from .config import PRESETS
-from .sampler import SETTING_RULES
-from .toyeval import evaluate, load_toy_model, markdown_table, write_plots, write_report
+from lookback_core.atomic import atomic_path, save_safetensors
+from lookback_core.config import PRESETS
+from lookback_core.sampler import SETTING_RULES
+
+from . import world
+from .evaluate import evaluate, load_toy_model, markdown_table, write_plots, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,11 +58,11 @@ class ToyRecipe:
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
-    full_clip_steps: int = 600  # then on whole clips (toyworld.FRAMES), at a constant rate; 0: none
+    full_clip_steps: int = 600  # then on whole clips (world.FRAMES), at a constant rate; 0: none
     full_clip_learning_rate: float = 1e-4
     preset: str = "light"
     first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
-    horizon_frames: int = toyworld.FRAMES  # recorded in the weights: generate chunks beyond it
+    horizon_frames: int = world.FRAMES  # recorded in the weights: generate chunks beyond it
     sampler_steps: int = 25
     sampler_cfg_scale: float = 3.0
     eval_clips: int = 32
@@ -90,17 +91,17 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "vae_steps": _whole(1, 1_000_000),
     "unet_steps": _whole(1, 1_000_000),
     "lookback_steps": _whole(1, 1_000_000),
-    "lookback_frames": _whole(2, toyworld.FRAMES),  # the training clips' length
+    "lookback_frames": _whole(2, world.FRAMES),  # the training clips' length
     "lookback_batch_size": _whole(1, 1024),
     "lookback_learning_rate": _rate(),
     "full_clip_steps": _whole(0, 1_000_000),
     "full_clip_learning_rate": _rate(),
     "preset": (lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"),
-    "horizon_frames": _whole(2, toyworld.MAX_FRAMES),
+    "horizon_frames": _whole(2, world.MAX_FRAMES),
     "sampler_steps": SETTING_RULES["steps"],
     "sampler_cfg_scale": SETTING_RULES["cfg_scale"],
     "eval_clips": _whole(1, 10_000),
-    "long_eval_frames": _whole(2, toyworld.MAX_FRAMES),
+    "long_eval_frames": _whole(2, world.MAX_FRAMES),
     "seed": _whole(0, 2**32 - 1),
 }
 
@@ -221,7 +222,7 @@ def training_seconds(metrics: Path) -> float:
 def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list[str]]:
     """The data and base stages into ``out``; returns the base checkpoint and the stages resumed."""
     with stage("data"):
-        toyworld.write_dataset(out / "data", range(recipe.train_clips))
+        world.write_dataset(out / "data", range(recipe.train_clips))
     base = out / "base" / "base.safetensors"
     resumed = []
     with stage("base"):
@@ -231,7 +232,7 @@ def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list
         else:
             _run(
                 [
-                    sys.executable, str(REPO / "training" / "toy_base.py"),
+                    sys.executable, "-m", "toyworld.base_model",
                     "--output_dir", str(base.parent),
                     "--train_clips", str(recipe.train_clips),
                     "--vae_steps", str(recipe.vae_steps),
@@ -285,7 +286,7 @@ def train_lookback(
         _train_phase(out, phases[FULL_CLIPS], recipe, True, [
             "--pretrained_model", str(folder / "base_checkpoint.safetensors"),
             "--init_lookback_weights", str(folder / "lookback_weights.safetensors"),
-            "--num_frames", str(toyworld.FRAMES),
+            "--num_frames", str(world.FRAMES),
             "--learning_rate", str(recipe.full_clip_learning_rate),
             "--lr_scheduler", "constant",
             "--lr_warmup_steps", str(min(50, recipe.full_clip_steps // 10)),
@@ -308,7 +309,7 @@ def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, f
         "--output_dir", str(folder),
         "--cache_dir", str(out / "cache"),
         "--train_backbone",
-        "--resolution", str(toyworld.SIZE),
+        "--resolution", str(world.SIZE),
         "--frame_stride", "1",
         "--train_batch_size", str(recipe.lookback_batch_size),
         "--gradient_accumulation_steps", "1",
@@ -342,7 +343,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     record = {
         "recipe": asdict(recipe),
         "commit": commit,
-        "command": "python -m lookback_core toyworld build",
+        "command": "python -m lookback_cli toyworld build",
         "base_facts": json.loads((base.parent / "base_facts.json").read_text()),
     }
     checkpoint = _to_fp16(final / "base_checkpoint.safetensors", out / "sd15_toy.safetensors")

@@ -1,4 +1,4 @@
-"""The shipped toy model's files (made by ``python -m lookback_core toyworld build``).
+"""The shipped toy model's files (made by ``python -m lookback_cli toyworld build``).
 
 One folder per kind, so a host can list each as a model folder of its own: ``checkpoints/``
 holds the toy SD1.5-architecture checkpoint (with its configs embedded), ``lookback/`` its

@@ -1,7 +1,7 @@
-"""``python -m lookback_core toyworld ablate``: the paper's ablations, measured in the toy world.
+"""``python -m lookback_cli toyworld ablate``: the paper's ablations, measured in the toy world.
 
 Every variant is trained by the product's trainer from the same base model, data, steps and seed
-(the toy build's look-back stage, :func:`lookback_core.toybuild.train_lookback`, plus the
+(the toy build's look-back stage, :func:`toyworld.build.train_lookback`, plus the
 variant's flags), and evaluated on the same held-out clips with the same sampler. Written to
 ``out``: ``ablation.md`` and ``ablation.json`` (the table), ``isim.png`` (the ISIM curve of every
 variant, as the paper plots it) and ``contact_sheet.png`` (one held-out start image, every
@@ -22,11 +22,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from . import toyworld
-from .atomic import atomic_path
-from .curve_plot import plot_curves
-from .demo import contact_sheet
-from .toybuild import (
+from lookback_core.atomic import atomic_path
+
+from . import world
+from .build import (
     StageTimer,
     ToyRecipe,
     check_reusable,
@@ -37,7 +36,8 @@ from .toybuild import (
     train_lookback,
     training_seconds,
 )
-from .toyeval import ToyModel, evaluate, generate_clip, load_toy_model
+from .evaluate import ToyModel, evaluate, generate_clip, load_toy_model
+from .pictures import contact_sheet, plot_curves
 
 # name -> the trainer's flags for it: those that choose the modules, and the others (None: the
 # base model alone, no temporal modules)
@@ -89,7 +89,7 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
     commit = git_commit()
     base, _ = prepare(out, recipe, StageTimer())
     rows, sheet = [], {}
-    clip = toyworld.make_clip(toyworld.HELD_OUT_SEED)
+    clip = world.make_clip(world.HELD_OUT_SEED)
     for name in variants:
         flags = VARIANTS[name]
         folder = out / "variants" / _folder_name(name)
@@ -108,7 +108,7 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
             checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
         )
         rows.append(_evaluated(toy, name, folder / "row.json", [checkpoint, weights], recipe, train_s))
-        sheet[name] = generate_clip(toy, clip, toyworld.HELD_OUT_SEED)[0]
+        sheet[name] = generate_clip(toy, clip, world.HELD_OUT_SEED)[0]
     sheet["truth"] = clip.frames
     facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
     (out / "ablation.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))

@@ -1,4 +1,5 @@
-"""Line plots of per-frame curves (ISIM, drift), one line per model, drawn with PIL."""
+"""The toy world's pictures, drawn with PIL: line plots of per-frame curves (ISIM, drift), one line
+per model, and contact sheets (rows of frames side by side)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,22 @@ def _nice_ceiling(value: float) -> float:
         return 1.0
     power = 10 ** math.floor(math.log10(value))
     return next(m * power for m in (1, 2, 5, 10) if m * power >= value)
+
+
+LABEL_WIDTH = 4  # px of colour bar left of each contact-sheet row: green look-back, grey base, white truth
+ROW_COLOURS = {"look-back": (40, 200, 60), "base": (128, 128, 128), "truth": (255, 255, 255)}
+
+
+def contact_sheet(rows: dict[str, np.ndarray], scale: int = 2, gap: int = 2) -> np.ndarray:
+    """Rows of frames ``[f, h, w, 3]`` uint8 side by side, each row led by a colour bar; upscaled ``scale`` x."""
+    tiles = []
+    for name, frames in rows.items():
+        f, h, w, _ = frames.shape
+        row = np.full((h + gap, LABEL_WIDTH + f * (w + gap), 3), 255, dtype=np.uint8)
+        row[:h, :LABEL_WIDTH] = ROW_COLOURS.get(name, (0, 0, 0))
+        for i, frame in enumerate(frames):
+            x = LABEL_WIDTH + i * (w + gap)
+            row[:h, x : x + w] = frame
+        tiles.append(row)
+    sheet = np.concatenate(tiles)
+    return sheet.repeat(scale, axis=0).repeat(scale, axis=1)

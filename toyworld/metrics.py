@@ -28,7 +28,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import from_numpy
 
-from .toyworld import DIRECTIONS
+from .world import DIRECTIONS
 
 # The closest any background colour (channels 40..160) comes to an object colour is 40 (green's
 # 200 against 160); pixels nearer than this to the object's colour are the object.

@@ -1,10 +1,10 @@
 """Train the toy world's base model: a tiny SD1.5-architecture VAE, UNet and CLIP text tower.
 
-    python training/toy_base.py --output_dir runs/toy_base
+    python -m toyworld.base_model --output_dir runs/toy_base
 
 This is not the product's trainer (``training/train.py`` trains look-back modules on a base
 like this one); it makes the base that the toy world needs, since no pretrained SD1.5 fits a
-CPU. Two stages, on frames drawn straight from :mod:`lookback_core.toyworld`:
+CPU. Two stages, on frames drawn straight from :mod:`toyworld.world`:
 
 1. VAE: an ``AutoencoderKL`` with SD1.5's 8x down-sampling and 4 latent channels, trained to
    reconstruct frames from its posterior *mean* with an MSE loss and no KL term (the mean is
@@ -31,20 +31,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
-
-from lookback_core import toyworld  # noqa: E402
-from lookback_core.latents import encode_latents  # noqa: E402
-from lookback_core.ldm_export import save_ldm_checkpoint  # noqa: E402
-from lookback_core.sd15 import SHIPPED_CONFIG_DIR  # noqa: E402
-from training.args import at_least, check_number_flags  # noqa: E402
+from lookback_core.latents import encode_latents
+from lookback_core.ldm_export import save_ldm_checkpoint
+from lookback_core.sd15 import SHIPPED_CONFIG_DIR
+from toyworld import world
+from training.args import at_least, check_number_flags
 
 logger = logging.getLogger("lookback.toy_base")
 
@@ -63,11 +61,11 @@ VAE_CONFIG = dict(
     norm_num_groups=32,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=toyworld.SIZE,
+    sample_size=world.SIZE,
 )
 TEXT_HIDDEN = 64
 UNET_CONFIG = dict(
-    sample_size=toyworld.SIZE // 8,
+    sample_size=world.SIZE // 8,
     in_channels=4,
     out_channels=4,
     block_out_channels=(32, 64, 64, 64),
@@ -97,7 +95,7 @@ NUMBER_RULES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python training/toy_base.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m toyworld.base_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", required=True)
     p.add_argument("--train_clips", type=int, default=2000, help="clips (seeds 0..N-1) frames are drawn from")
     p.add_argument("--vae_steps", type=int, default=1500)
@@ -159,9 +157,9 @@ class FramePool:
     """Every frame of the training clips with its caption, drawn in seeded random batches."""
 
     def __init__(self, clips: int, seed: int) -> None:
-        made = [toyworld.make_clip(s) for s in tqdm(range(clips), desc="drawing clips", unit="clip")]
+        made = [world.make_clip(s) for s in tqdm(range(clips), desc="drawing clips", unit="clip")]
         self.frames = np.concatenate([c.frames for c in made])
-        self.captions = [c.caption for c in made for _ in range(toyworld.FRAMES)]
+        self.captions = [c.caption for c in made for _ in range(world.FRAMES)]
         self.words = {c.caption: (c.colour, c.shape, c.direction) for c in made}
         self.rng = np.random.default_rng(seed)
 
@@ -177,10 +175,7 @@ def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL,
     schedule = cosine_lr(optimizer, args.vae_steps)
     held_out = to_pixels(
         np.stack(
-            [
-                toyworld.make_clip(toyworld.HELD_OUT_SEED + i).frames[i % toyworld.FRAMES]
-                for i in range(EVAL_FRAMES)
-            ]
+            [world.make_clip(world.HELD_OUT_SEED + i).frames[i % world.FRAMES] for i in range(EVAL_FRAMES)]
         )
     )
     batches = pool.batches(args.vae_batch_size)
@@ -196,9 +191,7 @@ def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL,
     with torch.no_grad():
         latents = vae.encode(held_out).latent_dist.mean
         reconstruction_psnr = psnr(vae.decode(latents).sample, held_out)
-        sample = vae.encode(
-            to_pixels(pool.frames[: 64 * toyworld.FRAMES : toyworld.FRAMES // 2])
-        ).latent_dist.mean
+        sample = vae.encode(to_pixels(pool.frames[: 64 * world.FRAMES : world.FRAMES // 2])).latent_dist.mean
     scaling_factor = float(1 / sample.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     facts = {"vae_psnr_db": round(reconstruction_psnr, 2), "vae_scaling_factor": round(scaling_factor, 5)}
@@ -229,7 +222,7 @@ class CaptionWords:
     """
 
     def __init__(self, captions: list[str], words: dict[str, tuple[str, str, str]]) -> None:
-        self.vocabularies = (list(toyworld.COLOURS), list(toyworld.SHAPES), list(toyworld.DIRECTIONS))
+        self.vocabularies = (list(world.COLOURS), list(world.SHAPES), list(world.DIRECTIONS))
         self.labels = torch.tensor(
             [[vocab.index(word) for vocab, word in zip(self.vocabularies, words[c])] for c in captions]
         )

@@ -1,9 +1,9 @@
-"""``python -m lookback_core toyworld eval``: generate from held-out toy-world start images and measure.
+"""``python -m lookback_cli toyworld eval``: generate from held-out toy-world start images and measure.
 
 Each held-out clip (seeds from ``toyworld.HELD_OUT_SEED`` on, never used in training) gives its
 first frame and its caption; the model generates a video from them with the code every front
 end uses (:func:`lookback_core.pipeline.generate_latents`, the sampler settings ``generate``
-would pick), and :mod:`lookback_core.toymetrics` measures it. The ISIM curve is the paper's
+would pick), and :mod:`toyworld.metrics` measures it. The ISIM curve is the paper's
 measure in VAE-latent space (:mod:`lookback_core.metrics`), averaged over clips.
 """
 
@@ -21,23 +21,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import toyworld
-from .atomic import atomic_path
-from .curve_plot import plot_curves
-from .image_prep import to_uint8_frames
-from .latents import latent_scale
-from .long_video import resolve_chunking
-from .metrics import isim_curve, isim_summary, latent_features
-from .pipeline import decode_latents, generate_latents
-from .sampler import SamplerSettings, resolve_settings
-from .sd15 import SD15Components, encode_prompt, load_sd15
-from .temporal_unet import LookBackUNet
-from .toy import TOY_CHECKPOINT, TOY_WEIGHTS
-from .toymetrics import ClipMetrics, clip_metrics, mean_drift_per_frame, summarise
-from .weights import load_lookback_unet, read_temporal_header
+from lookback_core.atomic import atomic_path
+from lookback_core.image_prep import to_uint8_frames
+from lookback_core.latents import latent_scale
+from lookback_core.long_video import resolve_chunking
+from lookback_core.metrics import isim_curve, isim_summary, latent_features
+from lookback_core.pipeline import decode_latents, generate_latents
+from lookback_core.prompts import encode_prompt
+from lookback_core.sampler import SamplerSettings, resolve_settings
+from lookback_core.sd15 import SD15Components, load_sd15
+from lookback_core.temporal_unet import LookBackUNet
+from lookback_core.weights import load_lookback_unet, read_temporal_header
+
+from . import world
+from .metrics import ClipMetrics, clip_metrics, mean_drift_per_frame, summarise
+from .model import TOY_CHECKPOINT, TOY_WEIGHTS
+from .pictures import plot_curves
 
 # The bars the shipped toy model must reach (held-out clips, generate's default settings), for
-# videos of up to 16 frames and for longer ones (up to toyworld.MAX_FRAMES).
+# videos of up to 16 frames and for longer ones (up to world.MAX_FRAMES).
 BAR_NAMES = {
     "frame0_psnr": "frame-0 PSNR vs start image (dB)",
     "persistence": "persistence",
@@ -48,7 +50,7 @@ BAR_NAMES = {
 BARS_BY_LENGTH: dict[int, dict[str, tuple[float, float]]] = {
     16: {"frame0_psnr": (28.0, float("inf")), "persistence": (0.95, 1.0), "direction_accuracy": (0.9, 1.0),
          "speed": (1.7, 2.3), "background_drift": (0.0, 8.0)},
-    toyworld.MAX_FRAMES: {"frame0_psnr": (28.0, float("inf")), "persistence": (0.9, 1.0),
+    world.MAX_FRAMES: {"frame0_psnr": (28.0, float("inf")), "persistence": (0.9, 1.0),
                           "direction_accuracy": (0.9, 1.0), "speed": (1.7, 2.3), "background_drift": (0.0, 10.0)},
 }  # fmt: skip
 
@@ -126,7 +128,7 @@ def default_chunking(toy: ToyModel, frames: int, chunk_frames: int | None = None
 
 
 def generate_clip(
-    toy: ToyModel, clip: toyworld.ToyClip, seed: int, chunking: Chunking = Chunking()
+    toy: ToyModel, clip: world.ToyClip, seed: int, chunking: Chunking = Chunking()
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Frames ``[f, h, w, 3]`` uint8 and latents ``[c, f, h/8, w/8]`` generated from ``clip``'s first
     frame, as long as ``clip``."""
@@ -158,7 +160,7 @@ class EvalReport:
     clips: list[ClipMetrics]
     seeds: list[int]
     isim_curve: list[float]
-    frames: int = toyworld.FRAMES
+    frames: int = world.FRAMES
     chunking: Chunking = Chunking()
 
     @property
@@ -203,16 +205,16 @@ class EvalReport:
 
 # Makes one clip's video from its start image and caption: frames [f, h, w, 3] uint8 and the scaled
 # latents [c, f, h/8, w/8] (the command line's generate_clip, or a host's own sampling).
-ClipGenerator = Callable[[toyworld.ToyClip, int], tuple[np.ndarray, torch.Tensor]]
+ClipGenerator = Callable[[world.ToyClip, int], tuple[np.ndarray, torch.Tensor]]
 
 
 def evaluate(
     toy: ToyModel,
     clips: int,
     *,
-    first_seed: int = toyworld.HELD_OUT_SEED,
+    first_seed: int = world.HELD_OUT_SEED,
     progress: bool = True,
-    frames: int = toyworld.FRAMES,
+    frames: int = world.FRAMES,
     chunking: Chunking | None = None,
 ) -> EvalReport:
     """Generate ``frames`` frames from each of ``clips`` held-out clips (seeds ``first_seed...``)
@@ -238,19 +240,19 @@ def measure(
     settings: SamplerSettings,
     clips: int,
     *,
-    first_seed: int = toyworld.HELD_OUT_SEED,
+    first_seed: int = world.HELD_OUT_SEED,
     progress: bool = True,
-    frames: int = toyworld.FRAMES,
+    frames: int = world.FRAMES,
 ) -> EvalReport:
     """Measure the videos ``generate(clip, seed)`` makes from ``clips`` held-out clips (seeds
     ``first_seed...``) of ``frames`` frames."""
-    if first_seed < toyworld.HELD_OUT_SEED:
+    if first_seed < world.HELD_OUT_SEED:
         raise ValueError(
-            f"held-out seeds start at {toyworld.HELD_OUT_SEED}; {first_seed} may have been trained on"
+            f"held-out seeds start at {world.HELD_OUT_SEED}; {first_seed} may have been trained on"
         )
     results, curves, seeds = [], [], list(range(first_seed, first_seed + clips))
     for seed in tqdm(seeds, desc=f"evaluating {description}", unit="clip", disable=not progress):
-        clip = toyworld.make_clip(seed, frames)
+        clip = world.make_clip(seed, frames)
         video, latents = generate(clip, seed)
         results.append(clip_metrics(video, clip.frames[0], clip.rgb, clip.direction))
         features = latent_features(latents.float())

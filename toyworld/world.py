@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .video_io import write_video
+from lookback_core.video_io import write_video
 
 SIZE = 64
 FRAMES = 16

@@ -1,0 +1,199 @@
+"""``python -m lookback_cli demo`` and ``toyworld build|eval|ablate``: the toy world's commands
+(:mod:`toyworld` does the work; here its flags are read and checked before any)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from lookback_core.long_video import resolve_chunking
+from lookback_core.sampler import InvalidSetting, check_setting
+from toyworld import world
+from toyworld.ablate import VARIANTS
+from toyworld.build import ToyRecipe
+from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
+from toyworld.world import HELD_OUT_SEED
+
+from .generate import SAMPLER_FLAGS
+from .usage import UsageError, existing_file, writable
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _check_rules(args)
+    writable("--out", args.out, folder=True)
+    run_demo(Path(args.out), clip=args.clip, rebuild=args.rebuild)
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> ToyRecipe:
+    """The recipe the flags give (its numbers checked by ``ToyRecipe``: a ValueError naming the flag)
+    and a writable ``--out``, before any work."""
+    recipe = ToyRecipe(**{f.name: getattr(args, f.name) for f in fields(ToyRecipe)})
+    writable("--out", args.out, folder=True)
+    return recipe
+
+
+def toy_build_command(args: argparse.Namespace) -> int:
+    from toyworld.build import build
+
+    build(Path(args.out), _recipe(args))
+    return 0
+
+
+def toy_ablate_command(args: argparse.Namespace) -> int:
+    from toyworld.ablate import ablate
+
+    ablate(Path(args.out), _recipe(args), args.variants)  # unknown variants: a ValueError before any work
+    return 0
+
+
+# The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's), checked
+# before any work.
+TOY_RULES = {
+    "clip": (lambda v: 0 <= v < 2**62, "0 or more (held-out clip N is seed 1000000 + N)"),
+    "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
+    "first_seed": (lambda v: HELD_OUT_SEED <= v < 2**63, f"{HELD_OUT_SEED} or more (held-out seeds start there)"),
+    "frames": (lambda v: 2 <= v <= world.MAX_FRAMES, f"2..{world.MAX_FRAMES} (the object must stay inside the frame)"),
+}  # fmt: skip
+
+
+def _check_rules(args: argparse.Namespace) -> None:
+    """The command's numbers against :data:`TOY_RULES` (those it has)."""
+    for name, (valid, expected) in TOY_RULES.items():
+        if hasattr(args, name) and not valid(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+
+
+def toy_eval_command(args: argparse.Namespace) -> int:
+    from toyworld.evaluate import (
+        default_chunking,
+        evaluate,
+        load_toy_model,
+        markdown_table,
+        write_plots,
+        write_report,
+    )
+
+    _check_rules(args)
+    for name, flag in SAMPLER_FLAGS.items():
+        try:
+            if getattr(args, name, None) is not None:
+                check_setting(name, getattr(args, name))
+        except InvalidSetting as err:
+            raise UsageError(f"{flag}: {err}") from None
+    try:  # the counts alone; the weights' depth and horizon fill in the defaults once loaded
+        resolve_chunking(args.frames, args.chunk_frames, args.context_frames, None,
+                         names=("--frames", "--chunk-frames", "--context-frames"))  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        writable("--json", args.json)
+    if args.plots:
+        writable("--plots", args.plots, folder=True)
+    weights = None if args.weights.lower() == "none" else existing_file("--weights", args.weights)
+    toy = load_toy_model(
+        existing_file("--checkpoint", args.checkpoint),
+        weights,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        eta=args.eta,
+        settings_from=TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None,
+    )
+    s = toy.settings
+    print(
+        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}"
+    )
+    try:
+        chunking = default_chunking(toy, args.frames, args.chunk_frames, args.context_frames)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"{args.frames} frames, {chunking.describe()}")
+    report = evaluate(toy, args.clips, first_seed=args.first_seed, frames=args.frames, chunking=chunking)
+    print(markdown_table([report]))
+    print("background drift per frame: " + " ".join(f"{v:.1f}" for v in report.drift_curve))
+    if args.json:
+        print(f"per-clip results: {write_report([report], args.json)}")
+    if args.plots:
+        print("plots: " + ", ".join(str(p) for p in write_plots([report], args.plots)))
+    failures = report.failures()
+    if failures:
+        print("below the bars: " + "; ".join(failures), file=sys.stderr)
+        return 1 if args.check else 0
+    return 0
+
+
+def add_toy_commands(commands: argparse._SubParsersAction) -> None:
+    """The ``demo`` and ``toyworld`` subcommands."""
+    demo = commands.add_parser(
+        "demo", help="turn a held-out toy-world image into a video with the shipped toy model (offline, CPU)"
+    )
+    demo.add_argument("--out", default="outputs/demo", help="folder for everything the demo writes")
+    demo.add_argument(
+        "--clip", type=int, default=0, help="which held-out clip gives the start image (default 0)"
+    )
+    demo.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="first rebuild the toy model from nothing (toyworld build; about 75 min on 2 CPU cores)",
+    )
+    demo.set_defaults(func=demo_command)
+
+    toy = commands.add_parser(
+        "toyworld", help="the toy world: rebuild the toy model, or evaluate a model on it"
+    )
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    toy_build = toy_commands.add_parser("build", help="data, base model and look-back weights, from nothing")
+    toy_build.add_argument("--out", required=True, help="folder for the data, the stages and the result")
+    toy_build.set_defaults(func=toy_build_command)
+    toy_ablate = toy_commands.add_parser(
+        "ablate",
+        help="train and evaluate the paper's ablations on the toy world (table, ISIM plot, contact sheet)",
+    )
+    toy_ablate.add_argument("--out", required=True, help="folder for the data, the variants and the results")
+    toy_ablate.add_argument(
+        "--variants", nargs="+", default=None, metavar="NAME", help="a subset of the variants (default: all): "
+        + "; ".join(f"'{name}'" for name in VARIANTS),
+    )  # fmt: skip
+    toy_ablate.set_defaults(func=toy_ablate_command)
+    for command in (toy_build, toy_ablate):
+        for f in fields(ToyRecipe):
+            kind = (
+                {"action": argparse.BooleanOptionalAction}
+                if isinstance(f.default, bool)
+                else {"type": type(f.default)}
+            )
+            command.add_argument(
+                f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, help=f"(default {f.default})", **kind
+            )  # fmt: skip
+    toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
+    toy_eval.add_argument(
+        "--checkpoint", default=str(TOY_CHECKPOINT), help="default: the shipped toy checkpoint"
+    )
+    toy_eval.add_argument(
+        "--weights", default=str(TOY_WEIGHTS), help="temporal weights, or 'none' for the base UNet alone"
+    )
+    toy_eval.add_argument("--clips", type=int, default=64, help="held-out clips to generate (default 64)")
+    toy_eval.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help=f"default {HELD_OUT_SEED}")
+    toy_eval.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps (default: the weights' recommended)"
+    )
+    toy_eval.add_argument(
+        "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
+    )
+    toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
+    toy_eval.add_argument(
+        "--frames", type=int, default=world.FRAMES,
+        help=f"frames per video, 2..{world.MAX_FRAMES} (default {world.FRAMES})",
+    )  # fmt: skip
+    toy_eval.add_argument(
+        "--chunk-frames", type=int, default=None, help="as generate's (default: the weights' horizon decides)"
+    )
+    toy_eval.add_argument("--context-frames", type=int, default=None, help="as generate's")
+    toy_eval.add_argument("--json", default=None, help="also write the per-clip results here")
+    toy_eval.add_argument("--plots", default=None, help="also write isim.png and drift.png into this folder")
+    toy_eval.add_argument("--check", action="store_true", help="exit 1 if a figure misses its bar")
+    toy_eval.set_defaults(func=toy_eval_command)
