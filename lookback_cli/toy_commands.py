@@ -138,7 +138,7 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--rebuild",
         action="store_true",
-        help="first rebuild the toy model from nothing (toyworld build; about 75 min on 2 CPU cores)",
+        help="first rebuild the toy model from nothing (toyworld build; about 85 min on 2 CPU cores)",
     )
     demo.set_defaults(func=demo_command)
 

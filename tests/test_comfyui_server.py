@@ -222,7 +222,7 @@ def test_shipped_workflow_runs_as_shipped_and_a_lora_reaches_the_unet(server) ->
 def test_toy_template_runs_with_nothing_to_download(server) -> None:
     """The toy template as shipped (its checkpoint, weights and start image come with the pack):
     16 frames that keep the held-out start image and its object. (That the object moves the
-    captioned way is the model's to learn: the shipped toy does in half the held-out clips, and
+    captioned way is the model's to learn: the shipped toy does in two held-out clips of three, and
     KSampler's noise for this one is not the command line's; see docs/comfyui.md.)"""
     from toyworld import world
     from toyworld.metrics import clip_metrics
