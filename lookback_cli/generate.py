@@ -355,6 +355,7 @@ def parse_generate_args(argv: list[str]) -> argparse.Namespace:
 
 
 def add_info_command(commands: argparse._SubParsersAction) -> None:
+    """The ``info`` subcommand."""
     info = commands.add_parser("info", help="print the config and training facts of a temporal weights file")
     info.add_argument("weights")
     info.set_defaults(func=info_command)
