@@ -1,9 +1,11 @@
 """The house rules, checked on the code itself: which part may import which (docs/architecture.md),
-no import circle, and a package description the ComfyUI registry and pip read as intended."""
+no import circle, a package description the ComfyUI registry and pip read as intended, and docs
+whose links lead somewhere."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,32 @@ def test_console_script_is_the_command_line(script) -> None:
     from importlib import import_module
 
     assert callable(getattr(import_module(module), function))
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings (lower case, punctuation dropped, spaces as -)."""
+    headings = re.findall(r"(?m)^#+ (.*)$", markdown)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def broken_links(pages: list[Path]) -> list[str]:
+    """Relative links of ``pages`` to a file that does not exist, or to a heading a page lacks."""
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    return broken
+
+
+def test_the_readme_and_docs_link_to_what_exists(tmp_path) -> None:
+    assert broken_links([REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]) == []
+    page = tmp_path / "page.md"
+    page.write_text("# A page\n\n[ok](#a-page) [gone](missing.md) [no heading](#other)\n")
+    assert broken_links([page]) == ["page.md: missing.md", "page.md: #other (no such heading)"]
