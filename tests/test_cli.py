@@ -164,6 +164,7 @@ def test_the_largest_seed_samples(assets, tmp_path) -> None:
         (["build", "--out", "{tmp}/b", "--train-clips", "-1"], "--train-clips must be a whole number in 1..100000, got -1"),
         (["build", "--out", "{tmp}/b", "--train-clips", "1000000000000"], "--train-clips must be a whole number in 1..100000"),
         (["build", "--out", "{tmp}/b", "--lookback-steps", "0"], "--lookback-steps must be a whole number in 1..1000000, got 0"),
+        (["build", "--out", "{tmp}/b", "--full-clip-timestep-bias", "0.5"], "--full-clip-timestep-bias must be a number in 1..100, got 0.5"),
         (["build", "--out", "{tmp}/b", "--preset", "bogus"], "--preset must be one of ['light', 'light-decoder', 'paper']"),
         (["build", "--out", "{tmp}/b", "--sampler-cfg-scale", "nan"], "--sampler-cfg-scale must be a finite number"),
         (["build", "--out", "/proc/toy"], "--out: cannot write '/proc/toy': the folder '/proc' is not writable"),

@@ -149,6 +149,10 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert header.training["frames"] == world.FRAMES and header.training["steps"] == 2
     assert header.training["init_lookback_weights"] == "lookback_weights.safetensors"
     assert header.config.first_frame_anchor  # the first phase's modules, carried on
+    # ... trained on the noisiest timesteps more often (the first phase: uniformly)
+    assert header.training["timestep_bias"] == {"strategy": "later", "multiplier": 3.0, "portion": 0.25}
+    first = read_temporal_header(tmp_path / "toy" / "lookback" / "lookback_weights.safetensors").training
+    assert first["timestep_bias"] is None
     assert header.training["toy_build"]["eval"]["clips"] == 1
     assert header.recommended_sampler == {"steps": 2, "cfg_scale": recipe.sampler_cfg_scale}
     components = load_sd15(tmp_path / "toy" / "sd15_toy.safetensors")
@@ -174,6 +178,10 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     for changed, message in (
         ({"lookback_steps": 3}, "look-back stage was trained with lookback_steps 2 (this recipe: 3)"),
         ({"full_clip_steps": 3}, "full-clip phase was trained with full_clip_steps 2 (this recipe: 3)"),
+        (
+            {"full_clip_timestep_bias": 1.0},
+            "full-clip phase was trained with full_clip_timestep_bias 3.0 (this recipe: 1.0)",
+        ),
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
         ({"train_clips": 5}, "holds clips beyond --train-clips 5"),
     ):

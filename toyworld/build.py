@@ -60,6 +60,9 @@ class ToyRecipe:
     lookback_learning_rate: float = 3e-4
     full_clip_steps: int = 600  # then on whole clips (world.FRAMES), at a constant rate; 0: none
     full_clip_learning_rate: float = 1e-4
+    # the full-clip phase draws the noisiest quarter of the timesteps (where the caption decides
+    # which way the object goes) this many times as often as the others; 1: uniformly
+    full_clip_timestep_bias: float = 3.0
     preset: str = "light"
     first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
     horizon_frames: int = world.FRAMES  # recorded in the weights: generate chunks beyond it
@@ -80,6 +83,10 @@ def _whole(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, int) and low <= v <= high), f"a whole number in {low}..{high}"
 
 
+def _number(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, float | int) and low <= v <= high), f"a number in {low}..{high}"
+
+
 def _rate() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, float | int) and 0 < v <= 1), "a number in (0, 1]"
 
@@ -96,6 +103,7 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lookback_learning_rate": _rate(),
     "full_clip_steps": _whole(0, 1_000_000),
     "full_clip_learning_rate": _rate(),
+    "full_clip_timestep_bias": _number(1, 100),
     "preset": (lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"),
     "horizon_frames": _whole(2, world.MAX_FRAMES),
     "sampler_steps": SETTING_RULES["steps"],
@@ -150,7 +158,8 @@ def _to_fp16(source: Path, target: Path, extra_metadata: dict[str, str] | None =
 # they were made with the same values (each look-back phase records them in LOOKBACK_RECIPE).
 BASE_FIELDS = ("train_clips", "vae_steps", "unet_steps", "seed")
 EVAL_ONLY_FIELDS = ("eval_clips", "long_eval_frames")
-FULL_CLIP_FIELDS = ("full_clip_steps", "full_clip_learning_rate")  # the second phase's alone
+# the second phase's alone
+FULL_CLIP_FIELDS = ("full_clip_steps", "full_clip_learning_rate", "full_clip_timestep_bias")
 LOOKBACK_RECIPE = "toy_recipe.json"
 FULL_CLIPS = "full_clips"  # the second look-back phase's folder, inside the first's
 
@@ -290,6 +299,8 @@ def train_lookback(
             "--learning_rate", str(recipe.full_clip_learning_rate),
             "--lr_scheduler", "constant",
             "--lr_warmup_steps", str(min(50, recipe.full_clip_steps // 10)),
+            "--timestep_bias_strategy", "later" if recipe.full_clip_timestep_bias != 1 else "none",
+            "--timestep_bias_multiplier", str(recipe.full_clip_timestep_bias),
             *training,
         ])  # fmt: skip
     return phases[FULL_CLIPS]
