@@ -62,7 +62,7 @@ class ToyRecipe:
     full_clip_learning_rate: float = 1e-4
     # the full-clip phase draws the noisiest quarter of the timesteps (where the caption decides
     # which way the object goes) this many times as often as the others; 1: uniformly
-    full_clip_timestep_bias: float = 3.0
+    full_clip_timestep_bias: float = 5.0
     preset: str = "light"
     first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
     horizon_frames: int = world.FRAMES  # recorded in the weights: generate chunks beyond it
