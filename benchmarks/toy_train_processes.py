@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from toyworld import world  # noqa: E402
+from toyworld.build import step_durations  # noqa: E402
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS  # noqa: E402
 
 
@@ -38,11 +40,6 @@ def trainer_command(processes: int) -> list[str]:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script,
     ]  # fmt: skip
-
-
-def median_step_seconds(metrics: Path) -> float:
-    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
-    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def run(data: Path, out: Path, processes: int, batch: int, frames: int, steps: int) -> float:
@@ -60,7 +57,7 @@ def run(data: Path, out: Path, processes: int, batch: int, frames: int, steps: i
     subprocess.run(
         command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    return median_step_seconds(out / "logs" / "metrics.jsonl")
+    return float(np.median(step_durations(out / "logs" / "metrics.jsonl")))
 
 
 def main() -> int:

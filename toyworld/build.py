@@ -216,12 +216,17 @@ def _lookback_fields(recipe: ToyRecipe, full_clips: bool) -> dict[str, Any]:
     return {k: v for k, v in asdict(recipe).items() if k not in skipped}
 
 
-def training_seconds(metrics: Path) -> float:
-    """Wall time of a training from the trainer's step log (``time`` per step), summed over its
-    runs: a pause between an interrupted run and its resumption (a step that took over 20 times the
-    median) counts as one median step."""
+def step_durations(metrics: Path) -> np.ndarray:
+    """Seconds between consecutive steps of the trainer's step log (``time`` per step)."""
     times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
-    steps = np.diff(np.asarray(times, dtype=np.float64))
+    return np.diff(np.asarray(times, dtype=np.float64))
+
+
+def training_seconds(metrics: Path) -> float:
+    """Wall time of a training from the trainer's step log, summed over its runs: a pause between
+    an interrupted run and its resumption (a step that took over 20 times the median) counts as one
+    median step."""
+    steps = step_durations(metrics)
     if len(steps) == 0:
         return 0.0
     median = float(np.median(steps))
