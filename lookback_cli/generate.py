@@ -98,6 +98,7 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
             args.frames, args.chunk_frames, args.context_frames, header.config.depth if header else None,
             names=("--frames", "--chunk-frames", "--context-frames"),
             horizon=header.horizon_frames if header else None,
+            context=header.context_frames if header else None,
         )  # fmt: skip
         original = image_size(image)
         size = fitted_size(*original, width=args.width, height=args.height)
@@ -333,7 +334,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     gen.add_argument(
         "--context-frames", type=int, default=None,
-        help="frames of the previous chunk each chunk continues from (default: the look-back depth d)",
+        help="frames of the previous chunk each chunk continues from (default: the number the weights record, "
+        "else the look-back depth d)",
     )  # fmt: skip
     gen.add_argument("--fps", type=float, default=8.0)
     gen.add_argument("--out", required=True, help="output video: .mp4, .gif or .webp")

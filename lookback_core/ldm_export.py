@@ -184,9 +184,21 @@ def replace_unet(source: str | Path, unet: UNet2DConditionModel, path: str | Pat
     Everything else (VAE, text encoder, metadata such as embedded configs) is copied as it is;
     the UNet is stored in the dtype the source stores its UNet in.
     """
+    return _replace_part(
+        source, UNET_PREFIX, unet_to_ldm(unet.state_dict(), unet.config.layers_per_block), path
+    )
+
+
+def replace_vae(source: str | Path, vae: AutoencoderKL, path: str | Path) -> Path:
+    """:func:`replace_unet` for the VAE: ``source`` with its VAE replaced by ``vae``."""
+    return _replace_part(
+        source, VAE_PREFIX, vae_to_ldm(vae.state_dict(), len(vae.config.down_block_types)), path
+    )
+
+
+def _replace_part(source: str | Path, prefix: str, part: dict[str, torch.Tensor], path: str | Path) -> Path:
     state, metadata = read_checkpoint(Path(source))
-    dtype = next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX) and v.is_floating_point())
-    state = {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
-    trained = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
-    state |= {UNET_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in trained.items()}
+    dtype = next(v.dtype for k, v in state.items() if k.startswith(prefix) and v.is_floating_point())
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    state |= {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in part.items()}
     return save_safetensors(state, path, metadata)

@@ -36,27 +36,29 @@ def resolve_chunking(
     depth: int | None,
     names: tuple[str, str, str] = ("num_frames", "chunk_frames", "context_frames"),
     horizon: int | None = None,
+    context: int | None = None,
 ) -> tuple[int, int]:
     """Check the frame counts of a run and fill in the defaults; returns ``(chunk_frames, context_frames)``.
 
     ``chunk_frames`` None: one pass over all frames, or, for more frames than the weights'
     ``horizon`` (the longest video they were checked to sample in one piece), chunks of
-    ``horizon`` frames; a ``chunk_frames`` of at least ``num_frames`` asks for one pass. ``context_frames`` None: the look-back
-    depth ``depth`` (what one look-back conv reads; 1 for the base UNet alone, ``depth`` None),
-    at most ``chunk_frames - 1``. ``names`` are how the caller's user calls the three numbers
-    (flags, node inputs), for the messages."""
+    ``horizon`` frames; a ``chunk_frames`` of at least ``num_frames`` asks for one pass.
+    ``context_frames`` None: the weights' ``context`` (the context their chunks were checked
+    with), else the look-back depth ``depth`` (what one look-back conv reads; 1 for the base UNet
+    alone, ``depth`` None), at most ``chunk_frames - 1``. ``names`` are how the caller's user
+    calls the three numbers (flags, node inputs), for the messages."""
     frames_name, chunk_name, context_name = names
     if num_frames < 2:
         raise ValueError(f"{frames_name} must be at least 2 (the image and one new frame), got {num_frames}")
     if chunk_frames is not None and chunk_frames < 2:
         raise ValueError(f"{chunk_name} must be at least 2 (context and one new frame), got {chunk_frames}")
-    if context_frames is not None and chunk_frames is None:
-        raise ValueError(f"{context_name} needs {chunk_name}")
     if chunk_frames is None and horizon is not None and num_frames > horizon:
         chunk_frames = horizon
+    if context_frames is not None and chunk_frames is None:
+        raise ValueError(f"{context_name} needs {chunk_name} (or more frames than the weights' horizon)")
     chunk = chunk_frames or num_frames
     if context_frames is None:
-        return chunk, max(1, min(depth or 1, chunk - 1))
+        return chunk, max(1, min(context or depth or 1, chunk - 1))
     if not 1 <= context_frames < chunk:
         raise ValueError(
             f"{context_name} must be between 1 and {chunk_name} - 1 ({chunk - 1}), got {context_frames}"

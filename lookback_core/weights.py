@@ -12,7 +12,9 @@ Header metadata (all strings, as safetensors requires):
   where the user gives none;
 - ``horizon_frames``: the longest video, in frames, the weights were checked to sample in one
   piece (optional); front ends sample longer videos in chunks of this many frames unless told
-  otherwise (:func:`lookback_core.long_video.resolve_chunking`).
+  otherwise (:func:`lookback_core.long_video.resolve_chunking`);
+- ``context_frames``: how many frames of the video so far each such chunk starts from, as they
+  were checked (optional; without it, the look-back depth ``d``).
 """
 
 from __future__ import annotations
@@ -62,13 +64,26 @@ class TemporalHeader:
     base_family: str = BASE_FAMILY
     recommended_sampler: dict[str, Any] = field(default_factory=dict)
     horizon_frames: int | None = None
+    context_frames: int | None = None
 
 
-def check_horizon(frames: Any) -> int:
-    """A valid horizon (an integer of at least 2 frames); raises ValueError otherwise."""
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
-        raise ValueError(f"horizon_frames must be a whole number of frames >= 2, got {frames!r}")
+def _frame_count(frames: Any, name: str, least: int) -> int:
+    """A valid frame count for ``name`` (an integer of at least ``least``); raises ValueError otherwise."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < least:
+        raise ValueError(f"{name} must be a whole number of frames >= {least}, got {frames!r}")
     return frames
+
+
+def check_chunking(horizon: Any, context: Any) -> tuple[int | None, int | None]:
+    """A valid horizon and chunk context (each optional; a context needs a horizon it is shorter
+    than, since it starts each chunk of that many frames); raises ValueError otherwise."""
+    horizon = None if horizon is None else _frame_count(horizon, "horizon_frames", 2)
+    if context is None:
+        return horizon, None
+    context = _frame_count(context, "context_frames", 1)
+    if horizon is None or context >= horizon:
+        raise ValueError(f"context_frames ({context}) must be below horizon_frames ({horizon})")
+    return horizon, context
 
 
 def check_recommended_sampler(settings: dict[str, Any]) -> dict[str, Any]:
@@ -94,13 +109,15 @@ def save_temporal_weights(
     base_family: str = BASE_FAMILY,
     recommended_sampler: dict[str, Any] | None = None,
     horizon_frames: int | None = None,
+    context_frames: int | None = None,
 ) -> Path:
     """Write the look-back modules to ``path`` atomically (temporary file, then rename).
 
     ``recommended_sampler`` (any of :data:`RECOMMENDABLE`) is what front ends use
     where the user sets nothing; ``horizon_frames`` the longest video they were checked to
-    sample in one piece.
+    sample in one piece, ``context_frames`` the frames each longer video's next chunk starts from.
     """
+    horizon_frames, context_frames = check_chunking(horizon_frames, context_frames)
     if isinstance(temporal, LookBackUNet):
         temporal = temporal.temporal
     path = Path(path)
@@ -115,7 +132,9 @@ def save_temporal_weights(
     if recommended_sampler:
         metadata["recommended_sampler"] = json.dumps(check_recommended_sampler(recommended_sampler))
     if horizon_frames is not None:
-        metadata["horizon_frames"] = str(check_horizon(horizon_frames))
+        metadata["horizon_frames"] = str(horizon_frames)
+    if context_frames is not None:
+        metadata["context_frames"] = str(context_frames)
     return save_safetensors(tensors, path, metadata)
 
 
@@ -154,12 +173,12 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
         recommended = check_recommended_sampler(json.loads(metadata.get("recommended_sampler", "{}")))
     except ValueError as err:
         raise TemporalWeightsError(path, f"its recommended_sampler metadata is invalid ({err})") from None
-    horizon = metadata.get("horizon_frames")
+    counts = [metadata.get(name) for name in ("horizon_frames", "context_frames")]
     try:
-        horizon = None if horizon is None else check_horizon(int(horizon) if horizon.isdigit() else horizon)
+        horizon, context = check_chunking(*(v if v is None or not v.isdigit() else int(v) for v in counts))
     except ValueError as err:
-        raise TemporalWeightsError(path, f"its horizon_frames metadata is invalid ({err})") from None
-    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended, horizon)
+        raise TemporalWeightsError(path, f"its chunking metadata is invalid ({err})") from None
+    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended, horizon, context)
 
 
 def _check_family(path: Path, family: str) -> None:

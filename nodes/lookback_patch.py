@@ -209,17 +209,20 @@ def _pinned_in(latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | N
 
 def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
                            noise: torch.Tensor, latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None,
-                           disable_pbar: bool, horizon: int | None = None) -> torch.Tensor:  # fmt: skip
+                           disable_pbar: bool, horizon: int | None = None,
+                           context: int | None = None) -> torch.Tensor:  # fmt: skip
     """ComfyUI's SAMPLER_SAMPLE wrapper: hands the pinned frames and their clean latents (already in
     the model's latent space) to the model calls of this sampling run, and returns the pinned
     frames exactly (a multistep sampler such as uni_pc ends a little off the last denoised output,
     which ComfyUI's inpainting step pins). A video longer than the weights' ``horizon`` (the frames
-    they were checked for at once) is sampled as asked, with a warning that says how to chunk it."""
+    they were checked for at once) is sampled as asked, with a warning that says how to chunk it
+    (``context``: the frames each chunk starts from, the weights' or their look-back depth)."""
     if horizon is not None and latent_image is not None and latent_image.shape[0] > horizon:
+        context = min(context or 1, horizon - 1)
         logger.warning(
             "Look-Back: sampling %d frames at once, more than these weights were checked for (%d); for a "
-            "longer video, sample %d and continue with Look-Back Extend Video (chunks of up to %d frames)",
-            latent_image.shape[0], horizon, horizon, horizon,
+            "longer video, sample %d and continue with Look-Back Extend Video (context_frames %d, frames %d)",
+            latent_image.shape[0], horizon, horizon, context, horizon - context,
         )  # fmt: skip
     pinned = _pinned_in(latent_image, denoise_mask)
     if pinned is not None:

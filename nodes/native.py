@@ -120,7 +120,11 @@ def apply_lookback(model, weights: LookBackWeights):
     patched.add_wrapper_with_key(
         host.SAMPLER_SAMPLE,
         WRAPPER_KEY,
-        functools.partial(sampler_sample_wrapper, horizon=weights.header.horizon_frames),
+        functools.partial(
+            sampler_sample_wrapper,
+            horizon=weights.header.horizon_frames,
+            context=weights.header.context_frames or weights.header.config.depth,
+        ),
     )
     patched.add_wrapper_with_key(host.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
     return patched
@@ -234,10 +238,10 @@ class LookBackExtendVideo:
         return {
             "required": {
                 "video": ("LATENT", {"tooltip": "The video so far (a KSampler or Look-Back Join Video output)."}),
-                "frames": ("INT", {"default": 13, "min": 1, "max": 4096,
+                "frames": ("INT", {"default": 11, "min": 1, "max": 4096,
                                    "tooltip": "New frames in this chunk; with context_frames, at most the frames the weights were checked for at once (the shipped toy's: 16)."}),
-                "context_frames": ("INT", {"default": 3, "min": 1, "max": 64,
-                                           "tooltip": "Frames of the video so far the chunk continues from; up to the weights' look-back depth d is what the modules read."}),
+                "context_frames": ("INT", {"default": 5, "min": 1, "max": 64,
+                                           "tooltip": "Frames of the video so far the chunk continues from; the weights record the number they were checked with, and Apply Look-Back's warning past their horizon names it (the shipped toy's: 5; with 3, as many as one look-back conv reads, its objects turned in the second chunk)."}),
             }
         }  # fmt: skip
 

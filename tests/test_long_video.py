@@ -12,7 +12,7 @@ import torch
 from conftest import randomize
 
 from lookback_core.config import preset
-from lookback_core.long_video import chunk_count, sample_long_video
+from lookback_core.long_video import chunk_count, resolve_chunking, sample_long_video
 from lookback_core.sampler import SamplerSettings, sample_video
 from lookback_core.temporal_unet import create_lookback_unet
 
@@ -78,6 +78,22 @@ def test_bad_chunking_is_refused(model) -> None:
     ):
         sample_long_video(
             model, z0, pos, neg, 20, SamplerSettings(steps=1), SCHEDULER, chunk_frames=4, context_frames=4
+        )
+
+
+def test_the_context_is_the_users_else_the_weights_else_the_depth() -> None:
+    # (num_frames, chunk_frames, context_frames, depth, horizon, recorded context) -> (chunk, context)
+    for given, expected in (
+        ((24, None, None, 3, 16, 5), (16, 5)),  # past the horizon: the weights' chunk and context
+        ((24, None, None, 3, 16, None), (16, 3)),  # none recorded: the depth
+        ((24, None, 2, 3, 16, 5), (16, 2)),  # the user's number wins
+        ((24, 6, None, 3, 16, 8), (6, 5)),  # never the whole chunk
+        ((12, None, None, 3, 16, 5), (12, 5)),  # one piece (the context is then unused)
+        ((24, None, None, None, None, None), (24, 1)),  # the base UNet alone, no horizon
+    ):
+        num_frames, chunk, context, depth, horizon, recorded = given
+        assert (
+            resolve_chunking(num_frames, chunk, context, depth, horizon=horizon, context=recorded) == expected
         )
 
 

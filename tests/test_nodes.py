@@ -363,8 +363,18 @@ def test_sampling_past_the_weights_horizon_warns_how_to_chunk(caplog) -> None:
         caplog.clear()
         latent = torch.zeros(frames, 4, 8, 8)
         lookback_patch.sampler_sample_wrapper(
-            executor, None, None, {"model_options": {}}, None, None, latent, None, True, horizon=horizon
+            executor,
+            None,
+            None,
+            {"model_options": {}},
+            None,
+            None,
+            latent,
+            None,
+            True,
+            horizon=horizon,
+            context=5,
         )
         assert ("more than these weights were checked for (16)" in caplog.text) is warned
-        assert ("Look-Back Extend Video" in caplog.text) is warned
+        assert ("Look-Back Extend Video (context_frames 5, frames 11)" in caplog.text) is warned
     assert len(calls) == 3  # sampled as asked every time

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lookback_core.checkpoint_file import CheckpointError, detect_family
-from lookback_core.ldm_export import replace_unet, save_ldm_checkpoint
+from lookback_core.ldm_export import replace_unet, replace_vae, save_ldm_checkpoint
 from lookback_core.prompts import encode_long_prompt, encode_prompt, match_token_lengths
 from lookback_core.sd15 import (
     EMBEDDED_CONFIGS_KEY,
@@ -385,17 +385,20 @@ def test_embedded_configs_that_do_not_fit_are_named(files, tmp_path) -> None:
         load_sd15(junk)
 
 
-def test_replace_unet_keeps_everything_else(files, tmp_path) -> None:
+@pytest.mark.parametrize(("part", "prefix"), [(0, "model.diffusion_model."), (1, "first_stage_model.")])
+def test_replacing_the_unet_or_vae_keeps_everything_else(files, tmp_path, part, prefix) -> None:
     models = tiny_sd15_models(files["config_dir"], seed=5)
     source = save_ldm_checkpoint(
         tmp_path / "src.safetensors", *models, embed_configs=True, dtype=torch.float16
     )
-    trained = tiny_sd15_models(files["config_dir"], seed=6)[0]
-    out = replace_unet(source, trained, tmp_path / "out.safetensors")
+    trained = tiny_sd15_models(files["config_dir"], seed=6)[part]
+    out = (replace_unet, replace_vae)[part](source, trained, tmp_path / "out.safetensors")
     before, after = load_file(source), load_file(out)
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("model.diffusion_model."))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(prefix))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
     components = load_sd15(out)  # the embedded configs came along
+    loaded = (components.unet, components.vae)[part].state_dict()
     for key, value in trained.state_dict().items():
-        torch.testing.assert_close(components.unet.state_dict()[key], value.half().float())
-    assert {v.dtype for k, v in after.items() if k.startswith("model.diffusion_model.")} == {torch.float16}
+        torch.testing.assert_close(loaded[key], value.half().float())
+    assert {v.dtype for k, v in after.items() if k.startswith(prefix)} == {torch.float16}

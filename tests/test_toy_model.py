@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lookback_cli.demo import run_demo
 from lookback_cli.main import main
@@ -137,11 +138,18 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
     recipe = ToyRecipe(
         train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2, lookback_batch_size=2, eval_clips=1,
-        sampler_steps=2,
+        sampler_steps=2, decoder_steps=2,
     )  # fmt: skip
     record = build(tmp_path / "toy", recipe)
     assert record["recipe"]["lookback_steps"] == 2
-    assert set(record["wall_time_s"]) >= {"base_s", "lookback_s", "full_clips_s"}
+    assert set(record["wall_time_s"]) >= {"base_s", "lookback_s", "full_clips_s", "decoder_s"}
+    # the packaged VAE: the trained encoder as it was (the latents the look-back stage learned on), a tuned decoder
+    assert record["decoder_facts"]["decoder_steps"] == 2
+    shipped = load_file(tmp_path / "toy" / "sd15_toy.safetensors")
+    trained = load_file(tmp_path / "toy" / "lookback" / "full_clips" / "base_checkpoint.safetensors")
+    for prefix, same in (("first_stage_model.encoder.", True), ("first_stage_model.decoder.", False)):
+        keys = [k for k in trained if k.startswith(prefix)]
+        assert keys and all(torch.equal(shipped[k], trained[k].half()) for k in keys) is same, prefix
     weights = tmp_path / "toy" / "lookback_toy.safetensors"
     header = read_temporal_header(weights)
     # the shipped weights are the second phase's: whole clips, from the first phase's weights
@@ -182,6 +190,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
             "full-clip phase was trained with full_clip_timestep_bias 5.0 (this recipe: 1.0)",
         ),
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
+        ({"decoder_steps": 3}, "decoder stage was trained with decoder_steps 2 (this recipe: 3)"),
         ({"train_clips": 5}, "holds clips beyond --train-clips 5"),
     ):
         with pytest.raises(StageMismatch, match=re.escape(message)):
@@ -225,8 +234,10 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
 
 
 def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) -> None:
-    horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames
-    assert horizon == world.FRAMES  # the build records what its eval checked
+    header = read_temporal_header(TOY_WEIGHTS)
+    horizon, context = header.horizon_frames, header.context_frames
+    assert (horizon, context) == (world.FRAMES, ToyRecipe().context_frames)  # what the build's eval checked
+    assert context != header.config.depth  # so the weights' number, not the depth, is seen to decide
     report, plots = tmp_path / "eval.json", tmp_path / "plots"
     command = [
         "toyworld",
@@ -242,9 +253,9 @@ def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) 
     ]
     assert main([*command, "--frames", "24"]) == 0
     out = capsys.readouterr().out
-    assert f"24 frames, chunks of {horizon} frames, 3 of context" in out and "drift per frame" in out
+    assert f"24 frames, chunks of {horizon} frames, {context} of context" in out and "drift per frame" in out
     data = json.loads(report.read_text())[0]
-    assert data["frames"] == 24 and data["chunking"] == {"chunk_frames": horizon, "context_frames": 3}
+    assert data["frames"] == 24 and data["chunking"] == {"chunk_frames": horizon, "context_frames": context}
     assert len(data["drift_per_frame"]) == 24 and data["drift_per_frame"][0] == 0.0
     assert len(data["clips"][0]["drift_per_frame"]) == 24
     assert {p.name for p in plots.iterdir()} == {"isim.png", "drift.png"}
@@ -259,11 +270,16 @@ def test_generate_chunks_beyond_the_weights_horizon_unless_told(tmp_path, capsys
     clip = world.make_clip(world.HELD_OUT_SEED + 3)
     start = tmp_path / "start.png"
     iio.imwrite(start, clip.frames[0])
-    horizon = read_temporal_header(TOY_WEIGHTS).horizon_frames
+    header = read_temporal_header(TOY_WEIGHTS)
+    horizon, context = header.horizon_frames, header.context_frames
     command = ["generate", "--checkpoint", str(TOY_CHECKPOINT), "--weights", str(TOY_WEIGHTS), "--image",
                str(start), "--prompt", clip.caption, "--steps", "2", "--frames", str(horizon + 2)]  # fmt: skip
     assert main([*command, "--out", str(tmp_path / "a.gif")]) == 0
-    assert f"sampling in chunks of {horizon} frames with 3 of context" in capsys.readouterr().out
+    assert f"sampling in chunks of {horizon} frames with {context} of context" in capsys.readouterr().out
     assert iio.imread(tmp_path / "a.gif").shape[0] == horizon + 2
+    assert (
+        main([*command, "--context-frames", "2", "--out", str(tmp_path / "c.gif")]) == 0
+    )  # the horizon's chunks
+    assert f"sampling in chunks of {horizon} frames with 2 of context" in capsys.readouterr().out
     assert main([*command, "--chunk-frames", str(horizon + 2), "--out", str(tmp_path / "b.gif")]) == 0
     assert "sampling in chunks" not in capsys.readouterr().out

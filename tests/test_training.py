@@ -182,18 +182,26 @@ def test_motion_weight_counts_the_loss_more_where_frames_change() -> None:
     assert loss(0, 0, 3.0) > 10 * loss(3, 3, 3.0)  # the same error weighs more where things move
 
 
-def test_timestep_bias_and_horizon_are_recorded_and_checked(setup, tmp_path, capsys) -> None:
+def test_timestep_bias_and_chunking_are_recorded_and_checked(setup, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    flags = ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "3", "--horizon_frames", "12"]
+    flags = ["--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "3", "--horizon_frames", "12",
+             "--context_frames", "5"]  # fmt: skip
     assert train_main(train_args(setup, out, "--max_train_steps", "1", *flags)) == 0
     header = read_temporal_header(out / "lookback_weights.safetensors")
     assert header.training["timestep_bias"] == {"strategy": "later", "multiplier": 3.0, "portion": 0.25}
-    assert header.horizon_frames == 12 and header.training["motion_loss_weight"] == 0
+    assert (header.horizon_frames, header.context_frames) == (12, 5) and header.training[
+        "motion_loss_weight"
+    ] == 0
     for bad, message in (
         (["--timestep_bias_multiplier", "0"], "--timestep_bias_multiplier must be > 0"),
         (["--timestep_bias_portion", "1.5"], "--timestep_bias_portion must be in"),
         (["--timestep_bias_begin", "500", "--timestep_bias_end", "400"], "must be below --timestep_bias_end"),
         (["--horizon_frames", "1"], "--horizon_frames must be"),
+        (
+            ["--context_frames", "3"],
+            "--context_frames: context_frames (3) must be below horizon_frames (None)",
+        ),
+        (["--horizon_frames", "8", "--context_frames", "8"], "must be below horizon_frames (8)"),
         (["--motion_loss_weight", "-1"], "--motion_loss_weight must be >= 0"),
     ):
         with pytest.raises(SystemExit):

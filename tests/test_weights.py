@@ -110,17 +110,43 @@ def test_bad_recommended_sampler_metadata_is_named(trained, tmp_path, stored, me
     [
         ("training", "{", "training metadata is invalid"),
         ("training", "[1]", "training metadata is invalid (a JSON object was expected, got list)"),
-        ("horizon_frames", "1", "horizon_frames metadata is invalid"),
-        ("horizon_frames", "many", "horizon_frames metadata is invalid"),
+        (
+            "horizon_frames",
+            "1",
+            "chunking metadata is invalid (horizon_frames must be a whole number of frames >= 2",
+        ),
+        ("horizon_frames", "many", "chunking metadata is invalid (horizon_frames must"),
+        ("horizon_frames", "5", "context_frames (5) must be below horizon_frames (5)"),
+        (
+            "context_frames",
+            "0",
+            "chunking metadata is invalid (context_frames must be a whole number of frames >= 1",
+        ),
     ],
 )
-def test_bad_training_and_horizon_metadata_is_named_as_such(trained, tmp_path, key, stored, message) -> None:
-    path = save_temporal_weights(tmp_path / "w.safetensors", trained, horizon_frames=16)
-    assert read_temporal_header(path).horizon_frames == 16
+def test_bad_training_and_chunking_metadata_is_named_as_such(trained, tmp_path, key, stored, message) -> None:
+    path = save_temporal_weights(tmp_path / "w.safetensors", trained, horizon_frames=16, context_frames=5)
+    header = read_temporal_header(path)
+    assert (header.horizon_frames, header.context_frames) == (16, 5)
     save_file(load_file(path), path, metadata={**_metadata(path), key: stored})
     with pytest.raises(TemporalWeightsError, match="w.safetensors") as err:
         read_temporal_header(path)
     assert message in str(err.value) and "config metadata" not in str(err.value)
+
+
+def test_a_chunk_context_needs_a_longer_horizon(trained, tmp_path) -> None:
+    for horizon, context in ((None, 3), (4, 4)):
+        with pytest.raises(
+            ValueError, match=f"context_frames \\({context}\\) must be below horizon_frames \\({horizon}\\)"
+        ):
+            save_temporal_weights(
+                tmp_path / "w.safetensors", trained, horizon_frames=horizon, context_frames=context
+            )
+    assert not (tmp_path / "w.safetensors").exists()
+    header = read_temporal_header(
+        save_temporal_weights(tmp_path / "w.safetensors", trained, horizon_frames=16)
+    )
+    assert header.context_frames is None
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(trained, tmp_path, monkeypatch) -> None:

@@ -168,19 +168,28 @@ class FramePool:
             yield self.rng.integers(len(self.frames), size=size)
 
 
-def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL, dict]:
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
-    schedule = cosine_lr(optimizer, args.vae_steps)
+def held_out_psnr(vae: AutoencoderKL) -> float:
+    """The VAE's reconstruction PSNR (dB) of ``EVAL_FRAMES`` held-out frames, from the posterior mean."""
     held_out = to_pixels(
         np.stack(
             [world.make_clip(world.HELD_OUT_SEED + i).frames[i % world.FRAMES] for i in range(EVAL_FRAMES)]
         )
     )
-    batches = pool.batches(args.vae_batch_size)
+    with torch.no_grad():
+        return psnr(vae.decode(vae.encode(held_out).latent_dist.mean).sample, held_out)
+
+
+def fit_reconstruction(
+    vae: AutoencoderKL, params: list[torch.nn.Parameter], pool: FramePool, steps: int, batch_size: int,
+    learning_rate: float, desc: str,
+) -> None:  # fmt: skip
+    """Train ``params`` of ``vae`` to reconstruct the pool's frames from the posterior mean (MSE),
+    at a cosine-decayed rate; leaves ``vae`` in eval mode."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    schedule = cosine_lr(optimizer, steps)
+    batches = pool.batches(batch_size)
     vae.train()
-    for _ in tqdm(range(args.vae_steps), desc="VAE", unit="step"):
+    for _ in tqdm(range(steps), desc=desc, unit="step"):
         x = to_pixels(pool.frames[next(batches)])
         loss = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
         optimizer.zero_grad(set_to_none=True)
@@ -188,9 +197,16 @@ def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL,
         optimizer.step()
         schedule.step()
     vae.eval()
+
+
+def train_vae(args: argparse.Namespace, pool: FramePool) -> tuple[AutoencoderKL, dict]:
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    fit_reconstruction(
+        vae, list(vae.parameters()), pool, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, "VAE"
+    )
+    reconstruction_psnr = held_out_psnr(vae)
     with torch.no_grad():
-        latents = vae.encode(held_out).latent_dist.mean
-        reconstruction_psnr = psnr(vae.decode(latents).sample, held_out)
         sample = vae.encode(to_pixels(pool.frames[: 64 * world.FRAMES : world.FRAMES // 2])).latent_dist.mean
     scaling_factor = float(1 / sample.std())
     vae.register_to_config(scaling_factor=scaling_factor)

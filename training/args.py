@@ -15,7 +15,7 @@ from typing import Any
 
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.prompts import utf8_problem
-from lookback_core.weights import check_recommended_sampler
+from lookback_core.weights import check_chunking, check_recommended_sampler
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
 
@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "front ends sample longer ones in chunks of it unless told otherwise (default: none recorded)",
     )  # fmt: skip
     out.add_argument(
+        "--context_frames", type=int, default=None,
+        help="with --horizon_frames, record in the weights how many frames of the video so far each chunk "
+        "past the horizon starts from (default: none recorded; front ends then use the look-back depth d)",
+    )  # fmt: skip
+    out.add_argument(
         "--validation_inference_steps", type=int, default=25,
         help="DDIM steps of validation videos; stored in the weights file as its recommended steps",
     )  # fmt: skip
@@ -235,6 +240,7 @@ NUMBER_RULES = {
     "validation_steps": at_least(1),
     "validation_frames": at_least(2),
     "horizon_frames": at_least(2),
+    "context_frames": at_least(1),
 }
 
 
@@ -303,6 +309,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--timestep_bias_begin must be below --timestep_bias_end, got {args.timestep_bias_begin} and "
             f"{args.timestep_bias_end}"
         )
+    try:
+        check_chunking(args.horizon_frames, args.context_frames)
+    except ValueError as err:
+        parser.error(f"--context_frames: {err}")
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     try:

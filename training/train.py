@@ -450,6 +450,7 @@ def train(args) -> Path:
             training={**facts, "steps": step},
             recommended_sampler=recommended_sampler(args),
             horizon_frames=args.horizon_frames,
+            context_frames=args.context_frames,
         )
 
     metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
