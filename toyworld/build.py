@@ -66,7 +66,7 @@ class ToyRecipe:
     # the full-clip phase draws the noisiest quarter of the timesteps (where the caption decides
     # which way the object goes) this many times as often as the others; 1: uniformly
     full_clip_timestep_bias: float = 5.0
-    decoder_steps: int = 400  # then the VAE's decoder alone (toyworld.decoder); 0: none
+    decoder_steps: int = 250  # then the VAE's decoder alone (toyworld.decoder); 0: none
     decoder_learning_rate: float = 3e-4
     preset: str = "light"
     first_frame_anchor: bool = True  # every frame one hop from the given image (beyond the paper)
