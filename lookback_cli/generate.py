@@ -238,7 +238,13 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLER_FLAGS = {"steps": "--steps", "cfg_scale": "--cfg", "eta": "--eta", "first_frame": "--first-frame"}
+SAMPLER_FLAGS = {
+    "steps": "--steps",
+    "cfg_scale": "--cfg",
+    "eta": "--eta",
+    "first_frame": "--first-frame",
+    "colour_match": "--colour-match",
+}
 
 
 def sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
@@ -321,6 +327,15 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
         default=None,
         help="frame 0 as the UNet sees it: clean (hybrid initialisation) or noised to each step (the paper's "
         f"add-noise strategy, for weights trained with --objective ddpm) ({recommended} {defaults.first_frame})",
+    )
+    gen.add_argument(
+        "--colour-match",
+        dest="colour_match",
+        choices=("off", "first_frame"),
+        default=None,
+        help="first_frame: set each new frame's latent colour statistics (per channel mean and spread) to the "
+        "first frame's, against colour drift; for scenes whose colours stay put "
+        f"({recommended} {defaults.colour_match})",
     )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(

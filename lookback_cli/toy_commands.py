@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lookback_core.long_video import resolve_chunking
 from lookback_core.sampler import InvalidSetting, check_setting
+from lookback_core.weights import read_temporal_header
 from toyworld import world
 from toyworld.ablate import VARIANTS
 from toyworld.build import ToyRecipe
@@ -85,27 +86,33 @@ def toy_eval_command(args: argparse.Namespace) -> int:
                 check_setting(name, getattr(args, name))
         except InvalidSetting as err:
             raise UsageError(f"{flag}: {err}") from None
-    try:  # the counts alone; the weights' depth and horizon fill in the defaults once loaded
-        resolve_chunking(args.frames, args.chunk_frames, args.context_frames, None,
-                         names=("--frames", "--chunk-frames", "--context-frames"))  # fmt: skip
+    weights = None if args.weights.lower() == "none" else existing_file("--weights", args.weights)
+    header = read_temporal_header(weights) if weights is not None else None
+    try:  # before the model loads: its header's depth, horizon and context fill in the defaults
+        resolve_chunking(
+            args.frames, args.chunk_frames, args.context_frames, header.config.depth if header else None,
+            names=("--frames", "--chunk-frames", "--context-frames"),
+            horizon=header.horizon_frames if header else None, context=header.context_frames if header else None,
+        )  # fmt: skip
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.json:
         writable("--json", args.json)
     if args.plots:
         writable("--plots", args.plots, folder=True)
-    weights = None if args.weights.lower() == "none" else existing_file("--weights", args.weights)
     toy = load_toy_model(
         existing_file("--checkpoint", args.checkpoint),
         weights,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         eta=args.eta,
+        colour_match=args.colour_match,
         settings_from=TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None,
     )
     s = toy.settings
     print(
-        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}"
+        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}, "
+        f"colour match {s.colour_match}"
     )
     try:
         chunking = default_chunking(toy, args.frames, args.chunk_frames, args.context_frames)
@@ -185,6 +192,9 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
         "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
     )
     toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
+    toy_eval.add_argument(
+        "--colour-match", choices=("off", "first_frame"), default=None, help="as generate's (same default)"
+    )
     toy_eval.add_argument(
         "--frames", type=int, default=world.FRAMES,
         help=f"frames per video, 2..{world.MAX_FRAMES} (default {world.FRAMES})",

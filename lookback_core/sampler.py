@@ -9,6 +9,9 @@ pinned clean frames, which is how a long video's next chunk continues the previo
 the plain DDPM objective on all frames, ``--objective ddpm``): before every UNet call the pinned
 frames are ``z0`` noised to that step's timestep (with noise drawn once); the result's frame 0
 is still ``z0``.
+
+``colour_match="first_frame"`` sets each new frame's latent colour statistics to the first
+pinned frame's at the end (:mod:`lookback_core.colour_match`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
+from .colour_match import match_colour
 from .temporal_unet import LookBackUNet
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -51,6 +55,10 @@ SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v in ("clean", "noised"),
         "'clean' (hybrid initialisation) or 'noised' (the paper's add-noise strategy)",
     ),
+    "colour_match": (
+        lambda v: v in ("off", "first_frame"),
+        "'off' or 'first_frame' (each new frame's latent colour statistics set to the first pinned frame's)",
+    ),
 }
 
 
@@ -78,6 +86,7 @@ class SamplerSettings:
     eta: float = 0.0
     seed: int = 0
     first_frame: str = "clean"
+    colour_match: str = "off"  # lookback_core.colour_match
 
     def __post_init__(self) -> None:
         for name in SETTING_RULES:
@@ -187,4 +196,6 @@ def sample_video(
         moving = result.prev_sample
         if on_step is not None:
             on_step(step + 1, total, torch.cat([pinned, result.pred_original_sample], dim=2))
+    if settings.colour_match == "first_frame":
+        moving = match_colour(moving, pinned[:, :, :1])
     return torch.cat([pinned, moving], dim=2)

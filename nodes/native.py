@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
+from lookback_core.sampler import check_setting
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, TemporalWeightsError, load_temporal_weights
 
@@ -40,6 +41,7 @@ from .lookback_patch import (
 logger = logging.getLogger(__name__)
 CATEGORY = "Look-Back I2V"
 WRAPPER_KEY = "lookback_i2v"  # also the key of the modules among the MODEL's additional models
+RECOMMENDED = "as the weights recommend"  # a setting's choice that takes the weights' value
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,13 @@ def read_weights(path: str | os.PathLike) -> LookBackWeights:
     return _read_weights(os.fspath(path), stat.st_mtime_ns, stat.st_size)
 
 
-def apply_lookback(model, weights: LookBackWeights):
-    """A clone of the ComfyUI MODEL ``model`` with the look-back modules of ``weights`` in it."""
+def apply_lookback(model, weights: LookBackWeights, colour_match: str = RECOMMENDED):
+    """A clone of the ComfyUI MODEL ``model`` with the look-back modules of ``weights`` in it;
+    ``colour_match`` (``off``, ``first_frame``, or :data:`RECOMMENDED`: as the weights recommend)
+    is applied to what KSampler returns (:mod:`lookback_core.colour_match`)."""
+    if colour_match == RECOMMENDED:
+        colour_match = weights.header.recommended_sampler.get("colour_match", "off")
+    check_setting("colour_match", colour_match)
     base = model.model
     unet_config = base.model_config.unet_config
     channels = unet_site_channels(unet_config)
@@ -124,6 +131,7 @@ def apply_lookback(model, weights: LookBackWeights):
             sampler_sample_wrapper,
             horizon=weights.header.horizon_frames,
             context=weights.header.context_frames or weights.header.config.depth,
+            colour_match=colour_match,
         ),
     )
     patched.add_wrapper_with_key(host.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)
@@ -172,11 +180,19 @@ class LookBackApply:
             "required": {
                 "model": ("MODEL", {"tooltip": "An SD1.5 MODEL (Load Checkpoint, LoRAs, ...)."}),
                 "lookback_weights": ("LOOKBACK_WEIGHTS", {"tooltip": "From Look-Back Weights Loader."}),
-            }
-        }
+            },
+            "optional": {
+                "colour_match": ([RECOMMENDED, "off", "first_frame"], {
+                    "default": RECOMMENDED,
+                    "tooltip": "first_frame: each new frame's colour statistics (per latent channel) set to the start "
+                    "image's, against colour drift, for scenes whose colours stay put; the default is what the "
+                    "weights recommend (the shipped toy's: first_frame).",
+                }),
+            },
+        }  # fmt: skip
 
-    def apply(self, model, lookback_weights: LookBackWeights) -> tuple:
-        return (apply_lookback(model, lookback_weights),)
+    def apply(self, model, lookback_weights: LookBackWeights, colour_match: str = RECOMMENDED) -> tuple:
+        return (apply_lookback(model, lookback_weights, colour_match),)
 
 
 class LookBackImageToVideo:

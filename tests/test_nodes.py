@@ -201,6 +201,23 @@ def test_pinned_frames_are_only_those_the_mask_keeps_whole() -> None:
     assert lookback_patch.pinned_frames(mask).tolist() == [True, False, False, False]
 
 
+def test_colour_match_sets_the_new_frames_statistics_to_the_first_pinned_frames() -> None:
+    latent = torch.randn(5, 4, 8, 8)
+    latent[1] = latent[1] * 3 + 2  # the second pinned frame is not the reference
+    mask = torch.ones(5, 4, 8, 8)
+    mask[:2] = 0
+    sampled = torch.randn(5, 4, 8, 8) * 2 + 1
+    run = lambda match: lookback_patch.sampler_sample_wrapper(  # noqa: E731
+        lambda *args: sampled.clone(), None, None, {"model_options": {}}, None, None, latent, mask, True,
+        colour_match=match,
+    )  # fmt: skip
+    plain, matched = run("off"), run("first_frame")
+    assert torch.equal(plain[:2], latent[:2]) and torch.equal(plain[2:], sampled[2:])
+    assert torch.equal(matched[:2], latent[:2])
+    for stat in (lambda x: x.mean(dim=(-2, -1)), lambda x: x.std(dim=(-2, -1))):
+        torch.testing.assert_close(stat(matched[2:]), stat(latent[:1]).expand(3, 4), atol=1e-5, rtol=1e-5)
+
+
 def test_pinned_model_input_is_the_clean_latent_after_the_models_input_scaling() -> None:
     x = torch.randn(3, 4, 8, 8) * 14.6
     start = torch.randn(3, 4, 8, 8)

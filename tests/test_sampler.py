@@ -107,6 +107,32 @@ def test_same_seed_same_video_other_seed_other_video(model) -> None:
     assert not torch.allclose(eta0, eta1)
 
 
+def test_colour_match_sets_each_new_frames_statistics_to_the_first_frames(model) -> None:
+    z0, pos, neg = _inputs()
+    pinned = torch.stack([z0, z0 * 2 + 1], dim=2)  # two pinned frames: the first one is the reference
+    run = lambda match: sample_video(  # noqa: E731
+        model,
+        pinned,
+        pos,
+        neg,
+        5,
+        SamplerSettings(steps=3, cfg_scale=3.0, colour_match=match),
+        SCHEDULER_CONFIG,
+    )
+    plain, matched = run("off"), run("first_frame")
+    assert torch.equal(matched[:, :, :2], pinned)  # the pinned frames untouched
+    stats = lambda x: (x.mean(dim=(-2, -1)), x.std(dim=(-2, -1)))  # noqa: E731
+    for got, want in zip(stats(matched[:, :, 2:]), stats(z0[:, :, None])):
+        torch.testing.assert_close(got, want.expand_as(got), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stats(plain[:, :, 2:])[0], stats(z0[:, :, None])[0].expand(1, 4, 3), atol=1e-2)
+    # the same frames otherwise: per plane, an affine map of the plain result (correlation 1)
+    a, b = plain[:, :, 2:].flatten(-2), matched[:, :, 2:].flatten(-2)
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    torch.testing.assert_close((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)), torch.ones(1, 4, 3))
+    with pytest.raises(ValueError, match="colour_match='yes' must be 'off' or 'first_frame'"):
+        SamplerSettings(colour_match="yes")
+
+
 def test_matches_diffusers_ddim_loop_when_modules_are_identity(tiny_unet) -> None:
     # With fresh (identity) modules frames are independent, so frames 1.. must be exactly what a
     # plain diffusers DDIM loop on the base UNet gives for the same noise.

@@ -161,7 +161,12 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     first = read_temporal_header(tmp_path / "toy" / "lookback" / "lookback_weights.safetensors").training
     assert first["timestep_bias"] is None
     assert header.training["toy_build"]["eval"]["clips"] == 1
-    assert header.recommended_sampler == {"steps": 2, "cfg_scale": recipe.sampler_cfg_scale}
+    assert header.recommended_sampler == {
+        "steps": 2,
+        "cfg_scale": recipe.sampler_cfg_scale,
+        "colour_match": "first_frame",
+    }
+    assert header.context_frames == recipe.context_frames
     components = load_sd15(tmp_path / "toy" / "sd15_toy.safetensors")
     assert components.unet.dtype == torch.float32  # stored as fp16, loaded for the CPU
     # the look-back stage trained at the scale the base stage set (not diffusers' default 0.18215)

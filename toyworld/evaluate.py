@@ -82,6 +82,7 @@ def load_toy_model(
     steps: int | None = None,
     cfg_scale: float | None = None,
     eta: float | None = None,
+    colour_match: str | None = None,
     settings_from: str | os.PathLike | None = None,
 ) -> ToyModel:
     """Load a checkpoint with temporal ``weights`` (``None``: the base UNet alone), on the CPU in fp32.
@@ -94,7 +95,8 @@ def load_toy_model(
     source = weights if weights is not None else settings_from
     header = read_temporal_header(source) if source is not None else None
     recommended = header.recommended_sampler if header is not None else {}
-    settings, _ = resolve_settings({"steps": steps, "cfg_scale": cfg_scale, "eta": eta}, recommended, seed=0)
+    given = {"steps": steps, "cfg_scale": cfg_scale, "eta": eta, "colour_match": colour_match}
+    settings, _ = resolve_settings(given, recommended, seed=0)
     if weights is not None:
         model = load_lookback_unet(weights, components.unet, latent_scale=latent_scale(components.vae))
         description = f"look-back ({Path(weights).name})"
@@ -199,6 +201,7 @@ class EvalReport:
                 "cfg_scale": self.settings.cfg_scale,
                 "eta": self.settings.eta,
                 "first_frame": self.settings.first_frame,
+                "colour_match": self.settings.colour_match,
             },
             "summary": self.summary,
             "isim_curve": self.isim_curve,
