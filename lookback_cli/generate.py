@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lookback_core.long_video import resolve_chunking
 from lookback_core.precision import DTYPES, dtype_named
-from lookback_core.sampler import InvalidSetting, SamplerSettings, resolve_settings
+from lookback_core.sampler import COLOUR_MATCHES, InvalidSetting, SamplerSettings, resolve_settings
 
 from .usage import UsageError, existing_file
 
@@ -200,7 +200,8 @@ def run_generate(args: argparse.Namespace) -> tuple[torch.Tensor, Path]:
     positive, negative = match_token_lengths(texts["--prompt"], texts["--negative-prompt"])
     settings = plan.settings
     print(
-        f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g} ({plan.settings_origin})"
+        f"sampler: {settings.steps} DDIM steps, cfg {settings.cfg_scale:g}, eta {settings.eta:g}, colour match "
+        f"{settings.colour_match} ({plan.settings_origin})"
     )
     if args.chunk_frames is None and plan.chunk_frames < args.frames:
         print(
@@ -277,6 +278,9 @@ def info_command(args: argparse.Namespace) -> int:
                 # the base VAE's scaling factor it was trained at (None: not recorded, not checked)
                 "latent_scale": header.training.get("latent_scale"),
                 "recommended_sampler": header.recommended_sampler,
+                # past the horizon, generate samples in chunks starting from context_frames finished frames
+                "horizon_frames": header.horizon_frames,
+                "context_frames": header.context_frames,
             },
             indent=2,
         )
@@ -331,7 +335,7 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--colour-match",
         dest="colour_match",
-        choices=("off", "first_frame"),
+        choices=COLOUR_MATCHES,
         default=None,
         help="first_frame: set each new frame's latent colour statistics (per channel mean and spread) to the "
         "first frame's, against colour drift; for scenes whose colours stay put "

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from lookback_core.long_video import resolve_chunking
-from lookback_core.sampler import InvalidSetting, check_setting
+from lookback_core.sampler import COLOUR_MATCHES, InvalidSetting, check_setting
 from lookback_core.weights import read_temporal_header
 from toyworld import world
 from toyworld.ablate import VARIANTS
@@ -193,7 +193,7 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
     )
     toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
     toy_eval.add_argument(
-        "--colour-match", choices=("off", "first_frame"), default=None, help="as generate's (same default)"
+        "--colour-match", choices=COLOUR_MATCHES, default=None, help="as generate's (same default)"
     )
     toy_eval.add_argument(
         "--frames", type=int, default=world.FRAMES,

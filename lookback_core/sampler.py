@@ -38,6 +38,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# the colour_match settings: none, or each new frame's latent statistics set to the first pinned frame's
+COLOUR_MATCHES = ("off", "first_frame")
 # What each sampler setting must be, checked in one place for every front end and for the
 # settings a weights file recommends: (test, what is expected).
 SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -56,7 +58,7 @@ SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "'clean' (hybrid initialisation) or 'noised' (the paper's add-noise strategy)",
     ),
     "colour_match": (
-        lambda v: v in ("off", "first_frame"),
+        lambda v: v in COLOUR_MATCHES,
         "'off' or 'first_frame' (each new frame's latent colour statistics set to the first pinned frame's)",
     ),
 }

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
-from lookback_core.sampler import check_setting
+from lookback_core.sampler import COLOUR_MATCHES, check_setting
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, TemporalWeightsError, load_temporal_weights
 
@@ -182,7 +182,7 @@ class LookBackApply:
                 "lookback_weights": ("LOOKBACK_WEIGHTS", {"tooltip": "From Look-Back Weights Loader."}),
             },
             "optional": {
-                "colour_match": ([RECOMMENDED, "off", "first_frame"], {
+                "colour_match": ([RECOMMENDED, *COLOUR_MATCHES], {
                     "default": RECOMMENDED,
                     "tooltip": "first_frame: each new frame's colour statistics (per latent channel) set to the start "
                     "image's, against colour drift, for scenes whose colours stay put; the default is what the "

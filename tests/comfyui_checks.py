@@ -133,10 +133,13 @@ def compare_parts(components, model, clip, vae, image: torch.Tensor, caption: st
     }
 
 
-def core_comparison(checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg) -> dict:
+def core_comparison(
+    checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg, colour_match
+) -> dict:
     """KSampler (ddim/ddim_uniform) against lookback_core.sampler, given the same start latent (as a
-    ComfyUI user gets it: the user's VAE through Look-Back Image To Video), embeddings and noise;
-    the core's own start latent for the same image is compared with that one too."""
+    ComfyUI user gets it: the user's VAE through Look-Back Image To Video), embeddings and noise,
+    both colour matched as the weights recommend (Apply Look-Back's default); the core's own start
+    latent for the same image is compared with that one too."""
     (latent,) = LookBackImageToVideo().encode(vae, image, CORE_FRAMES)
     scale = patched.model.latent_format.scale_factor
     native, noise = ksample(patched, latent, positive, negative, steps=steps, cfg=cfg)
@@ -154,7 +157,8 @@ def core_comparison(checkpoint, weights_path, patched, vae, image, positive, neg
     comfy_start = latent["samples"][:1] * scale
     core = sample_video(
         core_model.eval(), comfy_start, positive[0][0], negative[0][0], CORE_FRAMES,
-        SamplerSettings(steps=steps, cfg_scale=cfg, seed=SEED), scheduler_config, noise=core_noise,
+        SamplerSettings(steps=steps, cfg_scale=cfg, seed=SEED, colour_match=colour_match), scheduler_config,
+        noise=core_noise,
     )  # fmt: skip
     native_scaled = rearrange(native * scale, "f c h w -> 1 c f h w")
     return {
@@ -165,6 +169,7 @@ def core_comparison(checkpoint, weights_path, patched, vae, image, positive, neg
         "frames": native.shape[0],
         "steps": steps,
         "cfg": cfg,
+        "colour_match": colour_match,
     }
 
 
@@ -187,8 +192,9 @@ def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
 
     # 1. equal to the core sampler on the trained toy, at the weights' recommended settings
     results["core"] = core_comparison(
-        checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg
-    )
+        checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg,
+        recommended.get("colour_match", "off"),
+    )  # fmt: skip
     (latent,) = LookBackImageToVideo().encode(vae, image, FRAMES)
     scale = model.model.latent_format.scale_factor
     start = latent["samples"][:1] * scale

@@ -349,7 +349,9 @@ def recommending_weights(assets, tmp_path):
         assets["weights"], load_sd15(assets["checkpoint"], config_dir=assets["config_dir"]).unet
     )
     return save_temporal_weights(
-        tmp_path / "recommending.safetensors", temporal, recommended_sampler={"steps": 3, "cfg_scale": 1.5}
+        tmp_path / "recommending.safetensors",
+        temporal,
+        recommended_sampler={"steps": 3, "cfg_scale": 1.5, "colour_match": "first_frame"},
     )
 
 
@@ -366,15 +368,18 @@ def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
     del base[base.index("--steps") : base.index("--steps") + 2]
     assert main(base) == 0
     assert (
-        "sampler: 3 DDIM steps, cfg 1.5, eta 0 (--steps, --cfg as the weights file recommends)"
-        in capsys.readouterr().out
+        "sampler: 3 DDIM steps, cfg 1.5, eta 0, colour match first_frame (--steps, --cfg, --colour-match as the "
+        "weights file recommends)" in capsys.readouterr().out
     )
-    assert main([*base, "--steps", "2", "--eta", "0.5"]) == 0
+    assert main([*base, "--steps", "2", "--eta", "0.5", "--colour-match", "off"]) == 0
     assert (
-        "sampler: 2 DDIM steps, cfg 1.5, eta 0.5 (--cfg as the weights file recommends)"
+        "sampler: 2 DDIM steps, cfg 1.5, eta 0.5, colour match off (--cfg as the weights file recommends)"
         in capsys.readouterr().out
     )
-    assert [(s.steps, s.cfg_scale, s.eta) for s in used] == [(3, 1.5, 0.0), (2, 1.5, 0.5)]
+    assert [(s.steps, s.cfg_scale, s.eta, s.colour_match) for s in used] == [
+        (3, 1.5, 0.0, "first_frame"),
+        (2, 1.5, 0.5, "off"),
+    ]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -383,4 +388,7 @@ def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"recommended_sampler": {\n    "steps": 3,\n    "cfg_scale": 1.5' in result.stdout
-    assert "generate uses the recommended sampler settings (--steps 3, --cfg 1.5)" in result.stdout
+    assert (
+        "generate uses the recommended sampler settings (--steps 3, --cfg 1.5, --colour-match first_frame)"
+        in (result.stdout)
+    )

@@ -53,6 +53,7 @@ def test_native_ddim_gives_the_core_samplers_frames_on_the_trained_toy(results) 
     tolerance = 1e-5 * core["magnitude"]
     assert core["max_abs_diff"] < tolerance, core
     assert core["frames"] == 16 and core["steps"] == 25 and core["cfg"] == 3.0, core  # recommended settings
+    assert core["colour_match"] == "first_frame", core  # ... colour match too, in both
     assert core["start_latent_diff"] < 1e-5, core  # the user's VAE through Look-Back Image To Video
     assert core["without_modules_diff"] > 20 * tolerance and core["renoised_frame0_diff"] > 20 * tolerance, (
         core
