@@ -47,17 +47,18 @@ def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
     expected = replace(preset(recipe["preset"]), first_frame_anchor=recipe["first_frame_anchor"], channels={})
     assert replace(header.config, channels={}) == expected
     assert build_record["wall_time_s"]["total_s"] <= 90 * 60  # the toy build's budget on 2 cores
-    assert set(header.recommended_sampler) == {"steps", "cfg_scale"}
+    assert header.recommended_sampler["colour_match"] == "first_frame"  # the build's recipe
+    assert set(header.recommended_sampler) == {"steps", "cfg_scale", "colour_match"}
 
 
-# What the shipped model measured on the first 12 held-out clips (frame 0 28.8 dB, persistence
-# 0.99, direction 1.00, speed 1.96, drift 7.5; the build at commit 77ba62c: the first-frame
-# anchor, then 800 steps on whole 16-frame clips with the noisiest timesteps drawn 5x as often),
-# less a margin: a regression guard. The issue's bars (toyworld.evaluate.bars) are what
-# `toyworld eval --check` holds it to; docs/toyworld.md says which of them the shipped model
-# misses on 32 clips (16 frames: drift 8.4 against 8; 24 frames: direction, speed, frame 0).
-FLOORS = {"frame0_psnr": 28.0, "persistence": 0.9, "direction_accuracy": 0.8, "speed": 1.5}
-DRIFT_CEILING = 8.5
+# What the shipped model measured on the first 12 held-out clips (frame 0 30.0 dB, persistence
+# 0.98, direction 1.00, speed 1.96, drift 6.6; the build at commit d90a33b: the first-frame
+# anchor, 800 steps on whole 16-frame clips with the noisiest timesteps drawn 5x as often, the
+# decoder tuned, colour matched to the first frame), less a margin: a regression guard. The
+# issue's bars (toyworld.evaluate.bars) are what `toyworld eval --check` holds it to; on 32 clips
+# the shipped model meets them all at 16 and 24 frames (docs/toyworld.md).
+FLOORS = {"frame0_psnr": 29.0, "persistence": 0.9, "direction_accuracy": 0.8, "speed": 1.5}
+DRIFT_CEILING = 7.5
 
 
 def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
@@ -68,16 +69,17 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     assert summary["speed"] <= bars(world.FRAMES)["speed"][1]  # never faster than the world moves
     header = read_temporal_header(TOY_WEIGHTS)
     assert header.config.first_frame_anchor and header.training["toy_build"]["recipe"]["first_frame_anchor"]
-    # the anchor holds the background: on these clips the drift rises slowly to 10.2 (frame 14)
+    # the anchor holds the background: on these clips the drift rises slowly to 9.6 (frame 14)
     # instead of piling up along the chain (the model without it: 5.7 at frame 1, about 17 at 15)
     curve = lookback_report.drift_curve
-    assert max(curve) < 12, curve
+    assert max(curve) < 11, curve
 
 
 def test_the_base_alone_loses_the_image_that_look_back_keeps(lookback_report) -> None:
-    """The baseline row: same checkpoint and sampler, no look-back modules. What the modules add
-    today is the image held through the clip (under half the drift, four times the likeness) and
-    the captioned direction in 7 of 12 clips (the base alone: 1 in 12, by its random jumps)."""
+    """The baseline row: same checkpoint and sampler (colour match included), no look-back
+    modules. What the modules add today is the image held through the clip (measured: under half
+    the drift, 1.9 times the likeness) and the captioned direction in 12 of 12 clips (the base
+    alone: 1 in 12, by its random jumps)."""
     base = evaluate(
         load_toy_model(TOY_CHECKPOINT, None, settings_from=TOY_WEIGHTS), EVAL_CLIPS, progress=False
     )
@@ -86,8 +88,8 @@ def test_the_base_alone_loses_the_image_that_look_back_keeps(lookback_report) ->
     assert summary["frame0_psnr"] == pytest.approx(
         lookback_report.summary["frame0_psnr"]
     )  # same pinned frame
-    assert summary["background_drift"] > 2 * lookback_report.summary["background_drift"]
-    assert lookback_report.summary["isim_latent_avg"] > 2.5 * summary["isim_latent_avg"]
+    assert summary["background_drift"] > 1.8 * lookback_report.summary["background_drift"]
+    assert lookback_report.summary["isim_latent_avg"] > 1.6 * summary["isim_latent_avg"]
     assert lookback_report.summary["direction_accuracy"] >= summary["direction_accuracy"] + 0.25
 
 
@@ -286,5 +288,8 @@ def test_generate_chunks_beyond_the_weights_horizon_unless_told(tmp_path, capsys
         main([*command, "--context-frames", "2", "--out", str(tmp_path / "c.gif")]) == 0
     )  # the horizon's chunks
     assert f"sampling in chunks of {horizon} frames with 2 of context" in capsys.readouterr().out
+    assert main(["info", str(TOY_WEIGHTS)]) == 0
+    info = json.loads(capsys.readouterr().out.split("\ngenerate uses")[0])
+    assert (info["horizon_frames"], info["context_frames"]) == (horizon, context)
     assert main([*command, "--chunk-frames", str(horizon + 2), "--out", str(tmp_path / "b.gif")]) == 0
     assert "sampling in chunks" not in capsys.readouterr().out
