@@ -22,15 +22,27 @@ from toyworld import ablate as toyablate
 from toyworld import world
 from toyworld.ablate import ablate
 from toyworld.build import StageMismatch, ToyRecipe, build
-from toyworld.evaluate import bars, evaluate, load_toy_model
+from toyworld.evaluate import EvalJob, bars, evaluate_files
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 
 EVAL_CLIPS = 12
 
 
 @pytest.fixture(scope="module")
-def lookback_report():
-    return evaluate(load_toy_model(), EVAL_CLIPS, progress=False)
+def reports():
+    """The shipped model on EVAL_CLIPS held-out clips, and the base alone with its sampler settings,
+    evaluated side by side in two processes as the build does."""
+    return evaluate_files(
+        [
+            EvalJob(TOY_CHECKPOINT, TOY_WEIGHTS, EVAL_CLIPS),
+            EvalJob(TOY_CHECKPOINT, None, EVAL_CLIPS, settings_from=TOY_WEIGHTS),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def lookback_report(reports):
+    return reports[0]
 
 
 def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
@@ -75,15 +87,13 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     assert max(curve) < 11, curve
 
 
-def test_the_base_alone_loses_the_image_that_look_back_keeps(lookback_report) -> None:
+def test_the_base_alone_loses_the_image_that_look_back_keeps(reports, lookback_report) -> None:
     """The baseline row: same checkpoint and sampler (colour match included), no look-back
     modules. What the modules add today is the image held through the clip (measured: under half
     the drift, 1.9 times the likeness) and the captioned direction in 12 of 12 clips (the base
     alone: 1 in 12, by its random jumps)."""
-    base = evaluate(
-        load_toy_model(TOY_CHECKPOINT, None, settings_from=TOY_WEIGHTS), EVAL_CLIPS, progress=False
-    )
-    assert base.settings == lookback_report.settings
+    base = reports[1]
+    assert base.description == "base without look-back" and base.settings == lookback_report.settings
     summary = base.summary
     assert summary["frame0_psnr"] == pytest.approx(
         lookback_report.summary["frame0_psnr"]
