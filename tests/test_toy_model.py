@@ -216,9 +216,11 @@ def test_toyworld_build_smoke(tmp_path) -> None:
 
 
 def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
-    """The ablation at a few steps: same base and data for every variant, table, plot and sheet."""
+    """The ablation at a few steps: same base and data for every variant, table, plot and sheet.
+    One look-back phase (the full-clip phase is the build smoke test's: the same train_lookback),
+    so each variant's training is one trainer process, and its rerun one more."""
     recipe = ToyRecipe(
-        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2, lookback_batch_size=2, eval_clips=1,
+        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=0, lookback_batch_size=2, eval_clips=1,
         sampler_steps=2,
     )  # fmt: skip
     variants = ["base only", "look-back + causal adapter", "add noise (ddpm objective)"]
