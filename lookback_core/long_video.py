@@ -29,6 +29,13 @@ def chunk_count(num_frames: int, chunk_frames: int, context_frames: int) -> int:
     return 1 + math.ceil((num_frames - chunk_frames) / (chunk_frames - context_frames))
 
 
+def default_context(chunk_frames: int, depth: int | None, recorded: int | None = None) -> int:
+    """The frames of the video so far each chunk of ``chunk_frames`` starts from when the user
+    gives no number: the weights' ``recorded`` context, else the look-back depth ``depth`` (what
+    one look-back conv reads; 1 for the base UNet alone), at most ``chunk_frames - 1``."""
+    return max(1, min(recorded or depth or 1, chunk_frames - 1))
+
+
 def resolve_chunking(
     num_frames: int,
     chunk_frames: int | None,
@@ -43,9 +50,8 @@ def resolve_chunking(
     ``chunk_frames`` None: one pass over all frames, or, for more frames than the weights'
     ``horizon`` (the longest video they were checked to sample in one piece), chunks of
     ``horizon`` frames; a ``chunk_frames`` of at least ``num_frames`` asks for one pass.
-    ``context_frames`` None: the weights' ``context`` (the context their chunks were checked
-    with), else the look-back depth ``depth`` (what one look-back conv reads; 1 for the base UNet
-    alone, ``depth`` None), at most ``chunk_frames - 1``. ``names`` are how the caller's user
+    ``context_frames`` None: :func:`default_context` of the weights' ``context`` (the context
+    their chunks were checked with) and the look-back depth ``depth``. ``names`` are how the caller's user
     calls the three numbers (flags, node inputs), for the messages."""
     frames_name, chunk_name, context_name = names
     if num_frames < 2:
@@ -58,7 +64,7 @@ def resolve_chunking(
         raise ValueError(f"{context_name} needs {chunk_name} (or more frames than the weights' horizon)")
     chunk = chunk_frames or num_frames
     if context_frames is None:
-        return chunk, max(1, min(context or depth or 1, chunk - 1))
+        return chunk, default_context(chunk, depth, context)
     if not 1 <= context_frames < chunk:
         raise ValueError(
             f"{context_name} must be between 1 and {chunk_name} - 1 ({chunk - 1}), got {context_frames}"

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lookback_core.colour_match import match_colour
+from lookback_core.long_video import default_context
 from lookback_core.sites import ldm_site_channels, site_problems
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, base_problems
@@ -210,18 +211,19 @@ def _pinned_in(latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | N
 
 def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
                            noise: torch.Tensor, latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None,
-                           disable_pbar: bool, horizon: int | None = None,
+                           disable_pbar: bool, horizon: int | None = None, depth: int | None = None,
                            context: int | None = None, colour_match: str = "off") -> torch.Tensor:  # fmt: skip
     """ComfyUI's SAMPLER_SAMPLE wrapper: hands the pinned frames and their clean latents (already in
     the model's latent space) to the model calls of this sampling run, and returns the pinned
     frames exactly (a multistep sampler such as uni_pc ends a little off the last denoised output,
     which ComfyUI's inpainting step pins). A video longer than the weights' ``horizon`` (the frames
     they were checked for at once) is sampled as asked, with a warning that says how to chunk it
-    (``context``: the frames each chunk starts from, the weights' or their look-back depth).
+    (with the weights' look-back ``depth`` and recorded ``context``: the frames each chunk starts
+    from, :func:`lookback_core.long_video.default_context`).
     ``colour_match`` ``first_frame``: the new frames' colour statistics are set to the first pinned
     frame's (:func:`lookback_core.colour_match.match_colour`), as the command line's sampler does."""
     if horizon is not None and latent_image is not None and latent_image.shape[0] > horizon:
-        context = min(context or 1, horizon - 1)
+        context = default_context(horizon, depth, context)
         logger.warning(
             "Look-Back: sampling %d frames at once, more than these weights were checked for (%d); for a "
             "longer video, sample %d and continue with Look-Back Extend Video (context_frames %d, frames %d)",
@@ -233,11 +235,9 @@ def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor
     samples = executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
     if pinned is None:
         return samples
-    samples = _replace_frames(samples, latent_image, pinned)
     if colour_match == "first_frame":
-        reference = samples[int(pinned.nonzero()[0])][None]
-        samples = _replace_frames(match_colour(samples, reference), samples, pinned)
-    return samples
+        samples = match_colour(samples, latent_image[int(pinned.nonzero()[0])][None].to(samples))
+    return _replace_frames(samples, latent_image, pinned)
 
 
 def predict_noise_wrapper(executor: Callable, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,

@@ -130,7 +130,8 @@ def apply_lookback(model, weights: LookBackWeights, colour_match: str = RECOMMEN
         functools.partial(
             sampler_sample_wrapper,
             horizon=weights.header.horizon_frames,
-            context=weights.header.context_frames or weights.header.config.depth,
+            depth=weights.header.config.depth,
+            context=weights.header.context_frames,
             colour_match=colour_match,
         ),
     )

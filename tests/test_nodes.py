@@ -390,8 +390,15 @@ def test_sampling_past_the_weights_horizon_warns_how_to_chunk(caplog) -> None:
             None,
             True,
             horizon=horizon,
+            depth=3,
             context=5,
         )
         assert ("more than these weights were checked for (16)" in caplog.text) is warned
         assert ("Look-Back Extend Video (context_frames 5, frames 11)" in caplog.text) is warned
     assert len(calls) == 3  # sampled as asked every time
+    caplog.clear()  # weights that record no context: their look-back depth
+    lookback_patch.sampler_sample_wrapper(
+        executor, None, None, {"model_options": {}}, None, None, torch.zeros(17, 4, 8, 8), None, True,
+        horizon=16, depth=3,
+    )  # fmt: skip
+    assert "Look-Back Extend Video (context_frames 3, frames 13)" in caplog.text

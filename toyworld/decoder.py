@@ -39,11 +39,8 @@ def tune_decoder(
     """Train ``vae``'s decoder (and the 1x1 conv before it) on the frames of the first
     ``train_clips`` clips, the encoder frozen; returns the held-out PSNR before and after."""
     before = held_out_psnr(vae)
-    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    for parameter in vae.parameters():
-        parameter.requires_grad_(False)
-    for parameter in decoder:
-        parameter.requires_grad_(True)
+    vae.requires_grad_(False)
+    decoder = [*vae.post_quant_conv.requires_grad_().parameters(), *vae.decoder.requires_grad_().parameters()]
     torch.manual_seed(seed)
     fit_reconstruction(
         vae, decoder, FramePool(train_clips, seed + 3), steps, BATCH_SIZE, learning_rate, "decoder"
