@@ -123,15 +123,16 @@ def test_pack_nodes_get_every_required_input_with_valid_values(ui_path, api_path
         required, optional = spec["required"], spec.get("optional", {})
         assert set(required) <= set(node["inputs"]), node_id
         assert set(node["inputs"]) <= set(required) | set(optional), node_id
+        inputs = {**required, **optional}  # the frontend's widget order: required, then optional
         widgets = [
             name
-            for name, (kind, *_) in required.items()
+            for name, (kind, *_) in inputs.items()
             if kind in ("INT", "FLOAT", "STRING", "BOOLEAN") or isinstance(kind, list)
         ]
         values = [v for v in ui[node_id]["widgets_values"] if v not in ("fixed", "randomize")]
         assert values == [node["inputs"][name] for name in widgets], node_id
         for name in widgets:
-            kind, options = required[name][0], required[name][1] if len(required[name]) > 1 else {}
+            kind, options = inputs[name][0], inputs[name][1] if len(inputs[name]) > 1 else {}
             value = node["inputs"][name]
             if kind in ("INT", "FLOAT"):
                 assert options.get("min", value) <= value <= options.get("max", value), (node_id, name)
