@@ -6,9 +6,19 @@ Outside it (the test suite, scripts) the folder calls fall back to plain paths.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import Counter
 
 import torch
+
+from .lookback_patch import (
+    UNET_PATCH_POINTS,
+    LookBackPatches,
+    add_patches,
+    site_patch_point,
+    unet_site_channels,
+)
 
 try:
     import comfy.model_patcher
@@ -21,29 +31,87 @@ TESTED_COMFYUI = "0.33.0"  # the ComfyUI release the pack is tested against (tes
 # comfy.patcher_extension.WrappersMP's names of the two wrapper kinds the pack uses
 SAMPLER_SAMPLE = "sampler_sample"
 PREDICT_NOISE = "predict_noise"
-# the UNet's patch points the look-back modules use (transformer_options["patches"] keys)
-MIDDLE_BLOCK_PATCH = "middle_block_after_patch"
-UNET_PATCH_POINTS = (
-    "input_block_patch",
-    MIDDLE_BLOCK_PATCH,
-    "output_block_patch",
-    "forward_timestep_embed_patch",
-)
 # the ModelPatcher methods Apply Look-Back calls
 PATCHER_METHODS = (
     "clone", "set_model_input_block_patch", "set_model_patch", "set_model_output_block_patch",
     "add_object_patch", "get_model_object", "set_model_forward_timestep_embed_patch",
     "set_additional_models", "get_additional_models_with_key", "add_wrapper_with_key",
 )  # fmt: skip
+# ComfyUI's own UNet class at SD1.5's layout (4 levels of 2 res blocks, cross-attention in the first
+# 3) and 32 channels (one GroupNorm group each): what the host check runs once, patched as the pack patches
+PROBE_UNET = dict(
+    image_size=16, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2, channel_mult=(1, 1, 1, 1),
+    transformer_depth=[1] * 6 + [0] * 2, transformer_depth_middle=1, transformer_depth_output=[1] * 9 + [0] * 3,
+    use_spatial_transformer=True, context_dim=32, num_heads=1,
+)  # fmt: skip
+# a text model config override (the own-config loader's), small enough to build in no time
+PROBE_TEXT_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_attention_heads": 1,
+    "num_hidden_layers": 1,
+}
+
+
+class _SiteRecorder(LookBackPatches):
+    """The pack's patch functions, recording the site each would apply a module at instead of applying one."""
+
+    def __init__(self) -> None:
+        super().__init__(temporal=None)
+        self.sites: list[str] = []
+
+    def apply(self, site: str, h: torch.Tensor, options: dict) -> torch.Tensor:
+        self.sites.append(site)
+        return h
+
+
+@functools.cache
+def unet_patch_problems() -> tuple[str, ...]:
+    """The UNet patch points that do not do what the pack needs, found by use: a small ComfyUI UNet of
+    SD1.5's layout, patched as Apply Look-Back patches a MODEL, runs once, and every look-back site
+    must be reached exactly once. Empty when all work; run once per process."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    unet = openaimodel.UNetModel(**PROBE_UNET)
+    with torch.no_grad():  # ComfyUI's layers leave their weights uninitialised
+        for parameter in unet.parameters():
+            parameter.zero_()
+    model = torch.nn.Module()
+    model.diffusion_model = unet  # where a ComfyUI model keeps its UNet (comfy.model_base.BaseModel)
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    recorder = _SiteRecorder()
+    blocks = len(unet.output_blocks)
+    add_patches(patcher, recorder, blocks)
+    # ComfyUI puts the object patch in place when it loads the model
+    unet.output_blocks[blocks - 1] = patcher.get_model_object(f"diffusion_model.output_blocks.{blocks - 1}")
+    options = dict(patcher.model_options["transformer_options"])
+    try:
+        with torch.no_grad():
+            unet(
+                torch.zeros(1, 4, 16, 16), torch.zeros(1), torch.zeros(1, 1, 32), transformer_options=options
+            )
+    except Exception as error:  # whatever a changed UNet raises, the pack cannot ride on it
+        return (f"a UNet that runs the pack's patches ({type(error).__name__}: {error})",)
+    reached = Counter(recorder.sites)
+    broken = {site_patch_point(site, blocks) for site in unet_site_channels(PROBE_UNET) if reached[site] != 1}
+    return tuple(f"the UNet patch point {name!r}" for name in UNET_PATCH_POINTS if name in broken)
+
+
+@functools.cache
+def text_config_problems() -> tuple[str, ...]:
+    """Whether ComfyUI builds SD1.5's text model from a config override, as the own-config loader
+    asks (``model_options['clip_l_model_config']``), found by building a small one; run once per process."""
+    import comfy.sd1_clip
+
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", model_options={"clip_l_model_config": PROBE_TEXT_CONFIG})
+    if clip.clip_l.num_layers == PROBE_TEXT_CONFIG["num_hidden_layers"]:
+        return ()
+    return ("text model config overrides (model_options['clip_l_model_config'])",)
 
 
 def missing_host_features() -> list[str]:
     """What the pack relies on that this ComfyUI lacks (empty when it has it all)."""
-    import inspect
-
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.patcher_extension
-    import comfy.sd1_clip
 
     missing = [
         f"ModelPatcher.{name}"
@@ -54,13 +122,9 @@ def missing_host_features() -> list[str]:
     for attribute, name in (("SAMPLER_SAMPLE", SAMPLER_SAMPLE), ("PREDICT_NOISE", PREDICT_NOISE)):
         if getattr(wrappers, attribute, None) != name:
             missing.append(f"the {name!r} wrapper (comfy.patcher_extension.WrappersMP.{attribute})")
-    unet_source = inspect.getsource(openaimodel)
-    missing += [
-        f"the UNet patch point {name!r}" for name in UNET_PATCH_POINTS if f'"{name}"' not in unet_source
-    ]
-    if "_model_config" not in inspect.getsource(comfy.sd1_clip.SDClipModel.__init__):
-        missing.append("text model config overrides (model_options['clip_l_model_config'])")
-    return missing
+    if not missing:  # the patches are placed with the patcher's methods
+        missing += unet_patch_problems()
+    return [*missing, *text_config_problems()]
 
 
 def check_host() -> None:

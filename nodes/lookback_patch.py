@@ -43,6 +43,12 @@ from lookback_core.weights import TemporalHeader, base_problems
 logger = logging.getLogger(__name__)
 
 PIN_KEY = "lookback_pinned_frames"
+# ComfyUI's UNet patch points the modules ride on (``transformer_options["patches"]`` keys)
+INPUT_BLOCK_PATCH = "input_block_patch"
+MIDDLE_BLOCK_PATCH = "middle_block_after_patch"
+OUTPUT_BLOCK_PATCH = "output_block_patch"
+TIMESTEP_EMBED_PATCH = "forward_timestep_embed_patch"
+UNET_PATCH_POINTS = (INPUT_BLOCK_PATCH, MIDDLE_BLOCK_PATCH, OUTPUT_BLOCK_PATCH, TIMESTEP_EMBED_PATCH)
 
 
 def frames_per_call(batch: int, options: dict) -> int:
@@ -105,6 +111,26 @@ class LookBackPatches:
 def with_marker(block: nn.Sequential, site: str) -> nn.Sequential:
     """A copy of the (last output) block, sharing its layers, with a :class:`SiteMarker` appended."""
     return type(block)(*block, SiteMarker(site))
+
+
+def add_patches(patcher: Any, patches: LookBackPatches, output_blocks: int) -> None:
+    """Places ``patches`` in ``patcher``, a ComfyUI ``ModelPatcher`` of an LDM-layout UNet with
+    ``output_blocks`` output blocks: one patch at each patch point, and a :class:`SiteMarker` appended
+    to the last output block by an object patch."""
+    patcher.set_model_input_block_patch(patches.input_block)
+    patcher.set_model_patch(patches.middle_block, MIDDLE_BLOCK_PATCH)
+    patcher.set_model_output_block_patch(patches.output_block)
+    name = f"diffusion_model.output_blocks.{output_blocks - 1}"
+    patcher.add_object_patch(name, with_marker(patcher.get_model_object(name), f"output.{output_blocks - 1}"))
+    patcher.set_model_forward_timestep_embed_patch((SiteMarker, patches.after_last_block))
+
+
+def site_patch_point(site: str, output_blocks: int) -> str:
+    """The patch point that applies the module of ``site`` in a UNet with ``output_blocks`` output blocks."""
+    if site == f"output.{output_blocks - 1}":
+        return TIMESTEP_EMBED_PATCH
+    part = site.split(".")[0]
+    return {"input": INPUT_BLOCK_PATCH, "middle": MIDDLE_BLOCK_PATCH, "output": OUTPUT_BLOCK_PATCH}[part]
 
 
 def unet_site_channels(unet_config: dict) -> dict[str, int] | None:

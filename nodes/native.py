@@ -27,7 +27,7 @@ from lookback_core.weights import TemporalHeader, TemporalWeightsError, load_tem
 from . import host
 from .lookback_patch import (
     LookBackPatches,
-    SiteMarker,
+    add_patches,
     continuation_latent,
     join_videos,
     predict_noise_wrapper,
@@ -35,7 +35,6 @@ from .lookback_patch import (
     start_video_latent,
     unet_problems,
     unet_site_channels,
-    with_marker,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,13 +115,7 @@ def apply_lookback(model, weights: LookBackWeights, colour_match: str = RECOMMEN
     patched = model.clone()
     temporal = copy.deepcopy(weights.temporal).to(dtype=base.get_dtype_inference())
     patches = LookBackPatches(temporal)
-    patched.set_model_input_block_patch(patches.input_block)
-    patched.set_model_patch(patches.middle_block, host.MIDDLE_BLOCK_PATCH)
-    patched.set_model_output_block_patch(patches.output_block)
-    last = len(base.diffusion_model.output_blocks) - 1
-    name = f"diffusion_model.output_blocks.{last}"
-    patched.add_object_patch(name, with_marker(patched.get_model_object(name), f"output.{last}"))
-    patched.set_model_forward_timestep_embed_patch((SiteMarker, patches.after_last_block))
+    add_patches(patched, patches, len(base.diffusion_model.output_blocks))
     patched.set_additional_models(WRAPPER_KEY, [host.companion_model(temporal, model)])
     patched.add_wrapper_with_key(
         host.SAMPLER_SAMPLE,
