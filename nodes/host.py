@@ -1,6 +1,7 @@
 """What the nodes need from ComfyUI, in one place.
 
-Inside ComfyUI: model folders, the output folder, the model patcher and its wrapper kinds.
+Inside ComfyUI: model folders, the output folder, the model patcher and its wrapper kinds, the core
+VIDEO type.
 Outside it (the test suite, scripts) the folder calls fall back to plain paths.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from fractions import Fraction
 
 import torch
 
@@ -191,6 +193,19 @@ def companion_model(module: torch.nn.Module, model):
     return comfy.model_patcher.ModelPatcher(
         module, load_device=model.load_device, offload_device=model.offload_device
     )
+
+
+def core_video(images: torch.Tensor, frame_rate: float) -> object | None:
+    """IMAGE frames ``[n, h, w, 3]`` at ``frame_rate`` as ComfyUI's core ``VIDEO`` (what Create Video
+    makes, for Save Video, Get Video Components and every node that takes a ``VIDEO``), through
+    ComfyUI's public ``comfy_api``; ``None`` outside ComfyUI."""
+    if not IN_COMFYUI:
+        return None
+    from comfy_api.latest import InputImpl, Types
+
+    # to the millisecond, as ComfyUI's encoder rounds it
+    rate = Fraction(round(frame_rate * 1000), 1000)
+    return InputImpl.VideoFromComponents(Types.VideoComponents(images=images, frame_rate=rate))
 
 
 def show_on_node(text: str, node_id: str | None) -> None:

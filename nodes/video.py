@@ -63,12 +63,18 @@ class LookBackVideoCombine:
     """Saves frames as a video and shows it in the UI."""
 
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
+    # outputs are appended, never reordered: saved workflows link them by position
+    RETURN_TYPES = ("STRING", "VIDEO")
+    RETURN_NAMES = ("filename", "video")
+    OUTPUT_TOOLTIPS = (
+        "The saved file's path.",
+        "The frames and frame rate as ComfyUI's VIDEO, for Save Video, Get Video Components and other video nodes.",
+    )
     OUTPUT_NODE = True
     FUNCTION = "combine"
     DESCRIPTION = (
-        "Writes IMAGE frames as mp4 (H.264), gif or webp to the output folder, with the workflow embedded."
+        "Writes IMAGE frames as mp4 (H.264), gif or webp to the output folder, with the workflow embedded, "
+        "and passes them on as a VIDEO."
     )
 
     @classmethod
@@ -97,4 +103,5 @@ class LookBackVideoCombine:
             "subfolder": "" if subfolder == "." else subfolder,
             "type": "output",
         }
-        return {"ui": {"images": [preview], "animated": (True,)}, "result": (str(path),)}
+        video = host.core_video(images[..., :3], frame_rate)
+        return {"ui": {"images": [preview], "animated": (True,)}, "result": (str(path), video)}

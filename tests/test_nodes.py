@@ -335,7 +335,9 @@ def test_video_combine_writes_numbered_files_with_the_workflow(tmp_path, monkeyp
         "type": "output",
     }
     assert second["ui"]["images"][0]["filename"] == f"LookBack_00002{suffix}"
-    path = Path(first["result"][0])
+    path, video = first["result"]  # one value per output; ComfyUI's VIDEO only inside ComfyUI
+    assert len(node.RETURN_TYPES) == 2 and video is None  # (tests/test_comfyui_server.py)
+    path = Path(path)
     assert path == tmp_path / "videos" / f"LookBack_00001{suffix}"
     assert read_video(path).shape == (5, 48, 64, 3)
     metadata = read_metadata(path)

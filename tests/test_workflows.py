@@ -152,3 +152,14 @@ def test_link_types_match_the_pack_nodes_outputs(ui_path, api_path) -> None:
         cls = NODE_CLASS_MAPPINGS.get(src_node["type"])
         if cls is not None:
             assert cls.RETURN_TYPES[src_slot] == link_type
+
+
+@PAIRS
+def test_the_pack_nodes_outputs_are_their_outputs_in_order(ui_path, api_path) -> None:
+    """Every output slot of a pack node in a template is the node's own, in order (an output added
+    to a node is appended, so the links of saved workflows keep their slots)."""
+    for node in _load(ui_path)["nodes"]:
+        cls = NODE_CLASS_MAPPINGS.get(node["type"])
+        if cls is not None:
+            slots = [(output["name"], output["type"]) for output in node["outputs"]]
+            assert slots == list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES)), node["type"]
