@@ -5,13 +5,19 @@ whose links lead somewhere."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tomllib
 from packaging.requirements import Requirement
 from PIL import Image
+
+from nodes.host import TESTED_COMFYUI
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("lookback_core", "training", "toyworld", "lookback_cli", "nodes")
@@ -131,8 +137,27 @@ def test_pyproject_dependencies_are_requirements_txt() -> None:
     requirements = [Requirement(line) for line in _requirements("requirements.txt")]
     assert {r.name for r in requirements} >= {"torch", "diffusers", "safetensors"}
     dev = (REPO / "requirements-dev.txt").read_text().splitlines()
-    assert "-r requirements.txt" in dev
+    assert "-r requirements.txt" in dev and "-r requirements-train.txt" in dev  # the suite trains
     assert project["project"]["optional-dependencies"]["dev"] == _requirements("requirements-dev.txt")
+    # the trainer's own packages: an extra (pip install .[train]) and requirements-train.txt
+    assert "-r requirements.txt" in (REPO / "requirements-train.txt").read_text().splitlines()
+    train = project["project"]["optional-dependencies"]["train"]
+    assert train == _requirements("requirements-train.txt") and "accelerate" in train[0]
+    assert not {Requirement(line).name for line in train} & {r.name for r in requirements}
+
+
+def test_the_nodes_and_the_command_line_import_without_the_training_requirements() -> None:
+    """requirements.txt is what a ComfyUI user installs: every module of the library, the command
+    line, the toy world and the nodes imports with the trainer's own packages absent."""
+    absent = [Requirement(line).name for line in _requirements("requirements-train.txt")]
+    modules = sorted(m for m in import_graph(REPO) if not m.startswith("training") and "__main__" not in m)
+    code = (
+        f"import importlib, sys\nfor name in {absent!r}: sys.modules[name] = None  # import fails\n"
+        f"for module in {modules!r}: importlib.import_module(module)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(modules) > 40 and "nodes.native" in modules and "lookback_cli.generate" in modules
 
 
 def test_registry_metadata_names_the_pack_and_an_icon_in_the_repo() -> None:
@@ -146,6 +171,28 @@ def test_registry_metadata_names_the_pack_and_an_icon_in_the_repo() -> None:
     icon = comfy["Icon"].split("/main/", 1)[1]
     with Image.open(REPO / icon) as image:  # square, at most 400 px, a type the registry shows
         assert image.format in {"PNG", "JPEG", "GIF"} and image.width == image.height <= 400
+    assert {"Repository", "Documentation", "Issues"} <= set(project["urls"])
+    assert comfy["requires-comfyui"] == f">={TESTED_COMFYUI}"
+    # the licence: GPL-3.0 as ComfyUI's (README.md#licence), its text in LICENSE
+    assert project["license"] == "GPL-3.0-or-later" and project["license-files"] == ["LICENSE"]
+    assert (REPO / "LICENSE").read_text().split()[:5] == ["GNU", "GENERAL", "PUBLIC", "LICENSE", "Version"]
+    assert "Operating System :: OS Independent" in project["classifiers"]
+
+
+def test_comfy_node_validate_passes() -> None:
+    """The registry's own check, ``comfy node validate`` (comfy-cli), on this repository, with no
+    warning (it warns, and still exits 0, on a classifier, a version range or a licence it cannot
+    read). Skipped without comfy-cli, unless ``COMFY_CLI`` names its ``comfy`` (as .ci/run does)."""
+    comfy = os.environ.get("COMFY_CLI") or shutil.which("comfy")
+    if comfy is None:
+        pytest.skip("comfy-cli is not installed (pip install comfy-cli), and COMFY_CLI is not set")
+    run = subprocess.run(
+        [comfy, "--skip-prompt", "node", "validate"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DO_NOT_TRACK": "1"},  # no telemetry
+    )  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "All validation checks passed" in output, output
+    assert "warning" not in output.lower() and "error" not in output.lower(), output
 
 
 @pytest.mark.parametrize("script", ["lookback"])
