@@ -5,10 +5,34 @@ image latent ``z0``; the DDIM update (diffusers' :class:`~diffusers.DDIMSchedule
 frames ``1..f-1`` only, and the returned frame 0 is ``z0`` exactly. The same holds for ``k``
 pinned clean frames, which is how a long video's next chunk continues the previous one.
 
+The noise convention is ComfyUI's, so that a seed gives the same video here and in KSampler
+(ddim sampler, ddim_uniform scheduler, the same steps and cfg):
+
+- the noise is drawn as KSampler draws it for the video's latent of all ``f`` frames (frames as
+  the batch, ``comfy.sample.prepare_noise``): ``torch.randn([f, c, h, w])`` in float32 from a CPU
+  generator seeded with the seed, then cast (a batch of ``b`` videos draws ``[b, f, c, h, w]``,
+  so ``b = 1`` is KSampler's draw exactly). The share of the ``k`` pinned frames is drawn and
+  not used, as in KSampler, whose noise mask keeps those frames;
+- DDIM starts at ``x_T = sqrt(1 - alphas_cumprod[T]) * noise`` (``T`` the first timestep), which
+  is KSampler's start ``x = sigma_T * noise`` in DDIM's variance-preserving space (KSampler scales
+  the noise to ``sqrt(sigma^2 + 1)``, i.e. ``x_T = noise``, only when it starts at ``sigma_max``,
+  the last timestep: so does this sampler);
+- the last step goes to ``alpha = 1`` (``set_alpha_to_one``, whatever the scheduler config
+  says), as ComfyUI's last step goes to ``sigma = 0``.
+
+Then the steps are the same (DDIM with eta 0 is Euler in sigma space) and the frames agree within
+float rounding (tests/test_comfyui_native.py). ddim_uniform takes timesteps ``1000 // steps``
+apart from timestep 1 up, as DDIM's "leading" spacing does, so the two take the same timesteps
+whenever ddim_uniform makes ``steps`` steps: at any divisor of 1000 (10, 20, 25, 50, ...); at some
+other counts (16, 30, ...) it adds a step. A long video's chunk ``i`` uses the seed ``seed + i``
+(:mod:`lookback_core.long_video`): a KSampler given that seed and Look-Back Extend Video's latent
+(the pinned context, then the new frames) samples the same chunk.
+
 ``first_frame="noised"`` is the paper's "add noise" strategy instead (for models trained with
 the plain DDPM objective on all frames, ``--objective ddpm``): before every UNet call the pinned
-frames are ``z0`` noised to that step's timestep (with noise drawn once); the result's frame 0
-is still ``z0``.
+frames are ``z0`` noised to that step's timestep, with the pinned frames' share of a second draw
+of the same kind from ``seed + 1`` (what KSampler's ddim re-noises a masked-off frame with); the
+result's frame 0 is still ``z0``. ``eta > 0`` draws each step's noise from ``seed + 2``.
 
 ``colour_match="first_frame"`` sets each new frame's latent colour statistics to the first
 pinned frame's at the end (:mod:`lookback_core.colour_match`).
@@ -116,9 +140,14 @@ def offset_seed(seed: int, offset: int) -> int:
 def initial_noise(
     shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Noise drawn on the CPU from ``seed``: the same video for the same seed on any device."""
+    """Unit Gaussian noise for latent videos of ``shape`` ``[b, c, f, h, w]``, drawn on the CPU
+    from ``seed`` as KSampler draws it for one video's latent (frames as the batch):
+    ``[b, f, c, h, w]`` in float32, then rearranged, moved and cast. The same video for the same
+    seed on any device, and in ComfyUI."""
+    b, c, f, h, w = shape
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    noise = torch.randn((b, f, c, h, w), generator=generator, dtype=torch.float32)
+    return noise.transpose(1, 2).contiguous().to(device=device, dtype=dtype)
 
 
 def sample_video(
@@ -141,9 +170,12 @@ def sample_video(
     ``positive`` and ``negative``: prompt embeddings ``[b, tokens, dim]`` (``negative`` may be
     ``None`` for no guidance). ``on_step(step, total, estimate)`` is called after every step
     with the current estimate of the clean video (for previews); ``should_cancel`` before every
-    step, and a true answer raises :class:`SamplingCancelled`. ``noise``: the starting state of
-    the new frames ``[b, c, f - k, h, w]`` (default: drawn from the seed; another front end's noise
-    to reproduce its video). Returns ``[b, c, f, h, w]``.
+    step, and a true answer raises :class:`SamplingCancelled`. ``noise``: unit Gaussian noise for
+    all ``f`` frames ``[b, c, f, h, w]``, of the kind :func:`initial_noise` draws (default: drawn
+    from the seed); another front end's noise for the whole latent, to reproduce its video (e.g.
+    KSampler's ``prepare_noise`` output ``[f, c, h, w]`` as ``[1, c, f, h, w]``). The pinned
+    frames' share is not used; the sampler scales the rest to the first timestep (module
+    docstring). Returns ``[b, c, f, h, w]``.
     """
     if image_latent.ndim == 4:
         image_latent = image_latent.unsqueeze(2)
@@ -164,21 +196,27 @@ def sample_video(
         )
     guided = negative is not None and settings.cfg_scale != 1.0
     context = torch.cat([negative, positive]) if guided else positive
-    scheduler = DDIMScheduler.from_config(scheduler_config)
+    # the last step goes to alpha 1, as ComfyUI's goes to sigma 0 (module docstring)
+    scheduler = DDIMScheduler.from_config({**scheduler_config, "set_alpha_to_one": True})
     scheduler.set_timesteps(settings.steps, device=image_latent.device)
-    shape = (b, c, num_frames - k, h, w)
+    shape = (b, c, num_frames, h, w)
     if noise is None:
         noise = initial_noise(shape, settings.seed, image_latent.device, image_latent.dtype)
     elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise must be {list(shape)} (the new frames), got shape {tuple(noise.shape)}")
-    generator = torch.Generator("cpu").manual_seed(offset_seed(settings.seed, 1))
+        raise ValueError(
+            f"noise must be {list(shape)} (all frames, the pinned ones' share unused), got shape {tuple(noise.shape)}"
+        )
+    generator = torch.Generator("cpu").manual_seed(offset_seed(settings.seed, 2))
     pinned = image_latent
     pinned_noise = None
     if settings.first_frame == "noised":
-        pinned_noise = initial_noise(
-            tuple(pinned.shape), offset_seed(settings.seed, 2), pinned.device, pinned.dtype
-        )
-    moving = noise * scheduler.init_noise_sigma
+        renoise = initial_noise(shape, offset_seed(settings.seed, 1), pinned.device, pinned.dtype)
+        pinned_noise = renoise[:, :, :k]
+    # KSampler's start x = sigma * noise (sqrt(sigma^2 + 1) * noise at sigma_max), in DDIM's space
+    first = int(scheduler.timesteps[0])
+    at_max = first >= scheduler.config.num_train_timesteps - 1
+    start_scale = 1.0 if at_max else math.sqrt(1 - float(scheduler.alphas_cumprod[first]))
+    moving = noise[:, :, k:].to(image_latent) * start_scale
     total = len(scheduler.timesteps)
     for step, t in enumerate(scheduler.timesteps):
         if should_cancel is not None and should_cancel():

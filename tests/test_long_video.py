@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize
+from diffusers import DDIMScheduler
+from einops import rearrange
 
 from lookback_core.config import preset
 from lookback_core.long_video import chunk_count, resolve_chunking, sample_long_video
@@ -69,6 +71,28 @@ def test_chunks_continue_from_pinned_context_and_never_exceed_the_chunk(model) -
     for k, (start, _) in enumerate(chunks[1:], start=1):
         for x in spy.inputs[2 * k : 2 * k + 2]:
             torch.testing.assert_close(x[1:, :, :3], video[:, :, start - 3 : start])
+
+
+def test_each_chunk_starts_from_ksamplers_noise_for_its_latent_with_its_seed(model) -> None:
+    # chunk i: KSampler's draw (frames as the batch) from seed + i for Look-Back Extend Video's
+    # latent of the chunk (context, then new frames), the context's share dropped, scaled to the
+    # first step as lookback_core.sampler says
+    z0, pos, _ = _inputs()
+    spy = Spy(model)
+    seed, steps = 2**64 - 1, 2
+    sample_long_video(spy, z0, pos, None, 9, SamplerSettings(steps=steps, seed=seed), SCHEDULER,
+                      chunk_frames=5, context_frames=2)  # fmt: skip
+    scheduler = DDIMScheduler.from_config(SCHEDULER)
+    scheduler.set_timesteps(steps)
+    scale = (1 - scheduler.alphas_cumprod[scheduler.timesteps[0]]).sqrt()
+    assert len(spy.inputs) == 3 * steps  # three chunks
+    for index, (frames, pinned) in enumerate([(5, 1), (5, 2), (3, 2)]):
+        chunk_seed = (seed + index) % 2**64  # wraps round 2^64
+        noise = torch.randn(frames, 4, 8, 8, generator=torch.Generator().manual_seed(chunk_seed))
+        first = spy.inputs[index * steps]
+        assert first.shape[2] == frames
+        want = rearrange(noise[pinned:], "f c h w -> 1 c f h w") * scale
+        torch.testing.assert_close(first[:, :, pinned:], want, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_chunking_is_refused(model) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import randomize
 from diffusers import DDIMScheduler
+from einops import rearrange
 
 from lookback_core.config import preset
 from lookback_core.sampler import SamplerSettings, SamplingCancelled, initial_noise, sample_video
@@ -64,7 +65,10 @@ def test_add_noise_strategy_shows_frame_zero_noised_to_each_step(model) -> None:
     settings = SamplerSettings(steps=4, cfg_scale=1.0, seed=5, first_frame="noised")
     out = sample_video(spy, z0, pos, None, 5, settings, SCHEDULER_CONFIG)
     scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
-    noise = initial_noise((1, 4, 1, 8, 8), 5 + 2, z0.device, z0.dtype)  # drawn once, from the seed
+    # drawn once: frame 0's share of KSampler's draw for all 5 frames from seed + 1 (what its ddim
+    # re-noises a masked-off frame with)
+    noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(5 + 1))[:1]
+    noise = rearrange(noise, "f c h w -> 1 c f h w")
     for x, t, _ in spy.calls:
         torch.testing.assert_close(x[:, :, :1], scheduler.add_noise(z0[:, :, None], noise, t))
     assert [int(t) for _, t, _ in spy.calls] == [751, 501, 251, 1]
@@ -133,15 +137,90 @@ def test_colour_match_sets_each_new_frames_statistics_to_the_first_frames(model)
         SamplerSettings(colour_match="yes")
 
 
+def start_scale(steps: int) -> torch.Tensor:
+    """KSampler's first sigma_T (ddim_uniform) in DDIM's space: sigma_T / sqrt(sigma_T^2 + 1),
+    which is sqrt(1 - alphas_cumprod[T])."""
+    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler.set_timesteps(steps)
+    alpha = scheduler.alphas_cumprod[scheduler.timesteps[0]]
+    sigma = ((1 - alpha) / alpha).sqrt()
+    return sigma / (sigma**2 + 1).sqrt()
+
+
+def ksampler_start(frames: int, seed: int, steps: int, pinned: int = 1) -> torch.Tensor:
+    """The new frames' start as KSampler (ddim/ddim_uniform) has it, in DDIM's space: its noise for
+    the whole latent (``prepare_noise``: frames as the batch, ``torch.manual_seed(seed)``) with the
+    pinned frames' share dropped, scaled to the first step."""
+    noise = torch.randn(frames, 4, 8, 8, generator=torch.Generator("cpu").manual_seed(seed))
+    return rearrange(noise[pinned:], "f c h w -> 1 c f h w") * start_scale(steps)
+
+
+def test_the_noise_is_ksamplers_draw_for_the_whole_latent_scaled_to_the_first_step(model) -> None:
+    z0, pos, neg = _inputs()
+    settings = SamplerSettings(steps=4, cfg_scale=3.0, seed=9)
+    for pinned in (1, 2):
+        spy = Spy(model)
+        sample_video(spy, torch.stack([z0, z0 + 1][:pinned], dim=2), pos, neg, 5, settings, SCHEDULER_CONFIG)
+        first = spy.calls[0][0]  # [negative, positive], all frames
+        want = ksampler_start(5, 9, 4, pinned)
+        torch.testing.assert_close(first[1:, :, pinned:], want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(first[:1, :, pinned:], want, rtol=1e-6, atol=1e-6)
+    # a batch of b videos draws [b, f, c, h, w]: video 0 is a lone video's draw
+    z0, pos, neg = _inputs(b=2)
+    spy = Spy(model)
+    sample_video(spy, z0, pos, neg, 5, settings, SCHEDULER_CONFIG)
+    first = spy.calls[0][0][2:]  # the positive half
+    drawn = torch.randn(2, 5, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(first[:1, :, 1:], ksampler_start(5, 9, 4), rtol=1e-6, atol=1e-6)
+    want = rearrange(drawn[:, 1:], "b f c h w -> b c f h w") * start_scale(4)
+    torch.testing.assert_close(first[:, :, 1:], want, rtol=1e-6, atol=1e-6)
+    # 500 steps start at the last timestep, sigma_max, where KSampler scales the noise to
+    # sqrt(sigma^2 + 1): x_T is the noise itself
+    spy = Spy(model)
+    with pytest.raises(SamplingCancelled):
+        sample_video(spy, z0[:1], pos[:1], None, 3, SamplerSettings(steps=500, seed=9), SCHEDULER_CONFIG,
+                     should_cancel=lambda: len(spy.calls) == 1)  # fmt: skip
+    assert int(spy.calls[0][1]) == 999
+    torch.testing.assert_close(spy.calls[0][0][:, :, 1:], ksampler_start(3, 9, 4) / start_scale(4))
+
+
+def test_noise_given_is_the_whole_latents_and_the_default_is_the_seeds(model) -> None:
+    z0, pos, neg = _inputs()
+    settings = SamplerSettings(steps=3, cfg_scale=3.0, seed=4)
+    drawn = initial_noise((1, 4, 5, 8, 8), 4, z0.device, z0.dtype)
+    ksampler = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(drawn, rearrange(ksampler, "f c h w -> 1 c f h w"), rtol=0, atol=0)
+    default = sample_video(model, z0, pos, neg, 5, settings, SCHEDULER_CONFIG)
+    given = sample_video(model, z0, pos, neg, 5, settings, SCHEDULER_CONFIG, noise=drawn)
+    assert torch.equal(default, given)
+    # the pinned frame's share is not used
+    other = drawn.clone()
+    other[:, :, 0] = 100.0
+    assert torch.equal(default, sample_video(model, z0, pos, neg, 5, settings, SCHEDULER_CONFIG, noise=other))
+    with pytest.raises(ValueError, match=r"noise must be \[1, 4, 5, 8, 8\] \(all frames"):
+        sample_video(model, z0, pos, neg, 5, settings, SCHEDULER_CONFIG, noise=drawn[:, :, 1:])
+
+
+def test_eta_and_the_add_noise_strategy_together(model) -> None:
+    z0, pos, neg = _inputs()
+    settings = lambda seed: SamplerSettings(steps=3, eta=0.5, seed=seed, first_frame="noised")  # noqa: E731
+    run = lambda seed: sample_video(model, z0, pos, neg, 4, settings(seed), SCHEDULER_CONFIG)  # noqa: E731
+    out = run(3)
+    assert torch.isfinite(out).all() and torch.equal(out[:, :, 0], z0)
+    assert torch.equal(out, run(3)) and not torch.allclose(out, run(4))
+
+
 def test_matches_diffusers_ddim_loop_when_modules_are_identity(tiny_unet) -> None:
     # With fresh (identity) modules frames are independent, so frames 1.. must be exactly what a
-    # plain diffusers DDIM loop on the base UNet gives for the same noise.
+    # plain diffusers DDIM loop on the base UNet gives for the same noise: KSampler's draw for the
+    # whole latent, scaled to the first step, and the last step to alpha 1 (ComfyUI's sigma 0).
     model = create_lookback_unet(tiny_unet, preset("light"))
     z0, pos, _ = _inputs()
     out = sample_video(model, z0, pos, None, 3, SamplerSettings(steps=5, seed=11), SCHEDULER_CONFIG)
-    scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    assert SCHEDULER_CONFIG["set_alpha_to_one"] is False  # the SD1.5 file's; the sampler ends at 1 anyway
+    scheduler = DDIMScheduler.from_config({**SCHEDULER_CONFIG, "set_alpha_to_one": True})
     scheduler.set_timesteps(5)
-    x = initial_noise((1, 4, 2, 8, 8), 11, z0.device, z0.dtype)[:, :, 1]
+    x = ksampler_start(3, 11, 5)[:, :, 1]
     for t in scheduler.timesteps:
         with torch.no_grad():
             eps = model.detach()(x, t, pos).sample
