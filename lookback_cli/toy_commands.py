@@ -15,7 +15,6 @@ from toyworld import world
 from toyworld.ablate import VARIANTS
 from toyworld.build import ToyRecipe
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
-from toyworld.world import HELD_OUT_SEED
 
 from .generate import SAMPLER_FLAGS
 from .usage import UsageError, existing_file, writable
@@ -55,9 +54,9 @@ def toy_ablate_command(args: argparse.Namespace) -> int:
 # The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's), checked
 # before any work.
 TOY_RULES = {
-    "clip": (lambda v: 0 <= v < 2**62, "0 or more (held-out clip N is seed 1000000 + N)"),
+    "clip": (lambda v: 0 <= v < 2**62, f"0 or more (clip N is seed {world.HELD_OUT_SEED} + N, of the validation split)"),
     "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
-    "first_seed": (lambda v: HELD_OUT_SEED <= v < 2**63, f"{HELD_OUT_SEED} or more (held-out seeds start there)"),
+    "workers": (lambda v: 1 <= v <= 64, "1..64"),
     "frames": (lambda v: 2 <= v <= world.MAX_FRAMES, f"2..{world.MAX_FRAMES} (the object must stay inside the frame)"),
 }  # fmt: skip
 
@@ -71,8 +70,10 @@ def _check_rules(args: argparse.Namespace) -> None:
 
 def toy_eval_command(args: argparse.Namespace) -> int:
     from toyworld.evaluate import (
+        EvalJob,
         default_chunking,
         evaluate,
+        evaluate_files,
         load_toy_model,
         markdown_table,
         write_plots,
@@ -100,26 +101,44 @@ def toy_eval_command(args: argparse.Namespace) -> int:
         writable("--json", args.json)
     if args.plots:
         writable("--plots", args.plots, folder=True)
-    toy = load_toy_model(
-        existing_file("--checkpoint", args.checkpoint),
-        weights,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        eta=args.eta,
-        colour_match=args.colour_match,
-        settings_from=TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None,
-    )
+    try:
+        seeds = world.split_seeds(args.split, args.clips, args.first_seed)
+    except ValueError as err:
+        raise UsageError(f"--split/--clips/--first-seed: {err}") from None
+    checkpoint = existing_file("--checkpoint", args.checkpoint)
+    sampler = {
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "eta": args.eta,
+        "colour_match": args.colour_match,
+    }
+    settings_from = TOY_WEIGHTS if weights is None and TOY_WEIGHTS.is_file() else None
+    toy = load_toy_model(checkpoint, weights, settings_from=settings_from, **sampler)
     s = toy.settings
     print(
-        f"{toy.description}: {args.clips} held-out clips, {s.steps} DDIM steps, cfg {s.cfg_scale:g}, eta {s.eta:g}, "
-        f"colour match {s.colour_match}"
+        f"{toy.description}: {args.clips} {args.split} clips (seeds {seeds[0]}..{seeds[-1]}), {s.steps} DDIM steps, "
+        f"cfg {s.cfg_scale:g}, eta {s.eta:g}, colour match {s.colour_match}; {args.workers} worker(s)"
     )
+    if args.split == "test":
+        print(
+            "the test split is for reported figures only: choose nothing on what it shows (use --split validation)"
+        )
     try:
         chunking = default_chunking(toy, args.frames, args.chunk_frames, args.context_frames)
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"{args.frames} frames, {chunking.describe()}")
-    report = evaluate(toy, args.clips, first_seed=args.first_seed, frames=args.frames, chunking=chunking)
+    job = EvalJob(
+        Path(checkpoint), weights and Path(weights), args.clips, args.frames, settings_from, args.split,
+        seeds[0], sampler, args.chunk_frames, args.context_frames,
+    )  # fmt: skip
+    if args.workers == 1:
+        report = evaluate(
+            toy, args.clips, split=args.split, first_seed=seeds[0], frames=args.frames, chunking=chunking
+        )
+    else:
+        del toy  # the workers load their own
+        (report,) = evaluate_files([job], workers=args.workers)
     print(markdown_table([report]))
     print("background drift per frame: " + " ".join(f"{v:.1f}" for v in report.drift_curve))
     if args.json:
@@ -176,15 +195,29 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
             command.add_argument(
                 f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default, help=f"(default {f.default})", **kind
             )  # fmt: skip
-    toy_eval = toy_commands.add_parser("eval", help="generate from held-out clips and report the toy metrics")
+    toy_eval = toy_commands.add_parser(
+        "eval", help="generate from the clips of a split and report the toy metrics with their 95% intervals"
+    )
     toy_eval.add_argument(
         "--checkpoint", default=str(TOY_CHECKPOINT), help="default: the shipped toy checkpoint"
     )
     toy_eval.add_argument(
         "--weights", default=str(TOY_WEIGHTS), help="temporal weights, or 'none' for the base UNet alone"
     )
-    toy_eval.add_argument("--clips", type=int, default=64, help="held-out clips to generate (default 64)")
-    toy_eval.add_argument("--first-seed", type=int, default=HELD_OUT_SEED, help=f"default {HELD_OUT_SEED}")
+    toy_eval.add_argument(
+        "--split", choices=sorted(world.SPLITS), default="validation",
+        help="validation (default): where every choice is made; test: reported figures only, never a choice",
+    )  # fmt: skip
+    toy_eval.add_argument("--clips", type=int, default=64, help="clips to generate (default 64)")
+    toy_eval.add_argument(
+        "--first-seed",
+        type=int,
+        default=None,
+        help="the first clip's seed, inside the split (default: its first)",
+    )
+    toy_eval.add_argument(
+        "--workers", type=int, default=2, help="processes of one thread each sharing the clips (default 2)"
+    )
     toy_eval.add_argument(
         "--steps", type=int, default=None, help="DDIM steps (default: the weights' recommended)"
     )

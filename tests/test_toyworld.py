@@ -9,11 +9,14 @@ from lookback_core.video_io import read_frames
 from toyworld import world
 from toyworld.metrics import (
     COLOUR_THRESHOLD,
+    by_direction,
     clip_metrics,
     frame_jump,
+    intervals,
     mean_drift_per_frame,
     object_mask,
     summarise,
+    wilson_interval,
 )
 from training.data import discover_samples
 
@@ -75,6 +78,70 @@ def test_dataset_is_the_trainers_video_folder_layout(tmp_path) -> None:
     world.write_dataset(folder, range(3), progress=False)
     assert (folder / "clip_0000001.mp4").is_file()
     assert (folder / "clip_0000000.mp4").stat().st_mtime_ns == before
+
+
+def test_the_splits_are_disjoint_and_refuse_seeds_outside_them() -> None:
+    ranges = sorted(world.SPLITS.values(), key=lambda r: r.start)
+    assert [r.start for r in ranges] == [0, *[r.stop for r in ranges[:-1]]]  # back to back, no overlap
+    assert world.SPLITS["train"].start == 0 and world.HELD_OUT_SEED in world.SPLITS["validation"]
+    test = world.SPLITS["test"]
+    assert world.split_seeds("test", 3) == [test.start, test.start + 1, test.start + 2]
+    assert world.split_seeds("validation", 2, 2_000_000) == [2_000_000, 2_000_001]
+    for split, clips, first in (("test", 2, test.stop - 1), ("validation", 1, 5), ("test", 0, None)):
+        with pytest.raises(ValueError, match=f"leave the {split} split"):
+            world.split_seeds(split, clips, first)
+    with pytest.raises(ValueError, match="unknown split 'tests'"):
+        world.split_seeds("tests", 1)
+
+
+@pytest.mark.parametrize("seed", range(0, 300, 11))
+def test_a_counterfactual_clip_is_the_same_start_image_moving_another_allowed_way(seed) -> None:
+    own = world.make_clip(seed)
+    allowed = world.directions_allowed(own.positions[0])
+    assert own.direction in allowed and 1 <= len(allowed) <= 2  # 16 frames: one across and one along at most
+    for direction in world.DIRECTIONS:
+        if direction not in allowed:
+            with pytest.raises(ValueError, match=f"moving {direction} for 16 frames leaves the frame"):
+                world.make_clip(seed, direction=direction)
+            continue
+        other = world.make_clip(seed, direction=direction)
+        assert np.array_equal(other.frames[0], own.frames[0]) and other.caption.endswith(
+            f"moving {direction}"
+        )
+        truth = clip_metrics(other.frames, other.frames[0], other.rgb, direction)
+        assert truth.direction_ok and truth.travel == pytest.approx(30)
+    names = world.dataset_clips(seed, every_direction=True)
+    assert names[0] == (f"clip_{seed:07d}", None) and world.dataset_clips(seed) == names[:1]
+    assert sorted(d for _, d in names[1:]) == sorted(set(allowed) - {own.direction})
+
+
+def test_the_start_image_tells_the_direction_only_in_part() -> None:
+    """The cue the shipped model followed instead of its caption: a start allows one direction in
+    about 22% of the world's clips and two in 78% (exactly, over all start positions; docs/toyworld.md)."""
+    starts = [world.make_clip(s).positions[0] for s in range(500)]
+    counts = np.bincount([len(world.directions_allowed(start)) for start in starts], minlength=3)
+    assert counts[0] == 0 and 0.17 < counts[1] / 500 < 0.28 and counts[1] + counts[2] == 500
+
+
+def test_wilson_interval_and_the_per_direction_breakdown() -> None:
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(
+        0.9433, abs=1e-4
+    )  # textbook values
+    assert wilson_interval(0, 20)[0] == 0 and 0.1 < wilson_interval(0, 20)[1] < 0.2  # not a point at 0 of n
+    clips = [world.make_clip(s) for s in range(world.HELD_OUT_SEED, world.HELD_OUT_SEED + 12)]
+    results = [clip_metrics(c.frames, c.frames[0], c.rgb, c.direction) for c in clips]
+    still = [
+        clip_metrics(np.repeat(c.frames[:1], world.FRAMES, 0), c.frames[0], c.rgb, c.direction) for c in clips
+    ]
+    counts = by_direction(results[:8] + still[8:])
+    assert sum(n for _, n in counts.values()) == 12 and sum(k for k, _ in counts.values()) == 8
+    for d, (k, n) in counts.items():
+        assert n == sum(c.direction == d for c in clips) and k == sum(c.direction == d for c in clips[:8])
+    spans = intervals(results[:8] + still[8:])
+    assert spans["direction_accuracy"] == pytest.approx(wilson_interval(8, 12))
+    assert spans["speed"][0] < summarise(results[:8] + still[8:])["speed"] < spans["speed"][1]
+    assert spans["frame0_psnr"] == (100.0, 100.0)  # every clip the same: no spread
 
 
 def _truth(seed: int = world.HELD_OUT_SEED) -> world.ToyClip:

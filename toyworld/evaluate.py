@@ -1,10 +1,12 @@
 """``python -m lookback_cli toyworld eval``: generate from held-out toy-world start images and measure.
 
-Each held-out clip (seeds from ``toyworld.HELD_OUT_SEED`` on, never used in training) gives its
-first frame and its caption; the model generates a video from them with the code every front
+Each clip of a split (:data:`toyworld.world.SPLITS`: *validation* for every choice, *test* for
+reported figures only) gives its first frame and its caption; the model generates a video from them with the code every front
 end uses (:func:`lookback_core.pipeline.generate_latents`, the sampler settings ``generate``
 would pick), and :mod:`toyworld.metrics` measures it. The ISIM curve is the paper's
-measure in VAE-latent space (:mod:`lookback_core.metrics`), averaged over clips.
+measure in VAE-latent space (:mod:`lookback_core.metrics`), averaged over clips. Every average
+comes with its 95% interval and the direction accuracy with its breakdown by direction
+(:func:`toyworld.metrics.intervals`, :func:`toyworld.metrics.by_direction`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.weights import load_lookback_unet, read_temporal_header
 
 from . import world
-from .metrics import ClipMetrics, clip_metrics, mean_drift_per_frame, summarise
+from .metrics import ClipMetrics, by_direction, clip_metrics, intervals, mean_drift_per_frame, summarise
 from .model import TOY_CHECKPOINT, TOY_WEIGHTS
 from .pictures import plot_curves
 
-# The bars the shipped toy model must reach (held-out clips, generate's default settings), for
+# The bars the shipped toy model must reach (test clips, generate's default settings), for
 # videos of up to 16 frames and for longer ones (up to world.MAX_FRAMES).
 BAR_NAMES = {
     "frame0_psnr": "frame-0 PSNR vs start image (dB)",
@@ -168,11 +170,22 @@ class EvalReport:
     isim_curve: list[float]
     frames: int = world.FRAMES
     chunking: Chunking = Chunking()
+    split: str = "validation"
 
     @property
     def summary(self) -> dict[str, float]:
         isim = isim_summary(torch.tensor(self.isim_curve))
         return {**summarise(self.clips), **{f"isim_latent_{k}": v for k, v in isim.items()}}
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        """The 95% interval of each averaged metric (:func:`toyworld.metrics.intervals`)."""
+        return intervals(self.clips)
+
+    @property
+    def by_direction(self) -> dict[str, tuple[int, int]]:
+        """Per captioned direction: (clips that moved that way, clips)."""
+        return by_direction(self.clips)
 
     @property
     def drift_curve(self) -> list[float]:
@@ -191,6 +204,7 @@ class EvalReport:
     def to_json(self) -> dict:
         return {
             "model": self.description,
+            "split": self.split,
             "frames": self.frames,
             "chunking": {
                 "chunk_frames": self.chunking.chunk_frames,
@@ -204,6 +218,10 @@ class EvalReport:
                 "colour_match": self.settings.colour_match,
             },
             "summary": self.summary,
+            "intervals_95": {k: [round(v, 4) for v in pair] for k, pair in self.intervals.items()},
+            "direction_accuracy_by_direction": {
+                d: {"correct": k, "clips": n} for d, (k, n) in self.by_direction.items()
+            },
             "isim_curve": self.isim_curve,
             "drift_per_frame": self.drift_curve,
             "clips": [{"seed": s, **c.to_dict()} for s, c in zip(self.seeds, self.clips)],
@@ -219,14 +237,15 @@ def evaluate(
     toy: ToyModel,
     clips: int,
     *,
-    first_seed: int = world.HELD_OUT_SEED,
+    split: str = "validation",
+    first_seed: int | None = None,
     progress: bool = True,
     frames: int = world.FRAMES,
     chunking: Chunking | None = None,
 ) -> EvalReport:
-    """Generate ``frames`` frames from each of ``clips`` held-out clips (seeds ``first_seed...``)
-    and measure every video; ``chunking`` None: as ``generate`` would sample them
-    (:func:`default_chunking`)."""
+    """Generate ``frames`` frames from each of ``clips`` clips of ``split`` (seeds from
+    ``first_seed``, default the split's first) and measure every video; ``chunking`` None: as
+    ``generate`` would sample them (:func:`default_chunking`)."""
     chunking = default_chunking(toy, frames) if chunking is None else chunking
     generate = functools.partial(generate_clip, toy, chunking=chunking)
     report = measure(
@@ -234,6 +253,7 @@ def evaluate(
         toy.description,
         toy.settings,
         clips,
+        split=split,
         first_seed=first_seed,
         progress=progress,
         frames=frames,
@@ -251,22 +271,54 @@ class EvalJob:
     clips: int
     frames: int = world.FRAMES
     settings_from: Path | None = None
+    split: str = "validation"
+    first_seed: int | None = None
+    # load_toy_model's steps, cfg_scale, eta and colour_match (unset: the weights' recommended)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    chunk_frames: int | None = None  # as generate's flags (None: the weights' horizon and context decide)
+    context_frames: int | None = None
 
 
 def _run_job(job: EvalJob) -> EvalReport:
     torch.set_num_threads(1)
-    toy = load_toy_model(job.checkpoint, job.weights, settings_from=job.settings_from)
-    return evaluate(toy, job.clips, frames=job.frames, progress=False)
+    toy = load_toy_model(job.checkpoint, job.weights, settings_from=job.settings_from, **job.sampler)
+    chunking = default_chunking(toy, job.frames, job.chunk_frames, job.context_frames)
+    return evaluate(
+        toy, job.clips, split=job.split, first_seed=job.first_seed, frames=job.frames, chunking=chunking,
+        progress=False,
+    )  # fmt: skip
+
+
+def _shards(job: EvalJob, parts: int) -> list[EvalJob]:
+    """``job`` as up to ``parts`` jobs over consecutive runs of its clips."""
+    first = world.split_seeds(job.split, job.clips, job.first_seed)[0]
+    sizes = [len(part) for part in np.array_split(np.arange(job.clips), min(parts, job.clips))]
+    starts = first + np.cumsum([0, *sizes[:-1]])
+    return [replace(job, clips=int(n), first_seed=int(s)) for s, n in zip(starts, sizes)]
+
+
+def merge_reports(parts: list[EvalReport]) -> EvalReport:
+    """One report of the clips of ``parts`` (the same model, settings and length, in seed order)."""
+    counts = np.asarray([len(p.clips) for p in parts], dtype=np.float64)
+    curve = (np.asarray([p.isim_curve for p in parts]) * counts[:, None]).sum(0) / counts.sum()
+    return replace(
+        parts[0],
+        clips=[c for p in parts for c in p.clips],
+        seeds=[s for p in parts for s in p.seeds],
+        isim_curve=[round(float(v), 5) for v in curve],
+    )
 
 
 def evaluate_files(jobs: list[EvalJob], workers: int = 2) -> list[EvalReport]:
-    """The jobs' reports, in order, from ``workers`` processes of one thread each, the jobs in the
-    order given (the longest first keeps the workers evenly busy). On this project's 2 cores two
-    one-thread samplers make about 1.45x the clips per second of one two-thread sampler (toy
-    videos are too small to keep two threads busy)."""
+    """The jobs' reports, in order, from ``workers`` processes of one thread each; each job's clips
+    are shared out between the workers (the longest jobs first keeps them evenly busy). On this
+    project's 2 cores two one-thread samplers make about 1.45x the clips per second of one
+    two-thread sampler (toy videos are too small to keep two threads busy)."""
+    shards = [_shards(job, workers) for job in jobs]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        return list(pool.map(_run_job, jobs))
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        done = iter(pool.map(_run_job, [shard for parts in shards for shard in parts]))
+        return [merge_reports([next(done) for _ in parts]) for parts in shards]
 
 
 def measure(
@@ -275,17 +327,15 @@ def measure(
     settings: SamplerSettings,
     clips: int,
     *,
-    first_seed: int = world.HELD_OUT_SEED,
+    split: str = "validation",
+    first_seed: int | None = None,
     progress: bool = True,
     frames: int = world.FRAMES,
 ) -> EvalReport:
-    """Measure the videos ``generate(clip, seed)`` makes from ``clips`` held-out clips (seeds
-    ``first_seed...``) of ``frames`` frames."""
-    if first_seed < world.HELD_OUT_SEED:
-        raise ValueError(
-            f"held-out seeds start at {world.HELD_OUT_SEED}; {first_seed} may have been trained on"
-        )
-    results, curves, seeds = [], [], list(range(first_seed, first_seed + clips))
+    """Measure the videos ``generate(clip, seed)`` makes from ``clips`` clips of ``split`` (seeds
+    from ``first_seed``, default the split's first) of ``frames`` frames."""
+    seeds = world.split_seeds(split, clips, first_seed)
+    results, curves = [], []
     for seed in tqdm(seeds, desc=f"evaluating {description}", unit="clip", disable=not progress):
         clip = world.make_clip(seed, frames)
         video, latents = generate(clip, seed)
@@ -293,7 +343,9 @@ def measure(
         features = latent_features(latents.float())
         curves.append(isim_curve(features, features[0]))
     curve = torch.stack(curves).mean(0)
-    return EvalReport(description, settings, results, seeds, [round(float(v), 5) for v in curve], frames)
+    return EvalReport(
+        description, settings, results, seeds, [round(float(v), 5) for v in curve], frames, split=split
+    )
 
 
 def markdown_table(reports: list[EvalReport]) -> str:
@@ -314,12 +366,31 @@ def markdown_table(reports: list[EvalReport]) -> str:
         ("isim_latent_decay", "ISIM (latent) decay per frame", "", "{:.4f}"),
     ]
     summaries = [r.summary for r in reports]
+    spans = [r.intervals for r in reports]
+
+    def cell(i: int, key: str, fmt: str) -> str:
+        value = fmt.format(summaries[i][key])
+        return (
+            value
+            if key not in spans[i]
+            else f"{value} ({fmt.format(spans[i][key][0])}-{fmt.format(spans[i][key][1])})"
+        )
+
     lines = [
+        f"{len(reports[0].clips)} {reports[0].split} clips (seeds {reports[0].seeds[0]}..{reports[0].seeds[-1]}); "
+        "in brackets the 95% interval (direction accuracy: Wilson score; others: mean +- 1.96 standard errors)",
+        "",
         "| metric | bar | " + " | ".join(r.description for r in reports) + " |",
         "|---|---|" + "---|" * len(reports),
     ]
     for key, name, bar, fmt in rows:
-        lines.append(f"| {name} | {bar} | " + " | ".join(fmt.format(s[key]) for s in summaries) + " |")
+        lines.append(
+            f"| {name} | {bar} | " + " | ".join(cell(i, key, fmt) for i in range(len(reports))) + " |"
+        )
+        if key == "direction_accuracy":
+            for d in world.DIRECTIONS:
+                counts = [f"{k}/{n}" for k, n in (r.by_direction[d] for r in reports)]
+                lines.append(f"| - captioned {d} | | " + " | ".join(counts) + " |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ centroid per frame come:
   neighbours (1: an even pace; the paper's reviewers saw a jump after the first frame).
 
 ``summarise`` averages them over clips (direction accuracy: the share of clips with
-``direction_ok``).
+``direction_ok``), :func:`intervals` gives each average's 95% interval and :func:`by_direction`
+the direction accuracy per captioned direction.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class ClipMetrics:
     background_drift: float
     frame_jump: float = float("nan")
     drift_per_frame: tuple[float, ...] = ()
+    direction: str = ""  # the captioned direction the clip was measured against
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +120,7 @@ def clip_metrics(
         drift,
         frame_jump(frames),
         (0.0, *per_frame),
+        direction,
     )
 
 
@@ -156,4 +159,48 @@ def summarise(results: list[ClipMetrics]) -> dict[str, float]:
         "speed": mean([r.speed for r in results]),
         "background_drift": mean([r.background_drift for r in results]),
         "frame_jump": mean([r.frame_jump for r in results]),
+    }
+
+
+# The 95% intervals' normal quantile.
+Z95 = 1.959964
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (good at any n, and inside [0, 1] even at 0 or n
+    successes, where the normal approximation collapses to a point)."""
+    if trials < 1:
+        return (float("nan"), float("nan"))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (float(centre - half), float(centre + half))
+
+
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
+    """95% interval of the mean of the finite ``values``: the mean +- z standard errors (the normal
+    approximation; fair for the 32 and more clips the reports use)."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+    if len(finite) < 2:
+        return (float("nan"), float("nan"))
+    half = z * finite.std(ddof=1) / np.sqrt(len(finite))
+    return (float(finite.mean() - half), float(finite.mean() + half))
+
+
+INTERVAL_METRICS = ("frame0_psnr", "persistence", "speed", "background_drift")
+
+
+def intervals(results: list[ClipMetrics]) -> dict[str, tuple[float, float]]:
+    """The 95% interval of each averaged metric over the clips: the direction accuracy (a
+    proportion) by :func:`wilson_interval`, the others by :func:`mean_interval`."""
+    found = {key: mean_interval([getattr(r, key) for r in results]) for key in INTERVAL_METRICS}
+    found["direction_accuracy"] = wilson_interval(sum(r.direction_ok for r in results), len(results))
+    return found
+
+
+def by_direction(results: list[ClipMetrics]) -> dict[str, tuple[int, int]]:
+    """Per captioned direction (in the world's order): (clips that moved that way, clips)."""
+    return {
+        d: (sum(r.direction_ok for r in results if r.direction == d), sum(r.direction == d for r in results))
+        for d in DIRECTIONS
     }
