@@ -12,7 +12,6 @@ package's name).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -28,14 +27,14 @@ comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
-from diffusers import DDIMScheduler  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import latent_scale  # noqa: E402
-from lookback_core.pipeline import encode_image_latent  # noqa: E402
-from lookback_core.prompts import encode_prompt  # noqa: E402
-from lookback_core.sampler import SamplerSettings, sample_video  # noqa: E402
+from lookback_core.long_video import sample_long_video  # noqa: E402
+from lookback_core.pipeline import encode_image_latent, generate_latents  # noqa: E402
+from lookback_core.prompts import encode_long_prompt, encode_prompt, match_token_lengths  # noqa: E402
+from lookback_core.sampler import SamplerSettings, resolve_settings, sample_video  # noqa: E402
 from lookback_core.sd15 import load_sd15  # noqa: E402
 from lookback_core.temporal_unet import TemporalModules  # noqa: E402
 from lookback_core.weights import load_lookback_unet, read_temporal_header, save_temporal_weights  # noqa: E402
@@ -91,11 +90,14 @@ def watch(model, pinned: torch.Tensor) -> tuple:
     return watched, recorder
 
 
-def ksample(model, latent, positive, negative, sampler="ddim", scheduler="ddim_uniform", steps=10, cfg=3.0):
-    noise = comfy.sample.prepare_noise(latent["samples"], SEED)
+def ksample(
+    model, latent, positive, negative, sampler="ddim", scheduler="ddim_uniform", steps=10, cfg=3.0, seed=SEED
+):
+    """What the KSampler node does with these inputs (its noise from ``prepare_noise``)."""
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
     out = comfy.sample.sample(
         model, noise, steps, cfg, sampler, scheduler, positive, negative, latent["samples"],
-        noise_mask=latent["noise_mask"], seed=SEED, disable_pbar=True,
+        noise_mask=latent["noise_mask"], seed=seed, disable_pbar=True,
     )  # fmt: skip
     return out, noise
 
@@ -134,31 +136,22 @@ def compare_parts(components, model, clip, vae, image: torch.Tensor, caption: st
 
 
 def core_comparison(
-    checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg, colour_match
+    components, core_model, patched, vae, image, positive, negative, steps, cfg, colour_match
 ) -> dict:
     """KSampler (ddim/ddim_uniform) against lookback_core.sampler, given the same start latent (as a
-    ComfyUI user gets it: the user's VAE through Look-Back Image To Video), embeddings and noise,
-    both colour matched as the weights recommend (Apply Look-Back's default); the core's own start
-    latent for the same image is compared with that one too."""
+    ComfyUI user gets it: the user's VAE through Look-Back Image To Video), embeddings and noise
+    (KSampler's for the whole latent, as it is: the core's convention is KSampler's), both colour
+    matched as the weights recommend (Apply Look-Back's default); the core's own start latent for
+    the same image is compared with that one too. Returns the figures and KSampler's frames."""
     (latent,) = LookBackImageToVideo().encode(vae, image, CORE_FRAMES)
     scale = patched.model.latent_format.scale_factor
     native, noise = ksample(patched, latent, positive, negative, steps=steps, cfg=cfg)
-    components = load_sd15(checkpoint)
-    core_model = load_lookback_unet(weights_path, components.unet, latent_scale=latent_scale(components.vae))
     start = encode_image_latent(components.vae, rearrange(image, "b h w c -> b c h w"))
-    # Same end point: ComfyUI's last step goes to sigma 0, DDIM's to alphas_cumprod[0] unless
-    # set_alpha_to_one. Same start: KSampler starts below sigma_max at x = sigma * noise (not
-    # sqrt(sigma^2 + 1) * noise), i.e. DDIM's x_t = sqrt(1 - alphas_cumprod[t]) * noise.
-    scheduler_config = {**components.scheduler_config, "set_alpha_to_one": True}
-    ddim = DDIMScheduler.from_config(scheduler_config)
-    ddim.set_timesteps(steps)
-    first = float(ddim.alphas_cumprod[ddim.timesteps[0]])
-    core_noise = rearrange(noise[1:], "f c h w -> 1 c f h w") * math.sqrt(1 - first)
     comfy_start = latent["samples"][:1] * scale
     core = sample_video(
-        core_model.eval(), comfy_start, positive[0][0], negative[0][0], CORE_FRAMES,
-        SamplerSettings(steps=steps, cfg_scale=cfg, seed=SEED, colour_match=colour_match), scheduler_config,
-        noise=core_noise,
+        core_model, comfy_start, positive[0][0], negative[0][0], CORE_FRAMES,
+        SamplerSettings(steps=steps, cfg_scale=cfg, seed=SEED, colour_match=colour_match),
+        components.scheduler_config, noise=rearrange(noise, "f c h w -> 1 c f h w"),
     )  # fmt: skip
     native_scaled = rearrange(native * scale, "f c h w -> 1 c f h w")
     return {
@@ -170,6 +163,30 @@ def core_comparison(
         "steps": steps,
         "cfg": cfg,
         "colour_match": colour_match,
+    }, native_scaled
+
+
+def same_seed_comparison(components, core_model, native_scaled, image, caption, recommended) -> dict:
+    """What ``generate --seed SEED`` samples from the same image and caption (the command line's
+    path: the core's own VAE, CLIP and noise, the weights' recommended settings, no noise given)
+    against KSampler's frames ``native_scaled`` for seed SEED at those settings."""
+    texts = [
+        encode_long_prompt(components.tokenizer, components.text_encoder, t, "cpu")[0] for t in (caption, "")
+    ]
+    positive, negative = match_token_lengths(*texts)
+    settings, _ = resolve_settings({}, recommended, SEED)
+    core = generate_latents(
+        core_model, components.vae, rearrange(image, "b h w c -> b c h w"), positive, negative, CORE_FRAMES,
+        settings, components.scheduler_config,
+    )  # fmt: skip
+    return {
+        "max_abs_diff": (native_scaled - core).abs().max().item(),
+        "magnitude": core[:, :, 1:].abs().max().item(),
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "cfg": settings.cfg_scale,
+        "colour_match": settings.colour_match,
+        "frames": core.shape[2],
     }
 
 
@@ -190,11 +207,18 @@ def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
     recommended = read_temporal_header(weights_path).recommended_sampler
     steps, cfg = recommended.get("steps", 25), recommended.get("cfg_scale", 3.0)
 
-    # 1. equal to the core sampler on the trained toy, at the weights' recommended settings
-    results["core"] = core_comparison(
-        checkpoint, weights_path, patched, vae, image, positive, negative, steps, cfg,
-        recommended.get("colour_match", "off"),
-    )  # fmt: skip
+    # 1. equal to the core sampler on the trained toy, at the weights' recommended settings: given
+    # KSampler's noise, and as `generate` samples with the same seed (no noise given)
+    colour_match = recommended.get("colour_match", "off")
+    components = load_sd15(checkpoint)
+    core_model = load_lookback_unet(weights_path, components.unet, latent_scale=latent_scale(components.vae))
+    core_model.eval()
+    results["core"], native_scaled = core_comparison(
+        components, core_model, patched, vae, image, positive, negative, steps, cfg, colour_match
+    )
+    results["same_seed"] = same_seed_comparison(
+        components, core_model, native_scaled, image, caption, recommended
+    )
     (latent,) = LookBackImageToVideo().encode(vae, image, FRAMES)
     scale = model.model.latent_format.scale_factor
     start = latent["samples"][:1] * scale
@@ -209,6 +233,24 @@ def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
     renoised_out, _ = ksample(renoised, latent, positive, negative)
     results["core"]["without_modules_diff"] = ((plain - native) * scale).abs().max().item()
     results["core"]["renoised_frame0_diff"] = ((renoised_out - native) * scale).abs().max().item()
+    # the same seed in the core: its add-noise strategy is KSampler's ddim with a plain mask (frame 0
+    # re-noised by ComfyUI's inpainting), and a long video's chunk i is KSampler's with seed + i on
+    # Look-Back Extend Video's latent
+    small = dict(steps=10, cfg_scale=3.0, seed=SEED, colour_match=colour_match)
+    as_core = lambda x: rearrange(x * scale, "f c h w -> 1 c f h w")  # noqa: E731
+    noised = sample_video(core_model, start, positive[0][0], negative[0][0], FRAMES,
+                          SamplerSettings(**small, first_frame="noised"), components.scheduler_config)  # fmt: skip
+    (chunk,) = LookBackExtendVideo().extend({"samples": native}, frames=2, context_frames=2)
+    second, _ = ksample(patched, chunk, positive, negative, seed=SEED + 1)
+    (joined,) = LookBackJoinVideo().join({"samples": native}, {**chunk, "samples": second})
+    long = sample_long_video(core_model, start, positive[0][0], negative[0][0], FRAMES + 2, SamplerSettings(**small),
+                             components.scheduler_config, chunk_frames=FRAMES, context_frames=2)  # fmt: skip
+    results["core"]["noised_diff"] = (as_core(renoised_out) - noised).abs().max().item()
+    results["core"]["noised_magnitude"] = noised[:, :, 1:].abs().max().item()
+    results["core"]["long_video_diff"] = (as_core(joined["samples"]) - long).abs().max().item()
+    results["core"]["long_video_magnitude"] = long[:, :, 1:].abs().max().item()
+    results["core"]["long_video_frames"] = long.shape[2]
+    del components, core_model
     print("core comparison done", flush=True)
 
     # 2. every sampler and scheduler: frame 0 is the image at every UNet call and in the result

@@ -62,6 +62,23 @@ def test_native_ddim_gives_the_core_samplers_frames_on_the_trained_toy(results) 
     assert core["calls"] == [[2, 4]]  # positive and negative in one call, 4 frames each
 
 
+def test_the_same_seed_gives_the_same_frames_in_ksampler_and_generate(results) -> None:
+    # `generate --seed 7` on the toy's start image and caption (the core's own VAE, CLIP and noise,
+    # the weights' recommended settings) against KSampler seed 7 with ddim/ddim_uniform at those
+    # settings: one noise convention (lookback_core.sampler). The same tolerance as above; what is
+    # added is the parts' own rounding (VAE and CLIP, 1e-7..1e-6 relative).
+    same = results["same_seed"]
+    assert same["max_abs_diff"] < 1e-5 * same["magnitude"], same
+    assert same["seed"] == 7 and same["frames"] == 16, same
+    assert (same["steps"], same["cfg"], same["colour_match"]) == (25, 3.0, "first_frame"), same
+    core = results["core"]
+    # ... in the add-noise strategy too (KSampler's ddim re-noises a masked-off frame with the seed + 1
+    # draw) and in a long video (chunk i with seed + i on Look-Back Extend Video's latent)
+    assert core["noised_diff"] < 1e-5 * core["noised_magnitude"], core
+    assert core["long_video_diff"] < 1e-5 * core["long_video_magnitude"], core
+    assert core["long_video_frames"] == 6, core
+
+
 @pytest.mark.parametrize(
     "name",
     ["euler/normal", "dpmpp_2m/karras", "uni_pc/normal", "euler_ancestral/karras", "ddim/ddim_uniform"],
