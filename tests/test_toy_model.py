@@ -30,12 +30,12 @@ EVAL_CLIPS = 12
 
 @pytest.fixture(scope="module")
 def reports():
-    """The shipped model on EVAL_CLIPS held-out clips, and the base alone with its sampler settings,
-    evaluated side by side in two processes as the build does."""
+    """The shipped model on the first EVAL_CLIPS clips of the test split (never used for a choice),
+    and the base alone with its sampler settings, evaluated side by side in two processes."""
     return evaluate_files(
         [
-            EvalJob(TOY_CHECKPOINT, TOY_WEIGHTS, EVAL_CLIPS),
-            EvalJob(TOY_CHECKPOINT, None, EVAL_CLIPS, settings_from=TOY_WEIGHTS),
+            EvalJob(TOY_CHECKPOINT, TOY_WEIGHTS, EVAL_CLIPS, split="test"),
+            EvalJob(TOY_CHECKPOINT, None, EVAL_CLIPS, settings_from=TOY_WEIGHTS, split="test"),
         ]
     )
 
@@ -194,7 +194,9 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert norms and {m.num_groups for m in norms} == {32}
     assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
     frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
-    assert len(frames) == 6 and np.isfinite(record["eval"]["frame0_psnr"])
+    # each seed's clip and its counterfactuals (the same start image moving every other way it allows)
+    assert len(frames) == sum(len(world.dataset_clips(s, every_direction=True)) for s in range(6)) > 6
+    assert np.isfinite(record["eval"]["frame0_psnr"])
     assert {"isim.png", "drift.png"} <= {p.name for p in (tmp_path / "toy").iterdir()}
     assert len(record["drift_per_frame_long"]) == recipe.long_eval_frames
     # the same folder with another recipe: refused before any work, naming what differs
@@ -208,7 +210,8 @@ def test_toyworld_build_smoke(tmp_path) -> None:
         ),
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
         ({"decoder_steps": 3}, "decoder stage was trained with decoder_steps 2 (this recipe: 3)"),
-        ({"train_clips": 5}, "holds clips beyond --train-clips 5"),
+        ({"train_clips": 5}, "holds clips this recipe does not make (--train-clips 5, --every-direction"),
+        ({"every_direction": False}, "holds clips this recipe does not make (--train-clips 6, --no-every-direction"),
     ):
         with pytest.raises(StageMismatch, match=re.escape(message)):
             build(tmp_path / "toy", replace(recipe, **changed))
