@@ -240,7 +240,9 @@ class LookBackExtendVideo:
     FUNCTION = "extend"
     DESCRIPTION = (
         "A LATENT that continues a video: its last context_frames frames pinned as clean context, then "
-        "frames new ones. Sample it with KSampler (same Apply Look-Back MODEL), then Look-Back Join Video."
+        "frames new ones. Sample it with KSampler (same Apply Look-Back MODEL), then Look-Back Join Video. "
+        "KSampler seed N + i on chunk i (the first: seed N), ddim/ddim_uniform, samples the chunks of "
+        "generate --seed N with the same chunking."
     )
 
     @classmethod
