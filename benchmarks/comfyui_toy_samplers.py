@@ -2,7 +2,8 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_toy_samplers.py --clips 16 --out docs/comfyui_samplers
 
-Run with a Python that has ComfyUI's and this pack's requirements. Every held-out clip goes
+Run with a Python that has ComfyUI's and this pack's requirements. Every clip (of the test split
+by default: these are reported figures) goes
 through the pack's nodes as a ComfyUI user runs the toy template: the own-config checkpoint
 loader (ComfyUI's own MODEL, CLIP and VAE), Apply Look-Back, Look-Back Image To Video on the
 clip's start image (the user's VAE), the caption and an empty negative through CLIP Text Encode,
@@ -66,6 +67,7 @@ def comfyui_generator(model, clip, vae, sampler: str, scheduler: str, steps: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--split", choices=sorted(world.SPLITS), default="test", help="default: test")
     parser.add_argument("--out", default="outputs/comfyui_samplers", help="writes OUT.md and OUT.json")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -74,7 +76,7 @@ def main() -> int:
     steps, cfg = core.settings.steps, core.settings.cfg_scale
     reports, seconds = [], {}
     started = time.time()
-    reports.append(evaluate(core, args.clips))
+    reports.append(evaluate(core, args.clips, split=args.split))
     seconds[core.description] = time.time() - started
     model, clip, vae = load_own_config_checkpoint(TOY_CHECKPOINT)
     patched = apply_lookback(model, read_weights(TOY_WEIGHTS))
@@ -82,14 +84,15 @@ def main() -> int:
         name = f"ComfyUI KSampler {sampler}/{scheduler}"
         started = time.time()
         generate = comfyui_generator(patched, clip, vae, sampler, scheduler, steps, cfg)
-        reports.append(measure(generate, name, SamplerSettings(steps=steps, cfg_scale=cfg), args.clips))
+        settings = SamplerSettings(steps=steps, cfg_scale=cfg)
+        reports.append(measure(generate, name, settings, args.clips, split=args.split))
         seconds[name] = time.time() - started
     out = Path(args.out)
     write_report(reports, out.with_suffix(".json"))
     table = markdown_table(reports)
     timing = ", ".join(f"{name}: {s / args.clips:.1f} s/clip" for name, s in seconds.items())
     out.with_suffix(".md").write_text(
-        f"{args.clips} held-out clips (seeds {world.HELD_OUT_SEED}..), {steps} steps, cfg {cfg}.\n\n"
+        f"{steps} steps, cfg {cfg}, each clip's seed as the sampler seed.\n\n"
         f"{table}\n\nTime ({torch.get_num_threads()} threads): {timing}\n"
     )
     print(table)
