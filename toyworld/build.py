@@ -64,10 +64,10 @@ class ToyRecipe:
     every_direction: bool = True
     vae_steps: int = 2000
     unet_steps: int = 800
-    # 3600 (was 5000): the clips of every direction take about 3 minutes more to write and encode,
-    # this machine ran 13% slower on the day of the build, and the build must stay within its 90
+    # 3000 (was 5000): the clips of every direction take about 3 minutes more to write and encode,
+    # this machine ran 1.13-1.24x slower on the day of the build, and the build must stay within its 90
     # minutes on 2 cores
-    lookback_steps: int = 3600
+    lookback_steps: int = 3000
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
