@@ -71,7 +71,9 @@ class ToyRecipe:
     lookback_frames: int = 8  # frames per training clip (generation makes 16): half the cost of a step
     lookback_batch_size: int = 4
     lookback_learning_rate: float = 3e-4
-    full_clip_steps: int = 800  # then on whole clips (world.FRAMES), at a constant rate; 0: none
+    # then on whole clips (world.FRAMES), at a constant rate; 0: none. 600 (was 800): the 90 minutes
+    # on the day's slower machine (the first phase's steps ran 1.33x the previous build's time)
+    full_clip_steps: int = 600
     full_clip_learning_rate: float = 1e-4
     # the full-clip phase draws the noisiest quarter of the timesteps (where the caption decides
     # which way the object goes) this many times as often as the others; 1: uniformly
