@@ -63,13 +63,12 @@ def test_shipped_files_are_small_fp16_and_describe_their_build() -> None:
     assert set(header.recommended_sampler) == {"steps", "cfg_scale", "colour_match"}
 
 
-# What the shipped model measured on the first 12 held-out clips (frame 0 30.0 dB, persistence
-# 0.98, direction 1.00, speed 1.96, drift 6.6; the build at commit d90a33b: the first-frame
-# anchor, 800 steps on whole 16-frame clips with the noisiest timesteps drawn 5x as often, the
-# decoder tuned, colour matched to the first frame), less a margin: a regression guard. The
-# issue's bars (toyworld.evaluate.bars) are what `toyworld eval --check` holds it to; on 32 clips
-# the shipped model meets them all at 16 and 24 frames (docs/toyworld.md).
-FLOORS = {"frame0_psnr": 29.0, "persistence": 0.9, "direction_accuracy": 0.8, "speed": 1.5}
+# What the shipped model measured on the first 12 test clips (seeds 3,000,000..3,000,011, never used
+# for a choice; commit d90a33b's build, generate's defaults and noise convention at commit 7fdd7e4:
+# frame 0 30.2 dB, persistence 0.99, direction 0.75, speed 1.57, drift 6.3, at most 7.8 at any
+# frame), less a margin: a regression guard. The issue's bars (toyworld.evaluate.bars) are what
+# `toyworld eval --check` holds it to; on 128 test clips it misses direction and speed (README).
+FLOORS = {"frame0_psnr": 29.0, "persistence": 0.9, "direction_accuracy": 0.58, "speed": 1.3}
 DRIFT_CEILING = 7.5
 
 
@@ -81,7 +80,7 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     assert summary["speed"] <= bars(world.FRAMES)["speed"][1]  # never faster than the world moves
     header = read_temporal_header(TOY_WEIGHTS)
     assert header.config.first_frame_anchor and header.training["toy_build"]["recipe"]["first_frame_anchor"]
-    # the anchor holds the background: on these clips the drift rises slowly to 9.6 (frame 14)
+    # the anchor holds the background: on these clips the drift rises slowly to 7.8
     # instead of piling up along the chain (the model without it: 5.7 at frame 1, about 17 at 15)
     curve = lookback_report.drift_curve
     assert max(curve) < 11, curve
@@ -89,9 +88,9 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
 
 def test_the_base_alone_loses_the_image_that_look_back_keeps(reports, lookback_report) -> None:
     """The baseline row: same checkpoint and sampler (colour match included), no look-back
-    modules. What the modules add today is the image held through the clip (measured: under half
-    the drift, 1.9 times the likeness) and the captioned direction in 12 of 12 clips (the base
-    alone: 1 in 12, by its random jumps)."""
+    modules. What the modules add today is the image held through the clip (less than half the
+    drift, 1.6 times the likeness and more) and the captioned direction in 9 of 12 test clips,
+    where the base alone moves the object the captioned way only by its random jumps."""
     base = reports[1]
     assert base.description == "base without look-back" and base.settings == lookback_report.settings
     summary = base.summary
@@ -149,7 +148,8 @@ def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
 def test_toyworld_build_smoke(tmp_path) -> None:
     """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
     recipe = ToyRecipe(
-        train_clips=6, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2, lookback_batch_size=2, eval_clips=1,
+        train_clips=6, every_direction=True, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2,
+        lookback_batch_size=2, eval_clips=1,
         sampler_steps=2, decoder_steps=2,
     )  # fmt: skip
     record = build(tmp_path / "toy", recipe)
@@ -192,7 +192,9 @@ def test_toyworld_build_smoke(tmp_path) -> None:
         if isinstance(m, torch.nn.GroupNorm)
     ]
     assert norms and {m.num_groups for m in norms} == {32}
-    assert (tmp_path / "toy" / "eval.md").read_text().startswith("| metric | bar |")
+    report = (tmp_path / "toy" / "eval.md").read_text()
+    assert report.startswith("1 validation clips (seeds 1000000..1000000); in brackets the 95% interval")
+    assert "\n| metric | bar |" in report and "| - captioned " in report
     frames = sorted((tmp_path / "toy" / "data").glob("*.mp4"))
     # each seed's clip and its counterfactuals (the same start image moving every other way it allows)
     assert len(frames) == sum(len(world.dataset_clips(s, every_direction=True)) for s in range(6)) > 6
@@ -211,7 +213,10 @@ def test_toyworld_build_smoke(tmp_path) -> None:
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
         ({"decoder_steps": 3}, "decoder stage was trained with decoder_steps 2 (this recipe: 3)"),
         ({"train_clips": 5}, "holds clips this recipe does not make (--train-clips 5, --every-direction"),
-        ({"every_direction": False}, "holds clips this recipe does not make (--train-clips 6, --no-every-direction"),
+        (
+            {"every_direction": False},
+            "holds clips this recipe does not make (--train-clips 6, --no-every-direction",
+        ),
     ):
         with pytest.raises(StageMismatch, match=re.escape(message)):
             build(tmp_path / "toy", replace(recipe, **changed))
