@@ -128,16 +128,16 @@ def toy_eval_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     print(f"{args.frames} frames, {chunking.describe()}")
-    job = EvalJob(
-        Path(checkpoint), weights and Path(weights), args.clips, args.frames, settings_from, args.split,
-        seeds[0], sampler, args.chunk_frames, args.context_frames,
-    )  # fmt: skip
     if args.workers == 1:
         report = evaluate(
             toy, args.clips, split=args.split, first_seed=seeds[0], frames=args.frames, chunking=chunking
         )
     else:
         del toy  # the workers load their own
+        job = EvalJob(
+            Path(checkpoint), weights and Path(weights), args.clips, args.frames, settings_from, args.split,
+            seeds[0], sampler, args.chunk_frames, args.context_frames,
+        )  # fmt: skip
         (report,) = evaluate_files([job], workers=args.workers)
     print(markdown_table([report]))
     print("background drift per frame: " + " ".join(f"{v:.1f}" for v in report.drift_curve))

@@ -315,9 +315,10 @@ def evaluate_files(jobs: list[EvalJob], workers: int = 2) -> list[EvalReport]:
     project's 2 cores two one-thread samplers make about 1.45x the clips per second of one
     two-thread sampler (toy videos are too small to keep two threads busy)."""
     shards = [_shards(job, workers) for job in jobs]
+    tasks = [shard for parts in shards for shard in parts]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        done = iter(pool.map(_run_job, [shard for parts in shards for shard in parts]))
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+        done = iter(pool.map(_run_job, tasks))
         return [merge_reports([next(done) for _ in parts]) for parts in shards]
 
 
