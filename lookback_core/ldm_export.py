@@ -120,6 +120,15 @@ def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, tor
     return out
 
 
+def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """The CLIP text tower's keys as SD1.5 files store them (after ``TEXT_PREFIX``), with its
+    position ids, which real SD1.5 files carry and recent ``transformers`` no longer saves."""
+    state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in text_encoder.state_dict().items()}
+    positions = text_encoder.config.max_position_embeddings
+    state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return state
+
+
 def to_ldm_state_dict(
     unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
 ) -> dict[str, torch.Tensor]:
@@ -130,13 +139,8 @@ def to_ldm_state_dict(
     state |= {
         VAE_PREFIX + k: v for k, v in vae_to_ldm(vae.state_dict(), len(vae.config.down_block_types)).items()
     }
-    state |= {
-        f"{TEXT_PREFIX}text_model.{k.removeprefix('text_model.')}": v
-        for k, v in text_encoder.state_dict().items()
-    }
-    # Real SD1.5 files also carry the CLIP position ids and the training noise schedule.
-    positions = text_encoder.config.max_position_embeddings
-    state[f"{TEXT_PREFIX}text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    state |= {TEXT_PREFIX + k: v for k, v in text_encoder_to_ldm(text_encoder).items()}
+    # Real SD1.5 files also carry the training noise schedule.
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     state["betas"] = betas.float()
     state["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
@@ -178,27 +182,39 @@ def save_ldm_checkpoint(
     return save_safetensors(state, path, header)
 
 
-def replace_unet(source: str | Path, unet: UNet2DConditionModel, path: str | Path) -> Path:
-    """Write the SD1.5 checkpoint ``source`` with its UNet replaced by ``unet``, as safetensors at ``path``.
+def replace_unet(
+    source: str | Path,
+    unet: UNet2DConditionModel,
+    path: str | Path,
+    text_encoder: CLIPTextModel | None = None,
+) -> Path:
+    """Write the SD1.5 checkpoint ``source`` with its UNet replaced by ``unet`` (and, if given, its
+    text encoder by ``text_encoder``), as safetensors at ``path``.
 
-    Everything else (VAE, text encoder, metadata such as embedded configs) is copied as it is;
-    the UNet is stored in the dtype the source stores its UNet in.
+    Everything else (VAE, metadata such as embedded configs) is copied as it is; each replaced
+    part is stored in the dtype the source stores it in.
     """
-    return _replace_part(
-        source, UNET_PREFIX, unet_to_ldm(unet.state_dict(), unet.config.layers_per_block), path
-    )
+    parts = {UNET_PREFIX: unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)}
+    if text_encoder is not None:
+        parts[TEXT_PREFIX] = text_encoder_to_ldm(text_encoder)
+    return _replace_parts(source, parts, path)
 
 
 def replace_vae(source: str | Path, vae: AutoencoderKL, path: str | Path) -> Path:
     """:func:`replace_unet` for the VAE: ``source`` with its VAE replaced by ``vae``."""
-    return _replace_part(
-        source, VAE_PREFIX, vae_to_ldm(vae.state_dict(), len(vae.config.down_block_types)), path
+    return _replace_parts(
+        source, {VAE_PREFIX: vae_to_ldm(vae.state_dict(), len(vae.config.down_block_types))}, path
     )
 
 
-def _replace_part(source: str | Path, prefix: str, part: dict[str, torch.Tensor], path: str | Path) -> Path:
+def _replace_parts(source: str | Path, parts: dict[str, dict[str, torch.Tensor]], path: str | Path) -> Path:
+    """``source`` with the keys under each prefix of ``parts`` replaced by that part's tensors."""
     state, metadata = read_checkpoint(Path(source))
-    dtype = next(v.dtype for k, v in state.items() if k.startswith(prefix) and v.is_floating_point())
-    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    state |= {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in part.items()}
+    for prefix, part in parts.items():
+        dtype = next(v.dtype for k, v in state.items() if k.startswith(prefix) and v.is_floating_point())
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state |= {
+            prefix + k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in part.items()
+        }
     return save_safetensors(state, path, metadata)

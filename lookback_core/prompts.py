@@ -21,16 +21,21 @@ def utf8_problem(text: str) -> str | None:
 
 
 def encode_prompt(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], device: torch.device | str
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    prompts: Sequence[str],
+    device: torch.device | str,
+    grad: bool = False,
 ) -> torch.Tensor:
-    """Encode prompts the SD1.5 way: pad/truncate to 77 tokens, return the last hidden state ``[n, 77, dim]``."""
+    """Encode prompts the SD1.5 way: pad/truncate to 77 tokens, return the last hidden state ``[n, 77, dim]``
+    (with ``grad``, differentiable: a text encoder in training)."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"encode_prompt needs a non-empty list of prompts, got {prompts!r}")
     max_length = text_encoder.config.max_position_embeddings
     ids = tokenizer(
         list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return text_encoder(ids.to(device)).last_hidden_state
 
 

@@ -148,7 +148,7 @@ def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
 def test_toyworld_build_smoke(tmp_path) -> None:
     """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
     recipe = ToyRecipe(
-        train_clips=6, every_direction=True, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2,
+        train_clips=6, every_direction=True, train_text_encoder=True, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2,
         lookback_batch_size=2, eval_clips=1,
         sampler_steps=2, decoder_steps=2,
     )  # fmt: skip
@@ -162,8 +162,13 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     for prefix, same in (("first_stage_model.encoder.", True), ("first_stage_model.decoder.", False)):
         keys = [k for k in trained if k.startswith(prefix)]
         assert keys and all(torch.equal(shipped[k], trained[k].half()) for k in keys) is same, prefix
+    # the text tower trained in the look-back stage is the one shipped
+    base = load_file(tmp_path / "toy" / "base" / "base.safetensors")
+    text = [k for k in base if k.startswith("cond_stage_model.") and base[k].is_floating_point()]
+    assert text and not all(torch.equal(shipped[k], base[k].half()) for k in text)
     weights = tmp_path / "toy" / "lookback_toy.safetensors"
     header = read_temporal_header(weights)
+    assert header.training["train_text_encoder"]
     # the shipped weights are the second phase's: whole clips, from the first phase's weights
     assert header.training["frames"] == world.FRAMES and header.training["steps"] == 2
     assert header.training["init_lookback_weights"] == "lookback_weights.safetensors"

@@ -90,6 +90,38 @@ def test_train_backbone_writes_the_trained_unet_beside_the_base_parts(setup, tmp
     assert any(p.abs().sum() > 0 for p in model.temporal.parameters())
 
 
+def test_train_text_encoder_trains_it_into_the_backbone_checkpoint_and_resumes_it(
+    setup, tmp_path, caplog
+) -> None:
+    from lookback_core.sd15 import load_sd15
+
+    def run(out: Path, steps: int, *extra: str) -> int:
+        flags = ["--max_train_steps", str(steps), "--checkpointing_steps", "1", "--train_backbone",
+                 "--train_text_encoder", "--learning_rate", "1e-3", "--text_encoder_learning_rate", "5e-3",
+                 "--text_dropout", "0.5", "--cache_dir", str(tmp_path / "cache"), *extra]  # fmt: skip
+        return train_main(train_args(setup, out, *flags))
+
+    assert run(tmp_path / "straight", 3) == 0
+    base = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
+    trained = load_sd15(tmp_path / "straight" / checkpoints.BACKBONE_NAME, config_dir=setup["config_dir"])
+    before, after = base.text_encoder.state_dict(), trained.text_encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.5 * len(before)  # trained (through the cache, which holds latents for it)
+    assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
+    header = read_temporal_header(tmp_path / "straight" / "lookback_weights.safetensors")
+    assert header.training["train_text_encoder"] and header.training["text_encoder_learning_rate"] == 5e-3
+    # stopped after step 2 and resumed: its optimiser state and weights were in the checkpoint
+    assert run(tmp_path / "resumed", 2) == 0
+    assert run(tmp_path / "resumed", 3, "--resume_from_checkpoint", "latest") == 0
+    resumed = load_sd15(tmp_path / "resumed" / checkpoints.BACKBONE_NAME, config_dir=setup["config_dir"])
+    for name, value in resumed.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=1e-6, msg=name)
+    # resuming it with a frozen text encoder would record a training it was not
+    flags = ["--max_train_steps", "4", "--train_backbone", "--resume_from_checkpoint", "latest"]
+    assert train_main(train_args(setup, tmp_path / "resumed", *flags)) == 2
+    assert "train_text_encoder True (this run: False)" in caplog.text
+
+
 def test_ema_covers_the_backbone_too_and_the_exported_files_hold_the_average(setup, tmp_path) -> None:
     from lookback_core.sd15 import load_sd15
 

@@ -278,14 +278,22 @@ def test_bad_captions_are_skipped_and_any_image_mode_is_read(tmp_path) -> None:
         ("--validation_steps", "0", "--validation_steps must be >= 1"),
         ("--reference_fps", "0", "--reference_fps must be > 0"),
         ("--checkpoints_total_limit", "0", "--checkpoints_total_limit must be >= 1"),
+        ("--train_text_encoder", None, "--train_text_encoder needs --train_backbone"),
+        (
+            "--text_encoder_learning_rate",
+            "1e-4",
+            "--text_encoder_learning_rate is the rate of --train_text_encoder",
+        ),
     ],
 )
-def test_every_numeric_flag_is_checked_up_front(setup, tmp_path, capsys, flag, value, message) -> None:
+def test_every_numeric_flag_and_flag_pairing_is_checked_up_front(
+    setup, tmp_path, capsys, flag, value, message
+) -> None:
     args = train_args(setup, tmp_path / "run", "--max_train_steps", "1")
     if flag in args:
         args[args.index(flag) + 1] = value
     else:
-        args += [flag, value]
+        args += [flag] if value is None else [flag, value]
     with pytest.raises(SystemExit) as exit_:
         train_main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err

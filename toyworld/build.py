@@ -63,6 +63,9 @@ class ToyRecipe:
     # the day's slower machine), the model hedged between the two ways a start allows and moved less
     # (validation: docs/toyworld.md#on-clips-nothing-was-tuned-on)
     every_direction: bool = False
+    # the look-back stage also trains the text tower (training/train.py --train_text_encoder): the base
+    # trained it on single frames, where a direction word changes nothing
+    train_text_encoder: bool = False
     vae_steps: int = 2000
     unet_steps: int = 800
     lookback_steps: int = 5000
@@ -378,6 +381,7 @@ def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, f
         "--report_to", "none",
         "--seed", str(recipe.seed),
         "--horizon_frames", str(recipe.horizon_frames),
+        *(["--train_text_encoder"] if recipe.train_text_encoder else []),
         *flags,
         ]
     )  # fmt: skip

@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the SD1.5 UNet (default: frozen); the trained UNet is written with the base's VAE and "
         "text encoder as <output_dir>/base_checkpoint.safetensors, to use with the temporal weights",
     )  # fmt: skip
+    model.add_argument(
+        "--train_text_encoder", action="store_true",
+        help="with --train_backbone, also train the CLIP text encoder (default: frozen), which then goes into "
+        "<output_dir>/base_checkpoint.safetensors too. A text encoder trained on still images may never have "
+        "needed the motion words of a caption; the clips teach it. Captions are encoded at every step (the "
+        "cache keeps the latents only)",
+    )  # fmt: skip
 
     data = p.add_argument_group("data")
     data.add_argument(
@@ -98,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone_learning_rate", type=float, default=None,
         help="of the SD1.5 UNet with --train_backbone (default: --learning_rate). Zero-initialised modules "
         "must grow weights of order 1 to carry a frame forward, which a higher rate than the backbone's speeds up",
+    )  # fmt: skip
+    opt.add_argument(
+        "--text_encoder_learning_rate", type=float, default=None,
+        help="of the text encoder with --train_text_encoder (default: the backbone's)",
     )  # fmt: skip
     opt.add_argument(
         "--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes"
@@ -218,6 +229,7 @@ NUMBER_RULES = {
     "gradient_accumulation_steps": at_least(1),
     "learning_rate": (lambda v: v > 0, "> 0"),
     "backbone_learning_rate": (lambda v: v > 0, "> 0"),
+    "text_encoder_learning_rate": (lambda v: v > 0, "> 0"),
     "lr_warmup_steps": at_least(0),
     "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -304,6 +316,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             module_config(args)
         except ValueError as err:
             parser.error(str(err))
+    if args.train_text_encoder and not args.train_backbone:
+        parser.error(
+            "--train_text_encoder needs --train_backbone: the trained text encoder is written with the trained "
+            "UNet into <output_dir>/base_checkpoint.safetensors"
+        )
+    if args.text_encoder_learning_rate is not None and not args.train_text_encoder:
+        parser.error(
+            "--text_encoder_learning_rate is the rate of --train_text_encoder; add that flag or leave it out"
+        )
     if args.timestep_bias_begin >= args.timestep_bias_end:
         parser.error(
             f"--timestep_bias_begin must be below --timestep_bias_end, got {args.timestep_bias_begin} and "

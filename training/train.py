@@ -113,7 +113,8 @@ def _tensorboard_available() -> bool:
 
 
 def _encode_batch(batch: dict, components, cache: LatentCache | None, device, weight_dtype):
-    """VAE latents ``[b, c, f, h, w]`` and caption embeddings, from the cache where possible."""
+    """VAE latents ``[b, c, f, h, w]`` and caption embeddings (of the frozen text encoder), from the
+    cache where possible."""
     latents, texts = [], []
     for pixels, caption, key in zip(batch["pixels"], batch["captions"], batch["keys"], strict=True):
         entry = cache.get(key) if cache is not None else None
@@ -176,6 +177,7 @@ RESUMED_FACTS = (
     "stride",
     "resolution",
     "train_backbone",
+    "train_text_encoder",
 )
 
 
@@ -294,11 +296,12 @@ def train(args) -> Path:
             )
         model = create_lookback_unet(components.unet, config)
     components.vae.requires_grad_(False)
-    components.text_encoder.requires_grad_(False)
+    components.text_encoder.requires_grad_(args.train_text_encoder)
     model.unet.requires_grad_(args.train_backbone)
     if weight_dtype != torch.float32:
         components.vae.to(dtype=weight_dtype)
-        components.text_encoder.to(dtype=weight_dtype)
+        if not args.train_text_encoder:
+            components.text_encoder.to(dtype=weight_dtype)
         if not args.train_backbone:
             model.unet.to(dtype=weight_dtype)
     if args.gradient_checkpointing in ("unet", "all"):
@@ -306,6 +309,7 @@ def train(args) -> Path:
     if args.gradient_checkpointing in ("sites", "all"):
         model.checkpoint_sites = set(model.config.sites)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += [p for p in components.text_encoder.parameters() if p.requires_grad]
 
     # The generator behind noise, timesteps and text dropout, saved with every checkpoint. Kept
     # apart from the global RNG, which data loaders draw from whenever they start an epoch, so a
@@ -337,6 +341,11 @@ def train(args) -> Path:
     if args.train_backbone:
         backbone_lr = (args.backbone_learning_rate or args.learning_rate) * (scale if args.scale_lr else 1)
         groups.append({"params": list(model.unet.parameters()), "lr": backbone_lr})
+    if args.train_text_encoder:
+        text_lr = backbone_lr
+        if args.text_encoder_learning_rate is not None:
+            text_lr = args.text_encoder_learning_rate * (scale if args.scale_lr else 1)
+        groups.append({"params": list(components.text_encoder.parameters()), "lr": text_lr})
     optimizer = _make_optimizer(args, groups)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
@@ -346,11 +355,16 @@ def train(args) -> Path:
     if not args.train_backbone:
         _save_only_trainable_weights(accelerator)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if args.train_text_encoder:  # its weights then go into the resumable checkpoints too
+        components.text_encoder = accelerator.prepare(components.text_encoder)
+    text_encoder = accelerator.unwrap_model(components.text_encoder)
     if math.ceil(len(loader) / args.gradient_accumulation_steps) != updates_per_epoch:
         raise RuntimeError(f"{len(loader)} batches per process after sharding, expected {updates_per_epoch}")
     lookback = accelerator.unwrap_model(model)
     # the EMA follows every trained weight: the temporal modules and, with --train_backbone, the UNet
+    # (and with --train_text_encoder the text encoder)
     trained = [p for p in lookback.parameters() if p.requires_grad]
+    trained += [p for p in text_encoder.parameters() if p.requires_grad]
     ema = EMAModel(trained, decay=args.ema_decay) if args.use_ema else None
     if ema is not None:
         ema.to(accelerator.device)
@@ -391,7 +405,8 @@ def train(args) -> Path:
         "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
         "preset": args.preset, "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
-        "train_backbone": args.train_backbone, "processes": accelerator.num_processes,
+        "train_backbone": args.train_backbone, "train_text_encoder": args.train_text_encoder,
+        "processes": accelerator.num_processes,
         "effective_batch_size": scale,
         "timestep_bias": None if draw_weights is None else _timestep_bias_facts(args),  # None: uniform
         "motion_loss_weight": args.motion_loss_weight,
@@ -400,6 +415,8 @@ def train(args) -> Path:
     }  # fmt: skip
     if args.train_backbone:
         facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up
+    if args.train_text_encoder:
+        facts["text_encoder_learning_rate"] = text_lr
     if args.init_lookback_weights is not None:  # the modules are the file's, not a preset's
         del facts["preset"]
         facts["init_lookback_weights"] = Path(args.init_lookback_weights).name
@@ -440,7 +457,10 @@ def train(args) -> Path:
         with averaged_weights():
             write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
             if args.train_backbone:
-                replace_unet(args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME)
+                replace_unet(
+                    args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME,
+                    text_encoder if args.train_text_encoder else None,
+                )  # fmt: skip
         exported_step = step
 
     def write_weights(path: Path, step: int) -> Path:
@@ -475,7 +495,14 @@ def train(args) -> Path:
             with accelerator.accumulate(model):
                 latents, text = _encode_batch(batch, components, cache, accelerator.device, weight_dtype)
                 drop = torch.rand(len(text), device=text.device, generator=rng) < args.text_dropout
-                text = torch.where(drop[:, None, None], empty_text, text)
+                # with --train_text_encoder the captions go through the encoder being trained ("" if dropped)
+                if args.train_text_encoder:
+                    captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
+                    text = encode_prompt(
+                        components.tokenizer, components.text_encoder, captions, accelerator.device, grad=True
+                    )
+                else:
+                    text = torch.where(drop[:, None, None], empty_text, text)
                 with accelerator.autocast():
                     loss = lookback_loss(
                         model,
