@@ -18,8 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import imageio.v3 as iio
-
+from lookback_core.atomic import write_image, write_text
 from lookback_core.image_prep import to_uint8_frames
 from lookback_core.weights import read_temporal_header
 from toyworld import world
@@ -50,8 +49,8 @@ def run_demo(out: Path, *, clip: int = 0, rebuild: bool = False) -> dict:
             )
     held_out = world.make_clip(world.HELD_OUT_SEED + clip)
     start = out / "start.png"
-    iio.imwrite(start, held_out.frames[0])
-    (out / "caption.txt").write_text(held_out.caption + "\n")
+    write_image(start, held_out.frames[0])
+    write_text(out / "caption.txt", held_out.caption + "\n")
     print(f"start image: {start} (held-out clip {clip}), prompt: {held_out.caption!r}")
 
     started = time.time()
@@ -72,7 +71,7 @@ def run_demo(out: Path, *, clip: int = 0, rebuild: bool = False) -> dict:
         parse_generate_args([*command, *_settings_of(weights), "--out", str(out / "base_only.mp4")])
     )
     sheet = contact_sheet({"look-back": generated, "base": to_uint8_frames(base), "truth": held_out.frames})
-    iio.imwrite(out / "contact_sheet.png", sheet)
+    write_image(out / "contact_sheet.png", sheet)
 
     metrics = clip_metrics(generated, held_out.frames[0], held_out.rgb, held_out.direction)
     print(f"generated in {seconds:.1f} s: {video}")

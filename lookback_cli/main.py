@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lookback_core.atomic import sigterm_as_exit
+from lookback_core.atomic import describe_os_error, sigterm_as_exit
 
 from .generate import add_generate_arguments, add_info_command
 from .toy_commands import add_toy_commands
@@ -33,4 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except (UsageError, CheckpointError, TemporalWeightsError, VideoReadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full or read-only disk, named (every file was written atomically)
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2

@@ -1,21 +1,32 @@
 """Files that are never seen half-written: write to a hidden temporary name, then rename.
 
+Every file the project writes (reports, facts, pictures, videos, weights) goes through
+:func:`atomic_path` (or its helpers :func:`write_text`, :func:`write_image`,
+:func:`save_safetensors`): a failed write, a full disk included, leaves an existing file as it was.
 The temporary file is ``.<name>.<pid>-<random>.part`` beside the target. A writer that is killed
 outright (SIGKILL, power loss) cannot remove its own; the next write to the same target removes
-every such leftover whose process is gone.
+every such leftover whose process is gone. The file gets the mode a plain write would give it:
+a replaced file's own, a new one's from the umask.
+
+Also here: what an ``OSError`` of a write means in the user's words (:func:`describe_os_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
+import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from safetensors.torch import save_file
 
 
@@ -68,10 +79,59 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_partials(path)
     partial = _partial_path(path)
     try:
-        yield partial
-        os.replace(partial, path)
+        try:
+            yield partial
+            if partial.is_file():
+                partial.chmod(_mode_for(path))
+            os.replace(partial, path)
+        except OSError as err:
+            named = err.filename
+            if not isinstance(named, str | bytes | os.PathLike) or Path(os.fsdecode(named)) != partial:
+                raise
+            # the error names the file being written, not its temporary name
+            raise type(err)(err.errno, err.strerror, str(path)) from err
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # no other way to read it; set back at once
+        os.umask(mask)
+        return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a plain write to ``path`` would leave: a replaced file keeps its own, a new
+    file gets 0666 less the umask (some writers, safetensors' among them, create theirs 0600)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` (UTF-8) into ``path`` through :func:`atomic_path`; returns ``path``."""
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_image(path: str | os.PathLike[str], image: Image.Image | np.ndarray) -> Path:
+    """A picture (a PIL image, or uint8 ``[h, w]`` / ``[h, w, 3]``) into ``path`` through
+    :func:`atomic_path`, in the format of its suffix (``.png``, ``.jpg`` ...); returns ``path``."""
+    path = Path(path)
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"cannot write a picture to '{path}': unknown image suffix '{path.suffix}'")
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    with atomic_path(path) as partial:
+        image.save(partial, format=kind)
+    return path
 
 
 def save_safetensors(
@@ -81,6 +141,31 @@ def save_safetensors(
     with atomic_path(path) as partial:
         save_file(tensors, partial, metadata=metadata or None)
     return Path(path)
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(
+    err: OSError, *, place: str = "place to write", then: str = "run the command again"
+) -> str:
+    """An OSError in the user's words: which file, and for a full or read-only disk what to do:
+    free some space or choose another ``place``, then ``then``."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in FULL_DISK:
+        named = isinstance(err.filename, str | bytes | os.PathLike)
+        folder = Path(os.fsdecode(err.filename)).absolute().parent if named else Path.cwd()
+        try:
+            free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+            room = f"{free / 2**30:.1f} GiB free"
+        except OSError:
+            room = "free space unknown"
+        if err.errno == errno.EDQUOT:
+            room = f"{err.strerror}; {room}"
+        return f"{where}no space left on the disk ({room}); free some space or choose another {place}, then {then}"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}cannot write there ({err.strerror}); choose a writable {place}"
+    return f"{where}{err.strerror or err}"
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from .atomic import save_safetensors
+from .atomic import atomic_path, save_safetensors
 from .checkpoint_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, read_checkpoint
 from .sd15 import embedded_configs_metadata
 
@@ -173,8 +173,8 @@ def save_ldm_checkpoint(
     if path.suffix == ".ckpt":
         if embed_configs or metadata or scheduler_config:
             raise ValueError(f"{path}: metadata and embedded configs need a .safetensors file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": state, "global_step": 0}, path)
+        with atomic_path(path) as partial:
+            torch.save({"state_dict": state, "global_step": 0}, partial)
         return path
     header = dict(metadata or {})
     if embed_configs:

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .atomic import write_text
 from .ldm_export import save_ldm_checkpoint
 from .sd15 import SHIPPED_CONFIG_DIR
 
@@ -63,7 +64,7 @@ def tiny_config_dir(tmp: str | Path) -> Path:
     }
     for part, config in configs.items():
         (root / part).mkdir(parents=True, exist_ok=True)
-        (root / part / "config.json").write_text(json.dumps(config, indent=2))
+        write_text(root / part / "config.json", json.dumps(config, indent=2))
     return root
 
 

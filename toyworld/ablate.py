@@ -19,10 +19,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 
-from lookback_core.atomic import atomic_path
+from lookback_core.atomic import write_image, write_text
 
 from . import world
 from .build import (
@@ -111,11 +110,11 @@ def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str]
         sheet[name] = generate_clip(toy, clip, world.HELD_OUT_SEED)[0]
     sheet["truth"] = clip.frames
     facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
-    (out / "ablation.json").write_text(json.dumps({**facts, "rows": rows}, indent=2))
+    write_text(out / "ablation.json", json.dumps({**facts, "rows": rows}, indent=2))
     table = markdown_table(rows)
-    (out / "ablation.md").write_text(table + "\n")
-    Image.fromarray(contact_sheet(sheet)).save(out / "contact_sheet.png")
-    plot_curves({r["variant"]: r["isim_curve"] for r in rows}).save(out / "isim.png")
+    write_text(out / "ablation.md", table + "\n")
+    write_image(out / "contact_sheet.png", contact_sheet(sheet))
+    write_image(out / "isim.png", plot_curves({r["variant"]: r["isim_curve"] for r in rows}))
     print(table)
     return rows
 
@@ -145,8 +144,7 @@ def _evaluated(
     report = evaluate(toy, recipe.eval_clips)
     row = {"variant": name, "flags": [f for group in VARIANTS[name] or () for f in group], "train_s": train_s, "key": key,
            "summary": report.summary, "isim_curve": report.isim_curve}  # fmt: skip
-    with atomic_path(saved) as partial:
-        partial.write_text(json.dumps(row, indent=2))
+    write_text(saved, json.dumps(row, indent=2))
     return row
 
 

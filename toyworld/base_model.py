@@ -38,6 +38,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lookback_core.atomic import write_text
 from lookback_core.latents import encode_latents
 from lookback_core.ldm_export import save_ldm_checkpoint
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         scheduler_config=scheduler_config(args),
         metadata={"toy_base": json.dumps(facts, sort_keys=True)},
     )
-    (output_dir / "base_facts.json").write_text(json.dumps(facts, indent=2))
+    # last, and atomically: the stage counts as done only with its complete facts (toyworld.build)
+    write_text(output_dir / "base_facts.json", json.dumps(facts, indent=2))
     print(f"toy base checkpoint: {path} ({json.dumps(vae_facts)})")
     return 0
 

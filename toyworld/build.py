@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lookback_core.atomic import atomic_path, save_safetensors
+from lookback_core.atomic import save_safetensors, write_text
 from lookback_core.config import PRESETS
 from lookback_core.sampler import SETTING_RULES
 
@@ -359,8 +359,7 @@ def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, f
     record = folder / LOOKBACK_RECIPE
     if not record.is_file():
         fields = _lookback_fields(recipe, full_clips)
-        with atomic_path(record) as partial:
-            partial.write_text(json.dumps(fields, indent=2, sort_keys=True))
+        write_text(record, json.dumps(fields, indent=2, sort_keys=True))
     _run(
         [
         sys.executable, str(REPO / "training" / "train.py"),
@@ -448,7 +447,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
     table = markdown_table(reports)
     long_table = markdown_table([long])
     long_heading = f"{recipe.long_eval_frames} frames ({long.chunking.describe()}):"
-    (out / "eval.md").write_text(f"{table}\n\n{long_heading}\n\n{long_table}\n")
+    write_text(out / "eval.md", f"{table}\n\n{long_heading}\n\n{long_table}\n")
     # a resumed stage: the earlier runs' training time, as base_facts.json or the step log recorded it
     if "base" in resumed:
         stage.seconds["base_s"] = record["base_facts"]["seconds"]

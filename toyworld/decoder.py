@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from lookback_core.atomic import atomic_path, save_safetensors
+from lookback_core.atomic import save_safetensors, write_text
 from lookback_core.ldm_export import replace_vae
 from lookback_core.sd15 import load_sd15
 
@@ -65,8 +65,7 @@ def decoder_stage(folder: Path, checkpoint: Path, fields: dict[str, int | float]
     facts |= {**fields, "seconds": round(time.time() - started)}
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(vae.state_dict(), folder / VAE_FILE)
-    with atomic_path(facts_file) as partial:
-        partial.write_text(json.dumps(facts, indent=2, sort_keys=True))
+    write_text(facts_file, json.dumps(facts, indent=2, sort_keys=True))  # last: the stage is done
     return facts
 
 

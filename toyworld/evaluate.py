@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lookback_core.atomic import atomic_path
+from lookback_core.atomic import write_image, write_text
 from lookback_core.image_prep import to_uint8_frames
 from lookback_core.latents import latent_scale
 from lookback_core.long_video import resolve_chunking
@@ -406,16 +406,9 @@ def write_plots(reports: list[EvalReport], folder: str | os.PathLike) -> list[Pa
             {n: r.drift_curve for n, r in zip(names, reports)}, "background drift (levels of 255)", y_max=None
         ),
     }
-    written = []
-    for name, image in plots.items():
-        with atomic_path(folder / name) as partial:
-            image.save(partial, format="PNG")
-        written.append(folder / name)
-    return written
+    return [write_image(folder / name, image) for name, image in plots.items()]
 
 
 def write_report(reports: list[EvalReport], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r.to_json() for r in reports], indent=2))
-    return path
+    """The reports' per-clip results as JSON at ``path``, written atomically."""
+    return write_text(path, json.dumps([r.to_json() for r in reports], indent=2))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lookback_core.atomic import write_text
 from lookback_core.video_io import write_video
 
 SIZE = 64
@@ -199,7 +200,7 @@ def write_dataset(
             if video.is_file() and text.is_file():
                 continue
             clip = make_clip(seed, direction=direction)
-            text.write_text(clip.caption + "\n", encoding="utf-8")
+            write_text(text, clip.caption + "\n")
             write_video(clip.frames, video, fps=FPS, crf=10)  # atomic: a video means a complete pair
     return folder
 

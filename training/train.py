@@ -10,12 +10,10 @@ written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -34,6 +32,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from lookback_core import atomic  # noqa: E402
 from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  # noqa: E402
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
@@ -579,17 +578,9 @@ def train(args) -> Path:
 
 def describe_os_error(err: OSError) -> str:
     """An OSError in the user's words: which file, and for a full or read-only disk, what to do."""
-    where = f"{err.filename}: " if err.filename else ""
-    if err.errno == errno.ENOSPC:
-        folder = Path(err.filename).parent if err.filename else Path.cwd()
-        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
-        return (
-            f"{where}no space left on the disk ({free / 2**30:.1f} GiB free); free some space or choose "
-            "another --output_dir / --cache_dir, then resume with --resume_from_checkpoint latest"
-        )
-    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{where}cannot write there ({err.strerror}); choose a writable --output_dir / --cache_dir"
-    return f"{where}{err.strerror or err}"
+    return atomic.describe_os_error(
+        err, place="--output_dir / --cache_dir", then="resume with --resume_from_checkpoint latest"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,132 @@
+"""What the project writes: one atomic path for every file (a full disk leaves earlier files as they
+were, and is named), file modes as the umask says, stages resumed only from complete facts, and
+output names that FFmpeg would read as protocols written as the files they name. And what it reads:
+a folder or FIFO given as a file is named as one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lookback_cli.main import main
+from lookback_core import atomic
+
+REPO = Path(__file__).parents[1]
+
+
+def _disk_fills_up(monkeypatch) -> list[Path]:
+    """Path.write_text/write_bytes write half their data, then fail as a full disk does; returns the
+    files they were asked to write."""
+    asked = []
+    real = {"write_text": Path.write_text, "write_bytes": Path.write_bytes}
+
+    def half_then_full(self, data, *args, **kwargs):
+        if not data:  # check_writable's empty probe file: there is room for nothing
+            return real["write_bytes" if isinstance(data, bytes) else "write_text"](
+                self, data, *args, **kwargs
+            )
+        asked.append(self)
+        data = data.encode() if isinstance(data, str) else data
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    return asked
+
+
+def test_a_full_disk_leaves_the_earlier_eval_report_whole_and_is_named(tmp_path, capsys, monkeypatch) -> None:
+    report = tmp_path / "eval.json"
+    earlier = json.dumps([{"complete": True, "clips": list(range(100))}], indent=2)
+    report.write_text(earlier)
+    asked = _disk_fills_up(monkeypatch)
+    command = ["toyworld", "eval", "--clips", "1", "--steps", "1", "--frames", "2", "--workers", "1"]
+    assert main([*command, "--json", str(report)]) == 2
+    assert asked, "the report was not written with Path.write_text/write_bytes"
+    assert report.read_text() == earlier
+    err = capsys.readouterr().err
+    assert f"{report}: no space left on the disk" in err and "GiB free" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left behind
+
+
+def test_the_atomic_helpers_keep_an_earlier_file_on_a_full_disk(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    text, picture = tmp_path / "a.md", tmp_path / "b.png"
+    text.write_text("earlier\n")
+    Image.new("RGB", (4, 4), "red").save(picture)
+    before = picture.read_bytes()
+    _disk_fills_up(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        atomic.write_text(text, "later " * 1000)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(text)
+    assert text.read_text() == "earlier\n"
+
+    def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG" * 100)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_image(picture, np.zeros((8, 8, 3), np.uint8))
+    assert picture.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.png"]
+
+
+# Calls that write a file, and the lines allowed to make them outside lookback_core/atomic.py: a
+# write to the temporary path atomic_path yields (named ``partial``), and these, each for its reason.
+_WRITES = re.compile(
+    r"\.write_text\(|\.write_bytes\(|imwrite\(|torch\.save\(|save_file\(|\.save\(|json\.dump\(|"
+    r"""open\([^)]*["'][wax]b?["']|\.open\(["'][wax]"""
+)
+_ALLOWED = {
+    ("training/train.py", 'probe.write_bytes(b"")'): "a probe of a folder's permissions, removed at once",
+    ("training/train.py", 'self.path.open("a")'): "the step log, appended line by line",
+    ("training/checkpoints.py", "(tmp / STATE_FILE).write_text"): "inside a temporary folder renamed whole",
+    ("training/checkpoints.py", "(tmp / COMPLETE_MARKER).write_text"): "the same folder's marker",
+    ("lookback_core/video_io.py", "target.write_bytes(data)"): "target is atomic_path's temporary file",
+}
+
+
+def test_every_file_is_written_through_the_atomic_path() -> None:
+    found = []
+    for folder in ("lookback_core", "lookback_cli", "toyworld", "training", "nodes"):
+        for source in sorted((REPO / folder).rglob("*.py")):
+            name = source.relative_to(REPO).as_posix()
+            if name == "lookback_core/atomic.py":
+                continue
+            for number, line in enumerate(source.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if not _WRITES.search(code) or re.search(r"\bpartial\b", code):
+                    continue
+                if not any(name == file and part in code for file, part in _ALLOWED):
+                    found.append(f"{name}:{number}: {line.strip()}")
+    assert found == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask) -> None:
+    previous = os.umask(umask)
+    try:
+        weights = atomic.save_safetensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+        report = atomic.write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(previous)
+    for path in (weights, report):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path) -> None:
+    path = tmp_path / "w.safetensors"
+    atomic.save_safetensors({"a": torch.zeros(2)}, path)
+    path.chmod(0o640)
+    atomic.save_safetensors({"a": torch.ones(2)}, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
