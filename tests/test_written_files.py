@@ -11,6 +11,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ import torch
 
 from lookback_cli.main import main
 from lookback_core import atomic
+from toyworld import build as toybuild
+from toyworld import decoder as toydecoder
+from toyworld.build import BASE_FIELDS, DECODER_FIELDS, StageTimer, ToyRecipe, check_reusable, prepare
 
 REPO = Path(__file__).parents[1]
 
@@ -130,3 +134,65 @@ def test_a_replaced_file_keeps_its_mode(tmp_path) -> None:
     path.chmod(0o640)
     atomic.save_safetensors({"a": torch.ones(2)}, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming the toy build: a stage is trusted only with its complete facts
+
+
+def _recipe() -> ToyRecipe:
+    return ToyRecipe(train_clips=1, vae_steps=2, unet_steps=2, lookback_steps=2, eval_clips=1)
+
+
+def _fake_base_stage(monkeypatch) -> list[list[str]]:
+    """``toyworld.base_model`` replaced by writing its two files (model, then facts); returns the runs."""
+    runs = []
+
+    def run(command: list[str]) -> None:
+        runs.append(command)
+        folder = Path(command[command.index("--output_dir") + 1])
+        atomic.save_safetensors({"w": torch.zeros(1)}, folder / "base.safetensors")
+        facts = {name: getattr(_recipe(), name) for name in BASE_FIELDS} | {"seconds": 7}
+        atomic.write_text(folder / "base_facts.json", json.dumps(facts))
+
+    monkeypatch.setattr(toybuild, "_run", run)
+    return runs
+
+
+@pytest.mark.parametrize("facts", [None, "", '{"train_clips": 1, "vae_st', "[]", '{"train_clips": 1}'])
+def test_a_base_model_without_complete_facts_is_trained_again(tmp_path, monkeypatch, facts) -> None:
+    """A kill between base.safetensors and base_facts.json (or an older build's half-written facts)."""
+    runs = _fake_base_stage(monkeypatch)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "base.safetensors").write_bytes(b"left by a killed build")
+    if facts is not None:
+        (base / "base_facts.json").write_text(facts)
+    check_reusable(tmp_path, _recipe(), tmp_path / "lookback")  # incomplete facts: nothing to compare
+    path, resumed = prepare(tmp_path, _recipe(), StageTimer())
+    assert len(runs) == 1 and resumed == []
+    assert json.loads((base / "base_facts.json").read_text())["seconds"] == 7
+    # now complete: the next run keeps it
+    assert prepare(tmp_path, _recipe(), StageTimer()) == (path, ["base"]) and len(runs) == 1
+
+
+@pytest.mark.parametrize("facts", [None, '{"decoder_steps": 2', '{"decoder_steps": 2}'])
+def test_a_decoder_without_complete_facts_is_tuned_again(tmp_path, monkeypatch, facts) -> None:
+    fields = {name: getattr(_recipe(), name) for name in BASE_FIELDS + DECODER_FIELDS}
+    tuned = []
+    monkeypatch.setattr(toydecoder, "load_sd15", lambda path: SimpleNamespace(vae=torch.nn.Linear(1, 1)))
+    monkeypatch.setattr(toydecoder, "tune_decoder", lambda *a: tuned.append(a) or {"vae_psnr_db": 30.0})
+    folder = tmp_path / toybuild.DECODER
+    folder.mkdir()
+    (folder / toydecoder.VAE_FILE).write_bytes(b"left by a killed build")
+    if facts is not None:
+        (folder / toydecoder.FACTS_FILE).write_text(facts)
+    check_reusable(tmp_path, _recipe(), tmp_path / "lookback")
+    result = toydecoder.decoder_stage(folder, tmp_path / "checkpoint.safetensors", fields)
+    assert (
+        len(tuned) == 1
+        and result["vae_psnr_db"] == 30.0
+        and result["decoder_steps"] == fields["decoder_steps"]
+    )
+    assert toydecoder.decoder_stage(folder, tmp_path / "checkpoint.safetensors", fields) == result
+    assert len(tuned) == 1

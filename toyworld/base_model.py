@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +319,22 @@ def train_text_to_image(
     return unet.eval(), text_encoder.eval(), facts
 
 
+FACTS_FILE = "base_facts.json"
+
+
+def read_stage_facts(path: Path, required: Iterable[str]) -> dict | None:
+    """A toy-build stage's facts file (written last, so it says the stage is done) when it is
+    complete: a JSON object with every ``required`` key. Otherwise None, and the stage is done
+    again: missing (a kill between the stage's model file and its facts), cut short or damaged."""
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # a decoding error is a ValueError
+        return None
+    if not isinstance(facts, dict) or any(name not in facts for name in required):
+        return None
+    return facts
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -346,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata={"toy_base": json.dumps(facts, sort_keys=True)},
     )
     # last, and atomically: the stage counts as done only with its complete facts (toyworld.build)
-    write_text(output_dir / "base_facts.json", json.dumps(facts, indent=2))
+    write_text(output_dir / FACTS_FILE, json.dumps(facts, indent=2))
     print(f"toy base checkpoint: {path} ({json.dumps(vae_facts)})")
     return 0
 

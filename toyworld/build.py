@@ -48,6 +48,8 @@ from lookback_core.config import PRESETS
 from lookback_core.sampler import SETTING_RULES
 
 from . import decoder, world
+from .base_model import FACTS_FILE as BASE_FACTS
+from .base_model import read_stage_facts
 from .evaluate import EvalJob, evaluate_files, markdown_table, write_plots, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,12 +222,12 @@ def check_reusable(out: Path, recipe: ToyRecipe, lookback: Path) -> None:
                 f"--{'' if recipe.every_direction else 'no-'}every-direction: {extra[0]}, ...)"
             )
     for folder, made, facts_name, fields in (
-        (out / "base", "base.safetensors", "base_facts.json", BASE_FIELDS),
+        (out / "base", "base.safetensors", BASE_FACTS, BASE_FIELDS),
         (out / DECODER, decoder.VAE_FILE, decoder.FACTS_FILE, BASE_FIELDS + DECODER_FIELDS),
     ):
-        facts_file = folder / facts_name
-        if (folder / made).is_file() and facts_file.is_file():
-            facts = json.loads(facts_file.read_text())
+        # a stage without complete facts is done again (prepare, decoder_stage): nothing to compare
+        facts = read_stage_facts(folder / facts_name, [*fields, "seconds"])
+        if (folder / made).is_file() and facts is not None:
             differences += [
                 f"the {folder.name} stage was trained with {name} {facts.get(name)} (this recipe: {getattr(recipe, name)})"
                 for name in fields
@@ -283,10 +285,14 @@ def prepare(out: Path, recipe: ToyRecipe, stage: StageTimer) -> tuple[Path, list
     base = out / "base" / "base.safetensors"
     resumed = []
     with stage("base"):
-        if base.is_file():
+        # the facts are written last: without them (a kill between the two files) the stage is redone
+        facts = read_stage_facts(base.parent / BASE_FACTS, [*BASE_FIELDS, "seconds"])
+        if base.is_file() and facts is not None:
             print(f"{base} exists: the base stage is skipped (delete it to retrain)")
             resumed.append("base")
         else:
+            if base.is_file():
+                print(f"{base} has no complete {BASE_FACTS} (a build stopped before it): trained again")
             _run(
                 [
                     sys.executable, "-m", "toyworld.base_model",
@@ -403,7 +409,7 @@ def build(out: str | Path, recipe: ToyRecipe = ToyRecipe()) -> dict:
         "recipe": asdict(recipe),
         "commit": commit,
         "command": "python -m lookback_cli toyworld build",
-        "base_facts": json.loads((base.parent / "base_facts.json").read_text()),
+        "base_facts": json.loads((base.parent / BASE_FACTS).read_text()),
     }
     if recipe.decoder_steps:
         folder = out / DECODER

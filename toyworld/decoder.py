@@ -26,7 +26,7 @@ from lookback_core.atomic import save_safetensors, write_text
 from lookback_core.ldm_export import replace_vae
 from lookback_core.sd15 import load_sd15
 
-from .base_model import FramePool, fit_reconstruction, held_out_psnr
+from .base_model import FramePool, fit_reconstruction, held_out_psnr, read_stage_facts
 
 BATCH_SIZE = 16  # frames a step (the base stage's VAE took 8)
 VAE_FILE = "vae.safetensors"
@@ -54,9 +54,12 @@ def decoder_stage(folder: Path, checkpoint: Path, fields: dict[str, int | float]
     ``decoder_learning_rate``, ``train_clips``, ``seed`` and any more values the result depends on,
     recorded for the reuse check); a finished stage's files are kept. Returns its facts."""
     facts_file = folder / FACTS_FILE
-    if (folder / VAE_FILE).is_file() and facts_file.is_file():
+    done = read_stage_facts(facts_file, [*fields, "seconds"])
+    if (folder / VAE_FILE).is_file() and done is not None:
         print(f"{folder / VAE_FILE} exists: the decoder stage is skipped (delete it to retrain)")
-        return json.loads(facts_file.read_text())
+        return done
+    if (folder / VAE_FILE).is_file():
+        print(f"{folder / VAE_FILE} has no complete {FACTS_FILE} (a build stopped before it): tuning again")
     started = time.time()
     vae = load_sd15(checkpoint).vae.float()
     facts = tune_decoder(
