@@ -14,6 +14,7 @@ stretch as one long frame reads back as that one frame.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -180,6 +181,16 @@ def _output_options(kind: str, crf: int, quality: int, lossless: bool, loop: int
     return ["-c:v", "libwebp", "-lossless", str(int(lossless)), "-quality", str(quality), "-loop", str(loop)]
 
 
+def _ffmpeg_name(path: str | os.PathLike[str]) -> str:
+    """``path`` as FFmpeg and PyAV must be given it: absolute and behind ``file:``, so that no part
+    of a name (``cam:1/v.gif``, ``pipe:1/v.mp4``, ``file:sub/v.gif``) is read as a protocol."""
+    return "file:" + str(Path(path).absolute())
+
+
+# FFmpeg's words for a full disk, and the errors they are
+_FULL_DISK = {os.strerror(errno.ENOSPC): errno.ENOSPC, os.strerror(errno.EDQUOT): errno.EDQUOT}
+
+
 def _run_ffmpeg(command: list[str], frames: np.ndarray, target: Path) -> None:
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
@@ -196,6 +207,9 @@ def _run_ffmpeg(command: list[str], frames: np.ndarray, target: Path) -> None:
         if returncode != 0:
             errors.seek(0)
             detail = errors.read().decode("utf-8", "replace").strip()
+            for words, number in _FULL_DISK.items():
+                if words in detail:  # an OSError, named as one by the front ends
+                    raise OSError(number, words, str(target))
             raise RuntimeError(f"ffmpeg failed to write '{target}' (exit code {returncode}): {detail}")
 
 
@@ -230,8 +244,9 @@ def _write(
             lines = [f"{_ffmetadata_escape(k)}={_ffmetadata_escape(v)}" for k, v in metadata.items()]
             meta_file.write(";FFMETADATA1\n" + "\n".join(lines) + "\n")
             meta_file.close()
-            command += ["-f", "ffmetadata", "-i", meta_file.name, "-map", "0:v", "-map_metadata", "1"]
-        command += [*_output_options(kind, crf, quality, lossless, loop), "-f", kind, str(target)]
+            meta = _ffmpeg_name(meta_file.name)
+            command += ["-f", "ffmetadata", "-i", meta, "-map", "0:v", "-map_metadata", "1"]
+        command += [*_output_options(kind, crf, quality, lossless, loop), "-f", kind, _ffmpeg_name(target)]
         _run_ffmpeg(command, frames, target)
     if kind != "mp4" and metadata:
         data = target.read_bytes()
@@ -335,7 +350,7 @@ def read_frames(path: str | os.PathLike[str], indices: Sequence[int]) -> np.ndar
 def video_info(path: str | os.PathLike[str]) -> VideoInfo:
     """Frame count, frame rate and size, mostly from the container (no full decode for MP4)."""
     if _kind_of_file(path) == "av":
-        with _av_errors(path), av.open(str(path)) as container:
+        with _av_errors(path), av.open(_ffmpeg_name(path)) as container:
             stream = _video_stream(container, path)
             width, height = stream.codec_context.width, stream.codec_context.height
             if not (width and height):
@@ -360,7 +375,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     EXIF entries, and VideoHelperSuite's MP4 comment); ``{}`` when there is none."""
     kind = _kind_of_file(path)
     if kind == "av":
-        with _av_errors(path), av.open(str(path)) as container:
+        with _av_errors(path), av.open(_ffmpeg_name(path)) as container:
             tags = {k: v for k, v in container.metadata.items() if k not in _CONTAINER_TAGS}
             return {**_parse_comment(tags.pop("comment", None)), **tags}
     with _pillow_errors(path), Image.open(path) as image:
@@ -450,7 +465,7 @@ def _iter_frames(path: str | os.PathLike[str]) -> Iterator[Callable[[], np.ndarr
     """One zero-argument converter to uint8 RGB ``[h, w, 3]`` per frame, in order. A converter
     must be called before the iterator advances."""
     if _kind_of_file(path) == "av":
-        with _av_errors(path), av.open(str(path)) as container:
+        with _av_errors(path), av.open(_ffmpeg_name(path)) as container:
             stream = _video_stream(container, path)
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):

@@ -142,6 +142,16 @@ def test_bad_input_is_refused_before_the_model_loads(
         assert "--skip-memory-check" in err and "GiB" in err
 
 
+def test_an_out_name_ffmpeg_would_read_as_a_protocol_is_written_as_that_file(
+    assets, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("cam:1/v.gif", "file:sub/v.mp4"):
+        assert main(_args(assets, Path(name), "--frames", "2", "--steps", "1")) == 0
+        assert read_video(tmp_path / name).shape[0] == 2
+    assert not (tmp_path / "sub").exists()
+
+
 def test_the_largest_seed_samples(assets, tmp_path) -> None:
     # seeds wrap round 2^64 where the sampler derives more generators from the one given
     assert main([*_args(assets, tmp_path / "v.gif"), "--seed", str(2**64 - 1), "--steps", "1"]) == 0

@@ -10,15 +10,18 @@ import json
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import train_args
 
 from lookback_cli.main import main
 from lookback_core import atomic
+from lookback_core.video_io import read_metadata, read_video, write_video
 from toyworld import build as toybuild
 from toyworld import decoder as toydecoder
 from toyworld.build import BASE_FIELDS, DECODER_FIELDS, StageTimer, ToyRecipe, check_reusable, prepare
@@ -196,3 +199,51 @@ def test_a_decoder_without_complete_facts_is_tuned_again(tmp_path, monkeypatch, 
     )
     assert toydecoder.decoder_stage(folder, tmp_path / "checkpoint.safetensors", fields) == result
     assert len(tuned) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Output names FFmpeg would read as protocols
+
+
+@pytest.mark.parametrize("name", ["cam:1/v.gif", "pipe:1/v.mp4", "file:sub/v.webp", "a:b.gif", "http:x.mp4"])
+def test_output_names_ffmpeg_reads_as_protocols_are_written_as_files(tmp_path, monkeypatch, name) -> None:
+    monkeypatch.chdir(tmp_path)
+    frames = np.random.default_rng(0).integers(0, 255, size=(3, 16, 16, 3), dtype=np.uint8)
+    written = write_video(frames, name, fps=4, metadata={"prompt": "{}"})
+    assert (tmp_path / name).is_file() and written == Path(name)
+    assert read_video(name).shape == (3, 16, 16, 3) and read_metadata(name) == {"prompt": "{}"}
+    made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert made == [name]  # nothing stray (file:sub/... once made sub/.v.webp.*.part)
+
+
+def test_ffmpeg_on_a_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch) -> None:
+    import imageio_ffmpeg
+
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.stdin.buffer.read()\n"
+                    "print('av_interleaved_write_frame(): No space left on device', file=sys.stderr)\nsys.exit(1)\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(fake))
+    target = tmp_path / "out" / "v.mp4"
+    with pytest.raises(OSError) as raised:
+        write_video(np.zeros((2, 8, 8, 3), np.uint8), target)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert "no space left on the disk" in atomic.describe_os_error(raised.value)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_trainer_writes_its_validation_video_into_an_output_dir_named_like_a_protocol(
+    setup, tmp_path, monkeypatch
+) -> None:
+    import imageio.v3 as iio
+    from toy_clips import toy_frames
+
+    from training.train import main as train_main
+
+    image = tmp_path / "start.png"
+    iio.imwrite(image, toy_frames(5, size=40)[0])
+    monkeypatch.chdir(tmp_path)
+    extra = ["--max_train_steps", "1", "--validation_image", str(image), "--validation_steps", "1",
+             "--validation_frames", "2", "--validation_inference_steps", "1"]  # fmt: skip
+    assert train_main(train_args(setup, "cam:1", *extra)) == 0
+    assert (tmp_path / "cam:1" / "validation" / "step-0000001.mp4").is_file()
