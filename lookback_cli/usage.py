@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lookback_core.atomic import check_writable
+from lookback_core.atomic import check_writable, file_problem
 
 
 class UsageError(Exception):
@@ -14,8 +14,11 @@ class UsageError(Exception):
 
 def existing_file(flag: str, value: str) -> Path:
     path = Path(value).expanduser()
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "no such file":
         raise UsageError(f"{flag}: no such file: {path}")
+    if problem:  # a folder, a FIFO ...: said so (a FIFO is never opened: that would wait)
+        raise UsageError(f"{flag}: {path} {problem}")
     return path
 
 

@@ -8,7 +8,8 @@ outright (SIGKILL, power loss) cannot remove its own; the next write to the same
 every such leftover whose process is gone. The file gets the mode a plain write would give it:
 a replaced file's own, a new one's from the umask.
 
-Also here: what an ``OSError`` of a write means in the user's words (:func:`describe_os_error`).
+Also here: what an ``OSError`` of a write means in the user's words (:func:`describe_os_error`),
+and what a path that should be a file is instead (:func:`file_problem`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,30 @@ def describe_os_error(
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{where}cannot write there ({err.strerror}); choose a writable {place}"
     return f"{where}{err.strerror or err}"
+
+
+_NOT_FILES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a file: ``"no such file"``, ``"is a folder, expected a file"``
+    (or a FIFO, socket, device: never opened, which for a FIFO would wait); None for a file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _NOT_FILES if test(mode)), "not a regular file")
+    return f"is {kind}, expected a file"
 
 
 @contextlib.contextmanager

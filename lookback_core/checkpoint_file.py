@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .atomic import file_problem
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
@@ -205,10 +207,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """Read a checkpoint once, refusing other model families before its tensors are loaded when possible.
 
     Returns the state dict and the file's safetensors metadata (empty for ``.ckpt``)."""
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: no such checkpoint file (expected an SD1.5 .safetensors or .ckpt file)"
-        )
+    problem = file_problem(path)
+    if problem:
+        problem = "no such checkpoint file" if problem == "no such file" else problem
+        raise CheckpointError(f"{path}: {problem} (expected an SD1.5 .safetensors or .ckpt file)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         shapes, metadata = _read_safetensors_header(path)

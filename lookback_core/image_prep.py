@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .atomic import file_problem
 from .video_io import _uint8_frames, rgb_array
 
 EXIF_ORIENTATION = 0x0112
@@ -28,10 +29,10 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
     becomes RGB, and an animated file gives its first frame.
     """
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"image file '{path}' does not exist" + (" (it is a folder)" if file.exists() else "")
-        )
+    problem = file_problem(file)
+    if problem:
+        problem = "does not exist" if problem == "no such file" else problem
+        raise FileNotFoundError(f"image file '{path}' {problem}")
     try:
         with Image.open(file) as image:
             image = ImageOps.exif_transpose(image)

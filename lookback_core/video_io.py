@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_path, check_writable
+from .atomic import atomic_path, check_writable, file_problem
 
 FORMATS = ("mp4", "gif", "webp")
 
@@ -410,10 +410,11 @@ def _parse_comment(comment: str | None) -> dict[str, str]:
 def _kind_of_file(path: str | os.PathLike[str]) -> str:
     """``gif``, ``webp`` (read with Pillow) or ``av`` (anything else, read with PyAV), by content."""
     file = Path(path)
-    if not file.exists():
+    problem = file_problem(file)
+    if problem == "no such file":
         raise VideoReadError(path, "the file does not exist")
-    if not file.is_file():
-        raise VideoReadError(path, "it is not a file")
+    if problem:
+        raise VideoReadError(path, f"it {problem}")
     try:
         with open(file, "rb") as stream:
             head = stream.read(12)

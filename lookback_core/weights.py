@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .atomic import save_safetensors
+from .atomic import file_problem, save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
 from .latents import same_scale
 from .sampler import SETTING_RULES, InvalidSetting, check_setting
@@ -141,8 +141,9 @@ def save_temporal_weights(
 def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
     """Read and check a file's metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise TemporalWeightsError(path, "no such file")
+    problem = file_problem(path)
+    if problem:
+        raise TemporalWeightsError(path, problem)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -89,6 +89,10 @@ def test_same_seed_same_gif(assets, tmp_path) -> None:
     [
         (("--weights", "missing.safetensors"), "--weights: no such file"),
         (("--image", "nowhere.png"), "--image: no such file"),
+        (("--image", "{tmp}/v.mp4"), "--image: {tmp}/v.mp4 is a folder, expected a file"),
+        (("--image", "{tmp}/fifo"), "--image: {tmp}/fifo is a FIFO (named pipe), expected a file"),
+        (("--weights", "{tmp}/fifo"), "--weights: {tmp}/fifo is a FIFO (named pipe), expected a file"),
+        (("--checkpoint", "{tmp}/v.mp4"), "--checkpoint: {tmp}/v.mp4 is a folder, expected a file"),
         (("--out", "video.avi"), "--out: unknown video format from the suffix of path 'video.avi'"),
         (("--out", "{tmp}/v.mp4"), "--out: path '{tmp}/v.mp4' is a folder"),
         (("--out", "{tmp}/afile/v.mp4"), "--out: cannot write '{tmp}/afile/v.mp4': '{tmp}/afile' is a file"),
@@ -128,6 +132,7 @@ def test_bad_input_is_refused_before_the_model_loads(
     monkeypatch.setattr(sd15, "load_sd15", never)
     (tmp_path / "v.mp4").mkdir()
     (tmp_path / "afile").write_text("a file, not a folder")
+    os.mkfifo(tmp_path / "fifo")  # never opened: reading it would wait for a writer
     args = _args(assets, tmp_path / "v.gif")
     change = [value.replace("{tmp}", str(tmp_path)) for value in change]
     for flag, value in zip(change[::2], change[1::2], strict=True):

@@ -307,7 +307,7 @@ def test_broken_files_raise_video_read_error(tmp_path):
 def test_missing_and_non_files(tmp_path):
     with pytest.raises(VideoReadError, match="does not exist"):
         read_video(tmp_path / "nope.mp4")
-    with pytest.raises(VideoReadError, match="not a file"):
+    with pytest.raises(VideoReadError, match="it is a folder, expected a file"):
         video_info(tmp_path)
     with pytest.raises(VideoReadError, match="does not exist"):
         read_metadata(tmp_path / "nope.webp")

@@ -247,3 +247,29 @@ def test_the_trainer_writes_its_validation_video_into_an_output_dir_named_like_a
              "--validation_frames", "2", "--validation_inference_steps", "1"]  # fmt: skip
     assert train_main(train_args(setup, "cam:1", *extra)) == 0
     assert (tmp_path / "cam:1" / "validation" / "step-0000001.mp4").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder or FIFO given where a file is read
+
+
+def test_a_folder_or_fifo_given_as_a_file_is_named_as_one(tmp_path, capsys) -> None:
+    from lookback_core.image_prep import load_image
+    from lookback_core.video_io import VideoReadError
+    from lookback_core.weights import TemporalWeightsError, read_temporal_header
+    from training.args import parse_args
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # never opened: reading it would wait for a writer
+    assert atomic.file_problem(tmp_path) == "is a folder, expected a file"
+    assert atomic.file_problem(fifo) == "is a FIFO (named pipe), expected a file"
+    assert atomic.file_problem(tmp_path / "nowhere") == "no such file"
+    with pytest.raises(TemporalWeightsError, match="is a FIFO"):
+        read_temporal_header(fifo)
+    with pytest.raises(FileNotFoundError, match="is a folder, expected a file"):
+        load_image(tmp_path)
+    with pytest.raises(VideoReadError, match="it is a FIFO"):
+        read_video(fifo)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model", str(fifo), "--train_data_dir", str(tmp_path), "--output_dir", "o"])
+    assert f"--pretrained_model: {fifo} is a FIFO (named pipe), expected a file" in capsys.readouterr().err

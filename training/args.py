@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lookback_core.atomic import file_problem
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.prompts import utf8_problem
 from lookback_core.weights import check_chunking, check_recommended_sampler
@@ -345,8 +346,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--validation_prompt {problem}")
     for flag in ("pretrained_model", "init_lookback_weights", "validation_image", "csv"):
         value = getattr(args, flag)
-        if value is not None and not Path(value).is_file():
-            parser.error(f"--{flag}: no such file: {value}")
+        problem = None if value is None else file_problem(value)
+        if problem:  # a folder or a FIFO is said to be one
+            said = f"no such file: {value}" if problem == "no such file" else f"{value} {problem}"
+            parser.error(f"--{flag}: {said}")
     if args.overwrite_output_dir and not args.resume_from_checkpoint:
         inputs = {
             f"--{f}": getattr(args, f)
