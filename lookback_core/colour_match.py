@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import torch
 
-# 1e-6 of a unit-variance latent: a flat channel is shifted, never divided by zero
+# 1e-6 of a unit-variance latent: a spread below it is none (a flat plane, or a 1x1 latent)
 _MIN_STD = 1e-6
 
 
 def match_colour(frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``frames`` (``[..., h, w]``, e.g. ``[b, c, f, h, w]``) with every ``h x w`` plane's mean and
     standard deviation set to those of the matching plane of ``reference`` (broadcast against
-    ``frames``: ``[b, c, 1, h, w]`` for one reference frame per channel)."""
+    ``frames``: ``[b, c, 1, h, w]`` for one reference frame per channel).
+
+    Where either plane has no spread (flat, or a single pixel) only the mean is set: a flat
+    reference has no contrast to give (scaling to it would flatten every frame), and a flat frame
+    none to scale."""
     dims = (-2, -1)
-    mean, std = frames.mean(dims, keepdim=True), frames.std(dims, keepdim=True)
-    target_mean, target_std = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
-    return (frames - mean) / std.clamp_min(_MIN_STD) * target_std + target_mean
+    # the spread over the plane itself (correction 0): a 1x1 plane's is 0, not NaN; the ratio of two
+    # planes' spreads is the same either way
+    mean, std = frames.mean(dims, keepdim=True), frames.std(dims, keepdim=True, correction=0)
+    target_mean = reference.mean(dims, keepdim=True)
+    target_std = reference.std(dims, keepdim=True, correction=0)
+    spread = (std > _MIN_STD) & (target_std > _MIN_STD)
+    scale = torch.where(spread, target_std / std.clamp_min(_MIN_STD), torch.ones_like(std))
+    return (frames - mean) * scale + target_mean

@@ -285,3 +285,23 @@ def test_bad_arguments_are_named(model, kwargs, message) -> None:
     ):
         with pytest.raises(ValueError, match=f"{field}="):
             SamplerSettings(**{field: value})
+
+
+def test_colour_match_on_a_one_pixel_latent_and_a_flat_first_frame() -> None:
+    from lookback_core.colour_match import match_colour
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(1, 4, 3, 1, 1, generator=g)
+    matched = match_colour(frames, frames[:, :, :1])
+    assert torch.isfinite(matched).all()  # a 1x1 plane has no spread (was NaN): its mean is set
+    assert torch.allclose(matched, frames[:, :, :1].expand_as(frames))
+    # a flat first frame gives the level, not a flat video: each frame keeps its own spread
+    frames = torch.randn(1, 4, 3, 8, 8, generator=g)
+    flat = torch.full((1, 4, 1, 8, 8), 0.25)
+    matched = match_colour(frames, flat)
+    assert torch.allclose(matched.mean((-2, -1)), torch.full((1, 4, 3), 0.25), atol=1e-5)
+    assert torch.allclose(matched.std((-2, -1)), frames.std((-2, -1)), rtol=1e-4)
+    # a flat frame against a textured first frame stays flat, at the first frame's level
+    reference = torch.randn(1, 4, 1, 8, 8, generator=g)
+    matched = match_colour(torch.full((1, 4, 2, 8, 8), 3.0), reference)
+    assert torch.allclose(matched, reference.mean((-2, -1), keepdim=True).expand(1, 4, 2, 8, 8), atol=1e-5)
