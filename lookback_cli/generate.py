@@ -251,7 +251,8 @@ SAMPLER_FLAGS = {
 def sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
     """Flags given by the user, else the weights file's recommended settings, else the defaults.
 
-    Returns the settings and a phrase saying where they came from."""
+    Returns the settings and a phrase saying where they came from: "as given", "the defaults", or
+    which flags were given, which recommended and which left at their defaults."""
     try:
         settings, used = resolve_settings(
             {k: getattr(args, k) for k in SAMPLER_FLAGS}, recommended, args.seed
@@ -259,10 +260,23 @@ def sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[Sampl
     except InvalidSetting as err:
         flag = SAMPLER_FLAGS.get(err.name, f"--{err.name}")
         raise UsageError(f"{flag} must be {err.expected}, got {err.value!r}") from None
-    origin = (
-        f"{', '.join(SAMPLER_FLAGS[k] for k in used)} as the weights file recommends" if used else "as given"
-    )
-    return settings, origin
+    given = [k for k in SAMPLER_FLAGS if getattr(args, k) is not None]
+    used = [k for k in SAMPLER_FLAGS if k in used]
+    default = [k for k in SAMPLER_FLAGS if k not in given and k not in used]
+    if len(given) == len(SAMPLER_FLAGS):
+        return settings, "as given"
+    if len(default) == len(SAMPLER_FLAGS):
+        return settings, "the defaults"
+    parts = [
+        f"{', '.join(SAMPLER_FLAGS[k] for k in names)} {how}"
+        for names, how in (
+            (given, "as given"),
+            (used, "as the weights file recommends"),
+            (default, "by default"),
+        )
+        if names
+    ]
+    return settings, "; ".join(parts)
 
 
 def info_command(args: argparse.Namespace) -> int:

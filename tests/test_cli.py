@@ -386,12 +386,12 @@ def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
     assert main(base) == 0
     assert (
         "sampler: 3 DDIM steps, cfg 1.5, eta 0, colour match first_frame (--steps, --cfg, --colour-match as the "
-        "weights file recommends)" in capsys.readouterr().out
+        "weights file recommends; --eta, --first-frame by default)" in capsys.readouterr().out
     )
     assert main([*base, "--steps", "2", "--eta", "0.5", "--colour-match", "off"]) == 0
     assert (
-        "sampler: 2 DDIM steps, cfg 1.5, eta 0.5, colour match off (--cfg as the weights file recommends)"
-        in capsys.readouterr().out
+        "sampler: 2 DDIM steps, cfg 1.5, eta 0.5, colour match off (--steps, --eta, --colour-match as given; "
+        "--cfg as the weights file recommends; --first-frame by default)" in capsys.readouterr().out
     )
     assert [(s.steps, s.cfg_scale, s.eta, s.colour_match) for s in used] == [
         (3, 1.5, 0.0, "first_frame"),
@@ -409,3 +409,33 @@ def test_generate_uses_the_recommended_sampler_settings_where_no_flag_is_given(
         "generate uses the recommended sampler settings (--steps 3, --cfg 1.5, --colour-match first_frame)"
         in (result.stdout)
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "recommended", "origin"),
+    [
+        ({}, {}, "the defaults"),
+        (
+            {"steps": 3, "cfg_scale": 2.0, "eta": 0.0, "first_frame": "clean", "colour_match": "off"},
+            {},
+            "as given",
+        ),
+        (
+            {},
+            {"steps": 3},
+            "--steps as the weights file recommends; --cfg, --eta, --first-frame, --colour-match by default",
+        ),
+        (
+            {"eta": 0.5},
+            {"steps": 3, "cfg_scale": 1.5},
+            "--eta as given; --steps, --cfg as the weights file recommends; --first-frame, --colour-match by default",
+        ),
+    ],
+)
+def test_generate_says_where_each_sampler_setting_came_from(given, recommended, origin) -> None:
+    from lookback_cli.generate import parse_generate_args, sampler_settings
+
+    args = parse_generate_args(["--checkpoint", "c", "--image", "i", "--out", "v.gif"])
+    for name, value in given.items():
+        setattr(args, name, value)
+    assert sampler_settings(args, recommended)[1] == origin
