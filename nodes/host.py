@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -18,13 +20,16 @@ from .lookback_patch import (
     UNET_PATCH_POINTS,
     LookBackPatches,
     add_patches,
+    frame_grid,
     site_patch_point,
     unet_site_channels,
 )
 
 try:
     import comfy.model_patcher
+    import comfy.utils
     import folder_paths
+    import latent_preview
 except ImportError:  # not running inside ComfyUI
     folder_paths = None
 
@@ -223,3 +228,28 @@ def metadata_disabled() -> bool:
     from comfy.cli_args import args
 
     return bool(args.disable_metadata)
+
+
+def every_frame_preview(callback: Callable, guider: Any) -> Callable:
+    """KSampler's step ``callback(step, x0, x, total_steps)``, followed by a live preview of every frame.
+
+    ComfyUI's previewers (latent2rgb, TAESD) decode the first latent of the batch, which for a
+    look-back video (its frames are the batch) is the pinned start frame, the one frame that never
+    changes. The host's callback still runs as it is (its progress, and the denoised latent it
+    keeps for SamplerCustom's ``denoised_output``); then the same previewer, the one the user's
+    ``--preview-method`` selects, decodes all frames as a grid (:func:`frame_grid`) and the grid is
+    sent as the node's preview through ``comfy.utils.ProgressBar``, after the host's own (the
+    frontend shows the latest). With previews off nothing more is done.
+    """
+    patcher = guider.model_patcher
+    previewer = latent_preview.get_previewer(patcher.load_device, patcher.model.latent_format)
+    if previewer is None:
+        return callback
+    progress = comfy.utils.ProgressBar(1)
+
+    def step(step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        callback(step, x0, x, total_steps)
+        picture = previewer.decode_latent_to_preview_image("JPEG", frame_grid(x0))
+        progress.update_absolute(step + 1, total_steps, picture)
+
+    return step

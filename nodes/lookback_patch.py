@@ -27,11 +27,13 @@ travel from the sampler to the model calls in ``transformer_options[PIN_KEY]``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from lookback_core.colour_match import match_colour
@@ -235,10 +237,23 @@ def _pinned_in(latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | N
     return pinned if bool(pinned.any()) else None
 
 
+def frame_grid(frames: torch.Tensor) -> torch.Tensor:
+    """Frames ``[f, c, h, w]`` as one picture ``[1, c, rows * h, cols * w]``, row by row, in a grid as
+    near square as the count allows (the cells after the last frame zero), for ComfyUI's previewers,
+    which decode the first picture of a batch."""
+    count, channels, height, width = frames.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    cells = frames.new_zeros(rows * cols, channels, height, width)
+    cells[:count] = frames
+    return rearrange(cells, "(r k) c h w -> 1 c (r h) (k w)", r=rows)
+
+
 def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
                            noise: torch.Tensor, latent_image: torch.Tensor | None, denoise_mask: torch.Tensor | None,
                            disable_pbar: bool, horizon: int | None = None, depth: int | None = None,
-                           context: int | None = None, colour_match: str = "off") -> torch.Tensor:  # fmt: skip
+                           context: int | None = None, colour_match: str = "off",
+                           preview: Callable | None = None) -> torch.Tensor:  # fmt: skip
     """ComfyUI's SAMPLER_SAMPLE wrapper: hands the pinned frames and their clean latents (already in
     the model's latent space) to the model calls of this sampling run, and returns the pinned
     frames exactly (a multistep sampler such as uni_pc ends a little off the last denoised output,
@@ -247,7 +262,9 @@ def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor
     (with the weights' look-back ``depth`` and recorded ``context``: the frames each chunk starts
     from, :func:`lookback_core.long_video.default_context`).
     ``colour_match`` ``first_frame``: the new frames' colour statistics are set to the first pinned
-    frame's (:func:`lookback_core.colour_match.match_colour`), as the command line's sampler does."""
+    frame's (:func:`lookback_core.colour_match.match_colour`), as the command line's sampler does.
+    ``preview(callback, guider)``: the host's step callback, wrapped so its live preview shows every
+    frame (``host.every_frame_preview``)."""
     if horizon is not None and latent_image is not None and latent_image.shape[0] > horizon:
         context = default_context(horizon, depth, context)
         logger.warning(
@@ -258,6 +275,8 @@ def sampler_sample_wrapper(executor: Callable, guider: Any, sigmas: torch.Tensor
     pinned = _pinned_in(latent_image, denoise_mask)
     if pinned is not None:
         extra_args["model_options"].setdefault("transformer_options", {})[PIN_KEY] = (latent_image, pinned)
+        if preview is not None and callback is not None:
+            callback = preview(callback, guider)
     samples = executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
     if pinned is None:
         return samples

@@ -126,6 +126,7 @@ def apply_lookback(model, weights: LookBackWeights, colour_match: str = RECOMMEN
             depth=weights.header.config.depth,
             context=weights.header.context_frames,
             colour_match=colour_match,
+            preview=host.every_frame_preview if host.IN_COMFYUI else None,
         ),
     )
     patched.add_wrapper_with_key(host.PREDICT_NOISE, WRAPPER_KEY, predict_noise_wrapper)

@@ -191,6 +191,49 @@ def same_seed_comparison(components, core_model, native_scaled, image, caption, 
 
 
 @torch.inference_mode()  # as ComfyUI's executor runs every node
+def preview_checks(out: Path, patched, latent: dict, positive, negative) -> dict:
+    """KSampler's step callback (``latent_preview.prepare_callback``, as the KSampler node makes it)
+    under latent2rgb and TAESD previews (a TAESD decoder of random weights in a ``vae_approx``
+    folder): the size of every preview sent per step, and the last step's final preview as an array."""
+    import comfy.taesd.taesd
+    import comfy.utils
+    import folder_paths
+    import latent_preview
+    import numpy as np
+    from safetensors.torch import save_file
+
+    approx = out / "vae_approx"
+    approx.mkdir(exist_ok=True)
+    decoder = comfy.taesd.taesd.Decoder(latent_channels=4)
+    save_file(decoder.state_dict(), approx / "taesd_decoder.safetensors")
+    folder_paths.add_model_folder_path("vae_approx", str(approx))
+    sent: list = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None, prompt_id=None: sent.append((value, total, preview))
+    )
+    results = {"taesd_decoder_name": patched.model.latent_format.taesd_decoder_name}
+    for method in (comfy.cli_args.LatentPreviewMethod.Latent2RGB, comfy.cli_args.LatentPreviewMethod.TAESD):
+        comfy.cli_args.args.preview_method = method
+        sent.clear()
+        steps = 3
+        noise = comfy.sample.prepare_noise(latent["samples"], SEED)
+        comfy.sample.sample(
+            patched, noise, steps, 3.0, "euler", "normal", positive, negative, latent["samples"],
+            noise_mask=latent["noise_mask"], seed=SEED, callback=latent_preview.prepare_callback(patched, steps),
+        )  # fmt: skip
+        per_step: dict = {}
+        for value, _total, preview in sent:
+            if preview is not None:
+                per_step.setdefault(value, []).append(list(preview[1].size))
+        last = next(preview for _value, _total, preview in reversed(sent) if preview is not None)
+        picture = np.asarray(last[1].convert("RGB"), dtype=np.float64)
+        results[method.value] = {"sizes": per_step, "last": picture.tolist(), "frames": latent["samples"].shape[0],
+                                 "latent_size": list(latent["samples"].shape[-2:])}  # fmt: skip
+    comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
+    comfy.utils.set_progress_bar_global_hook(None)
+    return results
+
+
 def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
     results: dict = {}
     model, clip, vae = load_own_config_checkpoint(checkpoint)
@@ -313,7 +356,11 @@ def main(out: Path, checkpoint: Path, weights_path: Path) -> None:
         base_, _ = ksample(patched, latent, positive, negative, "euler", "normal", 3)
         results["lora"][str(strength)] = (out_[1:] - base_[1:]).abs().max().item()
 
-    # 6. refusals name both sides
+    # 6. live previews show every frame, with either previewer the user can choose
+    results["previews"] = preview_checks(out, patched, latent, positive, negative)
+    print("previews done", flush=True)
+
+    # 7. refusals name both sides
     channels = weights.header.config.channels
     wrong = write_weights(out / "lookback_wide.safetensors", {s: 2 * n for s, n in channels.items()})
     for name, call in {"wrong_channels": lambda: apply_lookback(model, read_weights(wrong)),

@@ -9,11 +9,13 @@ classes, samples and reports what it measured; the assertions are here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -120,3 +122,22 @@ def test_mismatched_weights_and_a_second_apply_are_refused_by_name(results) -> N
     # what ComfyUI prints of the weights in an error report is one line, not the module tree
     assert results["weights_repr"].startswith("LookBackWeights('lookback_toy.safetensors'")
     assert len(results["weights_repr"]) < 300
+
+
+@pytest.mark.parametrize("method", ["latent2rgb", "taesd"])
+def test_the_live_preview_shows_every_frame(results, method) -> None:
+    previews = results["previews"]
+    assert previews["taesd_decoder_name"] == "taesd_decoder"  # SD1.5's, so TAESD really decoded
+    run = previews[method]
+    frames, (h, w) = run["frames"], run["latent_size"]
+    cols = math.ceil(math.sqrt(frames))
+    rows = math.ceil(frames / cols)
+    scale = 8 if method == "taesd" else 1  # TAESD decodes to pixels, latent2rgb a pixel per latent
+    # every step: the host's preview of the first latent (the pinned frame), then the grid of all frames
+    assert sorted(run["sizes"]) == ["1", "2", "3"], run["sizes"]
+    for sizes in run["sizes"].values():
+        assert sizes == [[w * scale, h * scale], [cols * w * scale, rows * h * scale]], sizes
+    if method == "latent2rgb":  # the grid's cells are the frames, which moved away from the start
+        picture = np.asarray(run["last"])
+        cells = [picture[r * h : (r + 1) * h, c * w : (c + 1) * w] for r in range(rows) for c in range(cols)]
+        assert all(np.abs(cells[i] - cells[0]).mean() > 1 for i in range(1, frames)), "frames alike"

@@ -404,3 +404,14 @@ def test_sampling_past_the_weights_horizon_warns_how_to_chunk(caplog) -> None:
         horizon=16, depth=3,
     )  # fmt: skip
     assert "Look-Back Extend Video (context_frames 3, frames 13)" in caplog.text
+
+
+@pytest.mark.parametrize(("frames", "rows", "cols"), [(16, 4, 4), (5, 2, 3), (1, 1, 1), (24, 5, 5)])
+def test_frame_grid_lays_every_frame_out_row_by_row(frames, rows, cols) -> None:
+    latents = torch.randn(frames, 4, 3, 5)
+    grid = lookback_patch.frame_grid(latents)
+    assert grid.shape == (1, 4, rows * 3, cols * 5)
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        cell = grid[0, :, r * 3 : (r + 1) * 3, c * 5 : (c + 1) * 5]
+        assert torch.equal(cell, latents[i] if i < frames else torch.zeros_like(latents[0])), i
