@@ -163,3 +163,56 @@ def test_the_pack_nodes_outputs_are_their_outputs_in_order(ui_path, api_path) ->
         if cls is not None:
             slots = [(output["name"], output["type"]) for output in node["outputs"]]
             assert slots == list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES)), node["type"]
+
+
+# How the frontend (ComfyUI_frontend 1.49.6, LiteGraph) draws a node, as far as the file shows it:
+# a title bar of NODE_TITLE_HEIGHT above ``pos``, and a body of ``size`` that it grows on load to
+# what the title, slots and widgets need. Measured in Chromium (14px Inter): titles need their
+# text (7.2 px a character at most in these templates) + 40 px; the body 20 px a slot row, 24 px a
+# widget + 14 px (6 px without widgets), a multiline text box 30 px more; 210 px wide at least with
+# widgets (223 px for Load Image), 140 px without. The estimates below are at least that (8 px a
+# character, 240/160 px at least), so a box here is never smaller than the one drawn.
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT
+GAP = 20  # the least free space between two drawn nodes, in graph units (default zoom about 1)
+MULTILINE = {"CLIPTextEncode"}  # nodes with a multiline text box
+
+
+def _least_size(node: dict) -> tuple[int, int]:
+    widgets = len(node.get("widgets_values") or [])
+    width = max(8 * len(node.get("title") or node["type"]) + 40, 240 if widgets else 160)
+    rows = max(len(node.get("inputs", [])), len(node.get("outputs", [])), 1)
+    height = rows * 20 + (widgets * 24 + 14 if widgets else 6) + (30 if node["type"] in MULTILINE else 0)
+    return width, height
+
+
+def _drawn_box(node: dict) -> tuple[float, float, float, float]:
+    """left, top, right, bottom of the node as drawn, its title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    least_w, least_h = _least_size(node)
+    return x, y - TITLE_HEIGHT, x + max(w, least_w), y + max(h, least_h)
+
+
+@PAIRS
+def test_every_node_is_saved_at_least_as_large_as_it_is_drawn(ui_path, api_path) -> None:
+    """A node saved smaller than its title, slots and widgets need is drawn larger than the
+    layout allows for (the toy KSampler's long title made it wider than its place)."""
+    small = [
+        (node["title"], node["size"], _least_size(node))
+        for node in _load(ui_path)["nodes"]
+        if node["size"][0] < _least_size(node)[0] or node["size"][1] < _least_size(node)[1]
+    ]
+    assert not small
+
+
+@PAIRS
+def test_no_node_covers_another(ui_path, api_path) -> None:
+    """Every widget of every node can be seen and clicked as the template opens: no two drawn
+    boxes (title bars included) overlap, and at least GAP lies between them."""
+    boxes = [(node["title"], _drawn_box(node)) for node in _load(ui_path)["nodes"]]
+    too_close = [
+        (title_a, title_b)
+        for i, (title_a, (left_a, top_a, right_a, bottom_a)) in enumerate(boxes)
+        for title_b, (left_b, top_b, right_b, bottom_b) in boxes[i + 1 :]
+        if max(left_b - right_a, left_a - right_b, top_b - bottom_a, top_a - bottom_b) < GAP
+    ]
+    assert not too_close
