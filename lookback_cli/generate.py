@@ -71,6 +71,7 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     """Check every ``generate`` argument (files, numbers, output, device, memory) without loading a model."""
     from lookback_core.image_prep import fitted_size, image_size
     from lookback_core.prompts import utf8_problem
+    from lookback_core.sd15 import read_model_configs
     from lookback_core.video_io import check_video_target
     from lookback_core.weights import read_temporal_header
 
@@ -81,6 +82,7 @@ def plan_generate(args: argparse.Namespace) -> GeneratePlan:
     checkpoint = existing_file("--checkpoint", args.checkpoint)
     if args.config_dir is not None and not Path(args.config_dir).is_dir():
         raise UsageError(f"--config-dir: no such folder: {args.config_dir}")
+    read_model_configs(checkpoint, args.config_dir)  # configs it carries: checked from its header, now
     weights = existing_file("--weights", args.weights) if args.weights else None
     image = existing_file("--image", args.image)
     header = read_temporal_header(weights) if weights else None

@@ -69,6 +69,7 @@ def _check_rules(args: argparse.Namespace) -> None:
 
 
 def toy_eval_command(args: argparse.Namespace) -> int:
+    from lookback_core.sd15 import read_model_configs
     from toyworld.evaluate import (
         EvalJob,
         default_chunking,
@@ -106,6 +107,7 @@ def toy_eval_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"--split/--clips/--first-seed: {err}") from None
     checkpoint = existing_file("--checkpoint", args.checkpoint)
+    read_model_configs(checkpoint)  # the configs it carries, checked before any model loads
     sampler = {
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,

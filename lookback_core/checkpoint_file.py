@@ -10,7 +10,6 @@ torch's safe loader.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import file_problem
+from .metadata import parse_json
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -108,12 +108,14 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], di
             length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
             if not 0 < length <= min(size - 8, _MAX_HEADER_BYTES):
                 raise CheckpointError(f"{path}: not a readable safetensors file; expected {expected}")
-            header = json.loads(f.read(length))
+            header = parse_json(f.read(length), "the JSON header")
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
         metadata = dict(header.get("__metadata__") or {})
         data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, IndexError) as err:
+    except CheckpointError:
+        raise
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(
             f"{path}: the safetensors header is corrupt ({err}); expected {expected}"
         ) from err
@@ -123,6 +125,28 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], di
             f"the file holds {size - 8 - length}"
         )
     return shapes, metadata
+
+
+PART_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
+
+
+def part_elements(shapes: Mapping[str, Any]) -> dict[str, int]:
+    """Elements of the UNet's, the VAE's and the text encoder's tensors (``shapes``: key -> tensor or shape)."""
+    return {
+        part: sum(math.prod(shape_of(v)) for k, v in shapes.items() if k.startswith(prefix))
+        for part, prefix in PART_PREFIXES.items()
+    }
+
+
+def checkpoint_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes and the metadata of a ``.safetensors`` checkpoint, from its header alone
+    (no tensor is read); ``CheckpointError`` for a missing, unreadable or damaged file."""
+    path = Path(path)
+    problem = file_problem(path)
+    if problem:
+        problem = "no such checkpoint file" if problem == "no such file" else problem
+        raise CheckpointError(f"{path}: {problem} (expected an SD1.5 .safetensors or .ckpt file)")
+    return _read_safetensors_header(path)
 
 
 def checkpoint_metadata(path: Path) -> dict[str, str]:

@@ -21,8 +21,11 @@ modules it holds.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+
+from .metadata import parse_json
+from .rules import NUMBERS, Rule, flag, is_whole, one_of, shown, whole
 
 FORMAT_VERSION = 1
 
@@ -30,6 +33,25 @@ FORMAT_VERSION = 1
 SD15_INPUT_SITES = tuple(f"input.{k}" for k in (1, 2, 4, 5, 7, 8, 10, 11))
 SD15_OUTPUT_SITES = tuple(f"output.{k}" for k in range(12))
 SD15_SITES = SD15_INPUT_SITES + ("middle",) + SD15_OUTPUT_SITES
+
+
+MAX_KERNEL = 15
+MAX_SITES = 256
+_SITE_NAME = re.compile(r"middle|(input|output)\.\d{1,3}")
+_ODD_KERNEL = Rule(
+    lambda v: is_whole(v) and 1 <= v <= MAX_KERNEL and v % 2 == 1, f"an odd whole number in 1..{MAX_KERNEL}"
+)
+_CHANNELS = whole(1, 16384, "channels of a UNet layer")
+_FIELD_RULES: dict[str, Rule] = {
+    "depth": NUMBERS["lookback_depth"],
+    "kernel": _ODD_KERNEL,
+    "adapter_kernel": _ODD_KERNEL,
+    "padding_mode": one_of("zeros", "reflect", "replicate"),
+    **{
+        name: flag()
+        for name in ("channel_mix", "adapter", "lookback", "causal_adapter", "first_frame_anchor")
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -54,16 +76,27 @@ class LookBackConfig:
     first_frame_anchor: bool = False  # True: the look-back conv of frame i >= 1 also reads frame 0's input
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ValueError(f"look-back depth d must be >= 1, got {self.depth}")
-        for name in ("kernel", "adapter_kernel"):
-            value = getattr(self, name)
-            if value < 1 or value % 2 == 0:
-                raise ValueError(f"{name} must be a positive odd number, got {value}")
-        if self.padding_mode not in ("zeros", "reflect", "replicate"):
+        # types and bounds first (a file's config is anyone's JSON): lookback_core.rules
+        if isinstance(self.sites, str) or not isinstance(self.sites, (list, tuple)):
             raise ValueError(
-                f"padding_mode must be 'zeros', 'reflect' or 'replicate', got {self.padding_mode!r}"
+                f"sites must be a list of site names (e.g. ['middle', 'output.0']), got {shown(self.sites)}"
             )
+        problems = [
+            p for name, rule in _FIELD_RULES.items() for p in [rule.problem(name, getattr(self, name))] if p
+        ]
+        if len(self.sites) > MAX_SITES or not all(
+            isinstance(s, str) and _SITE_NAME.fullmatch(s) for s in self.sites
+        ):
+            problems.append(
+                f"sites must be at most {MAX_SITES} site names ('input.K', 'middle', 'output.K'), got {shown(self.sites)}"
+            )
+        channels = self.channels
+        if not isinstance(channels, dict) or not all(
+            isinstance(k, str) and _CHANNELS.accepts(v) for k, v in channels.items()
+        ):
+            problems.append(f"channels must map site names to {_CHANNELS.expected}, got {shown(channels)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         if not self.sites:
             raise ValueError("a look-back config needs at least one site")
         if self.first_frame_anchor and not self.lookback:
@@ -90,12 +123,15 @@ class LookBackConfig:
 
     @classmethod
     def from_json(cls, text: str) -> LookBackConfig:
-        data: dict[str, Any] = json.loads(text)
+        """The config a file records; ``ValueError`` names each field that is not what it must be."""
+        data = parse_json(text, "the config")
+        if not isinstance(data, dict):
+            raise ValueError(f"the config must be a JSON object, got {shown(data)}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown look-back config field(s) {unknown}")
-        data["sites"] = tuple(data.get("sites", SD15_SITES))
+        data.setdefault("sites", list(SD15_SITES))
         return cls(**data)
 
 

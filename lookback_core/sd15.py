@@ -22,7 +22,17 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .checkpoint_file import SHOWN, TEXT_PREFIX, UNET_PREFIX, CheckpointError, read_checkpoint, shape_of
+from .checkpoint_file import (
+    SHOWN,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    CheckpointError,
+    checkpoint_header,
+    part_elements,
+    read_checkpoint,
+    shape_of,
+)
+from .metadata import model_config_problems, parse_json, size_problems
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 
@@ -31,6 +41,17 @@ SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 # stays SD1.5's, and so does the scheduler unless one is given.
 EMBEDDED_CONFIGS_KEY = "lookback_sd15_configs"
 MODEL_PARTS = ("unet", "vae", "text_encoder")
+
+# What diffusers and transformers raise for a config they cannot build (the checked fields never do)
+_BUILD_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    ZeroDivisionError,
+)
 
 # Buffers that CLIP checkpoints may or may not carry; transformers rebuilds them itself.
 _OPTIONAL_TEXT_KEYS = {"embeddings.position_ids"}
@@ -140,50 +161,93 @@ class ModelConfigs:
             if not (folder / part).exists():
                 raise FileNotFoundError(f"{folder / part}: missing from the SD1.5 config folder {folder}")
         files = {part: folder / part / "config.json" for part in MODEL_PARTS}
+        files["scheduler"] = folder / "scheduler" / "scheduler_config.json"
+        read = {}
+        for part, file in files.items():
+            try:
+                read[part] = recorded_config(parse_json(file.read_text(encoding="utf-8"), "it"))
+            except (ValueError, TypeError) as err:  # TypeError: JSON that is not an object
+                raise CheckpointError(f"{file}: {err}; expected the {part} config (a JSON object)") from None
+        _refuse_invalid(folder, "its configs", read)
         return cls(
-            configs={
-                part: recorded_config(json.loads(file.read_text(encoding="utf-8")))
-                for part, file in files.items()
-            },
-            sources={part: str(file) for part, file in files.items()},
-            scheduler=recorded_config(
-                json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-            ),
+            configs={part: read[part] for part in MODEL_PARTS},
+            sources={part: str(file) for part, file in files.items() if part in MODEL_PARTS},
+            scheduler=read["scheduler"],
             folder=folder,
         )
 
     @classmethod
-    def from_metadata(cls, path: Path, text: str) -> ModelConfigs:
-        """The configs a checkpoint carries in its metadata; the tokenizer (and by default the scheduler) is SD1.5's."""
+    def from_metadata(cls, path: Path, text: str, held: Mapping[str, int] | None = None) -> ModelConfigs:
+        """The configs a checkpoint carries in its metadata; the tokenizer (and by default the scheduler) is SD1.5's.
+
+        Every field is checked (:func:`lookback_core.metadata.model_config_problems`) and, with
+        ``held`` (the file's tensor elements per part), the weights the configs describe must fit in
+        the file, all before anything is built: :class:`CheckpointError` names the file and the fields."""
+        what = f"its metadata {EMBEDDED_CONFIGS_KEY!r}"
         try:
-            configs = json.loads(text)
-            valid = isinstance(configs, dict) and all(isinstance(configs.get(p), dict) for p in MODEL_PARTS)
-            valid = valid and isinstance(configs.get("scheduler", {}), dict)
-        except json.JSONDecodeError:
-            valid = False
-        if not valid:
+            configs = parse_json(text, what)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        valid = isinstance(configs, dict) and all(isinstance(configs.get(p), dict) for p in MODEL_PARTS)
+        if not (valid and isinstance(configs.get("scheduler", {}), dict)):
             raise CheckpointError(
-                f"{path}: its metadata {EMBEDDED_CONFIGS_KEY!r} is not a JSON object holding the "
-                f"{', '.join(MODEL_PARTS)} configs"
+                f"{path}: {what} is not a JSON object holding the {', '.join(MODEL_PARTS)} configs"
             )
         scheduler = configs.get("scheduler")
+        read = {part: recorded_config(configs[part]) for part in MODEL_PARTS}
+        read["scheduler"] = (
+            recorded_config(scheduler) if scheduler else cls.from_folder(SHIPPED_CONFIG_DIR).scheduler
+        )
+        _refuse_invalid(path, what, read)
+        if held is not None:
+            _refuse_invalid(path, what, read, size_problems(read, held))
         return cls(
-            configs={part: recorded_config(configs[part]) for part in MODEL_PARTS},
+            configs={part: read[part] for part in MODEL_PARTS},
             sources={part: f"the {part} config in {path.name}'s metadata" for part in MODEL_PARTS},
-            scheduler=recorded_config(scheduler)
-            if scheduler
-            else cls.from_folder(SHIPPED_CONFIG_DIR).scheduler,
+            scheduler=read["scheduler"],
             folder=SHIPPED_CONFIG_DIR,
         )
 
     @classmethod
-    def for_checkpoint(cls, path: Path, config_dir: Path | None, metadata: Mapping[str, str]) -> ModelConfigs:
-        """``config_dir`` if given, else the configs the file carries, else the shipped SD1.5 configs."""
+    def for_checkpoint(
+        cls,
+        path: Path,
+        config_dir: Path | None,
+        metadata: Mapping[str, str],
+        held: Mapping[str, int] | None = None,
+    ) -> ModelConfigs:
+        """``config_dir`` if given, else the configs the file carries, else the shipped SD1.5 configs.
+
+        ``held``: the file's tensor elements per part (:func:`lookback_core.checkpoint_file.part_elements`),
+        which embedded configs must fit."""
         if config_dir is not None:
             return cls.from_folder(config_dir)
         if EMBEDDED_CONFIGS_KEY in metadata:
-            return cls.from_metadata(path, metadata[EMBEDDED_CONFIGS_KEY])
+            return cls.from_metadata(path, metadata[EMBEDDED_CONFIGS_KEY], held)
         return cls.from_folder(SHIPPED_CONFIG_DIR)
+
+
+def _refuse_invalid(
+    where: Path, what: str, configs: Mapping[str, Any], problems: list[str] | None = None
+) -> None:
+    """:class:`CheckpointError` naming ``where``, ``what`` and the first problems of ``configs``
+    (default: :func:`lookback_core.metadata.model_config_problems`)."""
+    problems = model_config_problems(configs) if problems is None else problems
+    if problems:
+        more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
+        raise CheckpointError(f"{where}: {what} cannot be built: " + "; ".join(problems[:SHOWN]) + more)
+
+
+def read_model_configs(path: str | Path, config_dir: str | Path | None = None) -> ModelConfigs:
+    """The configs :func:`load_sd15` would load ``path`` into, checked, from the file's header alone
+    (no tensor is read), so a front end names a bad config before any model loads."""
+    path = Path(path)
+    if config_dir is not None:
+        return ModelConfigs.from_folder(Path(config_dir))
+    if path.suffix.lower() != ".safetensors":
+        return ModelConfigs.from_folder(SHIPPED_CONFIG_DIR)
+    shapes, metadata = checkpoint_header(path)
+    return ModelConfigs.for_checkpoint(path, None, metadata, part_elements(shapes))
 
 
 def embedded_configs_metadata(
@@ -224,11 +288,15 @@ def _load_diffusers_model(
             config,
             source,
         )
-        converted = convert_ldm_unet_checkpoint(state, config)
-    else:
-        converted = convert_ldm_vae_checkpoint(state, config)
-    with torch.device("meta"):  # no random initialisation: every weight is assigned from the file
-        model = cls.from_config(config)
+    try:  # the configs are checked (lookback_core.metadata); what diffusers still refuses is named too
+        if cls is UNet2DConditionModel:
+            converted = convert_ldm_unet_checkpoint(state, config)
+        else:
+            converted = convert_ldm_vae_checkpoint(state, config)
+        with torch.device("meta"):  # no random initialisation: every weight is assigned from the file
+            model = cls.from_config(config)
+    except _BUILD_ERRORS as err:
+        raise CheckpointError(f"{path}: {source} cannot be built ({type(err).__name__}: {err})") from None
     _check_fits(path, cls.__name__, source, converted, model.state_dict())
     # Cast before assigning: diffusers' Module.to(dtype) warns about fp32-pinned modules it has none of.
     model.load_state_dict(
@@ -239,8 +307,12 @@ def _load_diffusers_model(
 
 def _load_text_encoder(path: Path, configs: ModelConfigs, state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
     """Load ``cond_stage_model.transformer.*`` into CLIPTextModel, with or without ``text_model.`` in the names."""
-    with torch.device("meta"):  # every weight is assigned from the file, as for the UNet and VAE
-        model = CLIPTextModel(CLIPTextConfig.from_dict(configs.configs["text_encoder"]))
+    try:
+        with torch.device("meta"):  # every weight is assigned from the file, as for the UNet and VAE
+            model = CLIPTextModel(CLIPTextConfig.from_dict(configs.configs["text_encoder"]))
+    except _BUILD_ERRORS as err:
+        source = configs.sources["text_encoder"]
+        raise CheckpointError(f"{path}: {source} cannot be built ({type(err).__name__}: {err})") from None
     # transformers 4 names CLIPTextModel's weights "text_model.*", transformers 5 drops the prefix.
     own = {k.removeprefix("text_model."): k for k in model.state_dict()}
     given = {
@@ -289,7 +361,9 @@ def load_sd15(
     if config_dir is not None:
         ModelConfigs.from_folder(Path(config_dir))  # a bad folder is named before the file is read
     state, metadata = read_checkpoint(path)
-    configs = ModelConfigs.for_checkpoint(path, None if config_dir is None else Path(config_dir), metadata)
+    configs = ModelConfigs.for_checkpoint(
+        path, None if config_dir is None else Path(config_dir), metadata, part_elements(state)
+    )
     unet = _load_diffusers_model(path, UNet2DConditionModel, configs, "unet", state, device, dtype)
     vae = _load_diffusers_model(path, AutoencoderKL, configs, "vae", state, device, dtype)
     text_encoder = _load_text_encoder(path, configs, state)

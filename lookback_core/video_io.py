@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path, check_writable, file_problem
+from .metadata import parse_json
 
 FORMATS = ("mp4", "gif", "webp")
 
@@ -399,8 +400,8 @@ def _parse_comment(comment: str | None) -> dict[str, str]:
     if not comment:
         return {}
     try:
-        parsed = json.loads(comment)
-    except json.JSONDecodeError:
+        parsed = parse_json(comment, "the comment")  # depth-limited: a video's tags are anyone's
+    except ValueError:
         return {"comment": comment}
     if not isinstance(parsed, dict):
         return {"comment": comment}

@@ -32,6 +32,8 @@ from torch import nn
 from .atomic import file_problem, save_safetensors
 from .config import FORMAT_VERSION, LookBackConfig
 from .latents import same_scale
+from .metadata import parse_json, training_fact_problems
+from .rules import is_number, shown
 from .sampler import SETTING_RULES, InvalidSetting, check_setting
 from .sites import site_channels, site_problems
 from .temporal_unet import LookBackUNet, TemporalModules
@@ -160,18 +162,25 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
         raise TemporalWeightsError(
             path, f"format version {version!r} is not supported (this code reads up to {FORMAT_VERSION})"
         )
+    # every field is checked here, where all front ends read it (lookback_core.metadata): types, ranges,
+    # JSON depth; a problem names the file, the field and what it must be
+    if "config" not in metadata:
+        raise TemporalWeightsError(path, "it has no config metadata (the look-back modules' config)")
     try:
         config = LookBackConfig.from_json(metadata["config"])
-    except (KeyError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:
         raise TemporalWeightsError(path, f"its config metadata is invalid ({err})") from None
     try:
-        training = json.loads(metadata.get("training", "{}"))
+        training = parse_json(metadata.get("training", "{}"), "it")
         if not isinstance(training, dict):
             raise ValueError(f"a JSON object was expected, got {type(training).__name__}")
+        problems = training_fact_problems(training)
+        if problems:
+            raise ValueError("; ".join(problems))
     except ValueError as err:
         raise TemporalWeightsError(path, f"its training metadata is invalid ({err})") from None
     try:
-        recommended = check_recommended_sampler(json.loads(metadata.get("recommended_sampler", "{}")))
+        recommended = check_recommended_sampler(parse_json(metadata.get("recommended_sampler", "{}"), "it"))
     except ValueError as err:
         raise TemporalWeightsError(path, f"its recommended_sampler metadata is invalid ({err})") from None
     counts = [metadata.get(name) for name in ("horizon_frames", "context_frames")]
@@ -179,7 +188,10 @@ def read_temporal_header(path: str | os.PathLike) -> TemporalHeader:
         horizon, context = check_chunking(*(v if v is None or not v.isdigit() else int(v) for v in counts))
     except ValueError as err:
         raise TemporalWeightsError(path, f"its chunking metadata is invalid ({err})") from None
-    return TemporalHeader(config, training, metadata.get("base_family", ""), recommended, horizon, context)
+    family = metadata.get("base_family", "")
+    return TemporalHeader(
+        config, training, family if isinstance(family, str) else shown(family), recommended, horizon, context
+    )
 
 
 def _check_family(path: Path, family: str) -> None:
@@ -281,7 +293,9 @@ def base_problems(
     """Why weights trained on another base do not fit this one: its latent scale (the VAE scaling
     factor, :mod:`lookback_core.latents`) or its text width. Facts the file does not record (weights
     written before they were recorded) and facts of this base that are not given are not checked."""
-    problems = []
+    problems = training_fact_problems(header.training)  # none for a header read from a file
+    if problems:
+        return problems
     trained_scale = header.training.get("latent_scale")
     if trained_scale is not None and latent_scale is not None and not same_scale(trained_scale, latent_scale):
         problems.append(
@@ -294,6 +308,32 @@ def base_problems(
             f"it was trained with a text context of {trained_context} channels; this model's has {context_dim}"
         )
     return problems
+
+
+def describe_base(header: TemporalHeader) -> str:
+    """What the weights were trained on, in their own words (the facts their file records). Never
+    raises, whatever the header holds: ComfyUI puts the ``str()`` of every input of a failed node
+    into its error report, inside its own error handler."""
+    facts = header.training if isinstance(header.training, dict) else {}
+
+    def fact(name: str, words: str) -> str:
+        value = facts[name]
+        if name == "latent_scale" and is_number(value):
+            return words.format(f"{value:.5g}")
+        plain = isinstance(value, int) or (isinstance(value, str) and len(value) <= 200)
+        return words.format(value if plain else shown(value))
+
+    parts = [fact("base_checkpoint", "trained on {}") if "base_checkpoint" in facts else "base not recorded"]
+    parts += [
+        fact(name, words)
+        for name, words in (("context_dim", "text context {}"), ("latent_scale", "latent scale {}"))
+        if name in facts
+    ]
+    sites = getattr(header.config, "sites", ())
+    parts.append(f"{len(sites) if isinstance(sites, (tuple, list)) else '?'} sites")
+    if header.horizon_frames is not None:
+        parts.append(f"checked for {shown(header.horizon_frames)} frames at once")
+    return ", ".join(parts)
 
 
 def load_lookback_unet(

@@ -20,9 +20,10 @@ import torch
 from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
+from lookback_core.rules import shown
 from lookback_core.sampler import COLOUR_MATCHES, check_setting
 from lookback_core.temporal_unet import TemporalModules
-from lookback_core.weights import TemporalHeader, TemporalWeightsError, load_temporal_weights
+from lookback_core.weights import TemporalHeader, TemporalWeightsError, describe_base, load_temporal_weights
 
 from . import host
 from .lookback_patch import (
@@ -51,23 +52,12 @@ class LookBackWeights:
     header: TemporalHeader
     name: str
 
-    def __repr__(self) -> str:  # ComfyUI puts inputs' reprs into error reports: no module tree
-        return f"LookBackWeights({self.name!r}, {self.describe_base()})"
+    def __repr__(self) -> str:  # ComfyUI puts inputs' reprs into error reports: no module tree, never raises
+        return f"LookBackWeights({shown(self.name)}, {self.describe_base()})"
 
     def describe_base(self) -> str:
         """What the weights were trained on, in their own words (the facts their file records)."""
-        facts = self.header.training
-        parts = [
-            f"trained on {facts['base_checkpoint']}" if "base_checkpoint" in facts else "base not recorded"
-        ]
-        if "context_dim" in facts:
-            parts.append(f"text context {facts['context_dim']}")
-        if "latent_scale" in facts:
-            parts.append(f"latent scale {facts['latent_scale']:.5g}")
-        parts.append(f"{len(self.header.config.sites)} sites")
-        if self.header.horizon_frames is not None:
-            parts.append(f"checked for {self.header.horizon_frames} frames at once")
-        return ", ".join(parts)
+        return describe_base(self.header)
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,7 +18,6 @@ without an error and compute something else.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,9 +33,11 @@ from lookback_core.checkpoint_file import (
     VAE_PREFIX,
     CheckpointError,
     checkpoint_metadata,
+    part_elements,
     read_checkpoint,
 )
 from lookback_core.latents import latent_scale
+from lookback_core.metadata import init_defaults
 from lookback_core.sd15 import EMBEDDED_CONFIGS_KEY, ModelConfigs
 
 from . import host
@@ -82,12 +83,6 @@ _SCHEDULER_NEEDS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _init_defaults(cls: type) -> dict[str, Any]:
-    """The defaults a diffusers class gives the fields a config leaves out (its ``__init__``'s)."""
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
 @dataclass(frozen=True)
 class ComfySettings:
     """A checkpoint's configs in ComfyUI's terms."""
@@ -115,12 +110,16 @@ def _problems(
 def comfy_settings(path: Path, configs: ModelConfigs) -> ComfySettings:
     """Translate ``configs`` (diffusers/transformers) to ComfyUI's; :class:`CheckpointError` names
     every field ComfyUI's SD1.5 classes cannot compute as the configs say."""
-    unet, vae, text = (configs.configs[p] for p in ("unet", "vae", "text_encoder"))
-    scheduler = configs.scheduler
-    problems = _problems("the UNet's", unet, _UNET_NEEDS, _init_defaults(UNet2DConditionModel))
-    problems += _problems("the VAE's", vae, _VAE_NEEDS, _init_defaults(AutoencoderKL))
-    problems += _problems("the text encoder's", text, _TEXT_NEEDS, CLIPTextConfig().to_dict())
-    problems += _problems("the scheduler's", scheduler, _SCHEDULER_NEEDS, _init_defaults(DDPMScheduler))
+    # every field as the model is built with it: the config's value, else the class's default (the
+    # values themselves were checked when the configs were read, lookback_core.metadata)
+    unet = {**init_defaults(UNet2DConditionModel), **configs.configs["unet"]}
+    vae = {**init_defaults(AutoencoderKL), **configs.configs["vae"]}
+    text = {**CLIPTextConfig().to_dict(), **configs.configs["text_encoder"]}
+    scheduler = {**init_defaults(DDPMScheduler), **configs.scheduler}
+    problems = _problems("the UNet's", unet, _UNET_NEEDS, {})
+    problems += _problems("the VAE's", vae, _VAE_NEEDS, {})
+    problems += _problems("the text encoder's", text, _TEXT_NEEDS, {})
+    problems += _problems("the scheduler's", scheduler, _SCHEDULER_NEEDS, {})
     heads = unet.get("num_attention_heads") or unet.get("attention_head_dim")
     if not isinstance(heads, int):
         problems.append(
@@ -141,7 +140,7 @@ def comfy_settings(path: Path, configs: ModelConfigs) -> ComfySettings:
         vae_ddconfig={
             "double_z": True,
             "z_channels": vae["latent_channels"],
-            "resolution": vae.get("sample_size", 256),
+            "resolution": vae["sample_size"],
             "in_channels": vae["in_channels"],
             "out_ch": vae["out_channels"],
             "ch": widths[0],
@@ -196,6 +195,29 @@ def _keys_check(path: Path, what: str, built: Mapping[str, Any], given: Mapping[
 
 def load_own_config_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     """MODEL, CLIP and VAE of ``path`` as ComfyUI's own objects (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)."""
+    path = Path(path)
+    state, metadata = read_checkpoint(path)  # other families, damaged files and NaNs refused by name
+    if EMBEDDED_CONFIGS_KEY not in metadata:
+        raise CheckpointError(
+            f"{path}: carries no model configs (safetensors metadata {EMBEDDED_CONFIGS_KEY!r}); load a "
+            "full-size SD1.5 checkpoint with ComfyUI's Load Checkpoint instead"
+        )
+    # every field checked, and the models they describe sized against what the file holds, before any is built
+    configs = ModelConfigs.from_metadata(path, metadata[EMBEDDED_CONFIGS_KEY], part_elements(state))
+    settings = comfy_settings(path, configs)
+    try:
+        return _build(path, state, settings)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{path}: ComfyUI's SD1.5 classes cannot take this file's weights with the configs it carries "
+            f"({type(err).__name__}: {str(err)[:500]})"
+        ) from None
+
+
+def _build(path: Path, state: dict, settings: ComfySettings) -> tuple[Any, Any, Any]:
+    """ComfyUI's MODEL, CLIP and VAE of ``state`` as ``settings`` describe them."""
     import comfy.latent_formats
     import comfy.model_base
     import comfy.model_detection
@@ -204,15 +226,6 @@ def load_own_config_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, Any]:
     import comfy.sd
     import comfy.supported_models
     import comfy.utils
-
-    path = Path(path)
-    state, metadata = read_checkpoint(path)  # other families, damaged files and NaNs refused by name
-    if EMBEDDED_CONFIGS_KEY not in metadata:
-        raise CheckpointError(
-            f"{path}: carries no model configs (safetensors metadata {EMBEDDED_CONFIGS_KEY!r}); load a "
-            "full-size SD1.5 checkpoint with ComfyUI's Load Checkpoint instead"
-        )
-    settings = comfy_settings(path, ModelConfigs.from_metadata(path, metadata[EMBEDDED_CONFIGS_KEY]))
 
     unet_config = comfy.model_detection.detect_unet_config(state, UNET_PREFIX)
     model_config = comfy.supported_models.SD15(unet_config)

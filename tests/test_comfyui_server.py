@@ -22,7 +22,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lookback_core.config import FORMAT_VERSION, LookBackConfig
 from lookback_core.video_io import read_metadata, read_video, video_info
@@ -56,6 +57,17 @@ def _write_small_weights(path: Path) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
+def _write_crafted_weights(path: Path) -> None:
+    """The small weights with training facts a crafted file could hold: a latent scale that is a
+    string (formatting it raised in the weights' repr, which ComfyUI calls in its error handler)."""
+    _write_small_weights(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(
+        load_file(path), path, metadata={**metadata, "training": '{"latent_scale": "x", "context_dim": 768}'}
+    )
+
+
 def _write_lora(path: Path) -> None:
     """A rank-4 LoRA (kohya keys) on one UNet attention layer, strong enough to change every frame."""
     key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
@@ -79,6 +91,7 @@ def server(tmp_path_factory, random_sd15):
         (base / sub).mkdir(parents=True)
     (base / "models/checkpoints/sd15_random.safetensors").symlink_to(random_sd15)
     _write_small_weights(base / "models/lookback/lookback_small.safetensors")
+    _write_crafted_weights(base / "models/lookback/lookback_crafted.safetensors")
     _write_lora(base / "models/loras/test_lora.safetensors")
     rng = np.random.default_rng(0)
     ys, xs = np.mgrid[0:SIZE, 0:SIZE]
@@ -113,16 +126,19 @@ def server(tmp_path_factory, random_sd15):
         log.close()
 
 
-def _finished(server, prompt: dict) -> dict:
+def _finished(server, prompt: dict, timeout: float = 1200) -> dict:
     """The history entry of ``prompt`` once ComfyUI has run it."""
     prompt_id = _request(server["port"], "/prompt", {"prompt": prompt})["prompt_id"]
-    deadline = time.time() + 1200
+    deadline = time.time() + timeout
     while time.time() < deadline:
         history = _request(server["port"], f"/history/{prompt_id}")
         if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
             return history[prompt_id]
         time.sleep(1)
-    raise AssertionError("the workflow did not finish in 20 minutes")
+    raise AssertionError(
+        f"the workflow did not finish in {timeout:.0f} s; the server's log ends: "
+        + server["log"].read_text()[-3000:]
+    )
 
 
 def _run(server, prompt: dict) -> dict:
@@ -288,3 +304,26 @@ def test_dpmpp_2m_karras_from_an_odd_sized_image_keeps_frame_zero_the_image(serv
     video = _video(server, _run(server, _shipped_prompt(**SMALL | odd)))
     _check_frames(video, _roundtrip(server, SIZE + 4))  # both cropped to SIZE
     assert "centre-cropped to 64x64" in server["log"].read_text()
+
+
+def test_a_crafted_weights_file_is_a_named_error_and_the_server_runs_the_next_prompt(server) -> None:
+    """A weights file whose training facts are crafted (a latent scale that is a string) is refused by
+    name in the error ComfyUI shows; its error handler formats every input of the failed node, and
+    nothing the pack hands it raises there, so the prompt worker lives on and runs a good prompt."""
+    entry = _finished(
+        server,
+        _shipped_prompt(**SMALL, LookBackWeightsLoader={"lookback_name": "lookback_crafted.safetensors"}),
+    )
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    message = error["exception_message"]
+    assert error["node_type"] == "LookBackWeightsLoader" and error["exception_type"].endswith(
+        "TemporalWeightsError"
+    )
+    assert "lookback_crafted.safetensors': its training metadata is invalid (training.latent_scale must be a number in (0, 1000]" in message, message  # fmt: skip
+    assert "got 'x'" in message and "Traceback" not in message
+    # the same server, the same worker: a good prompt still runs (a worker stopped by its own error handler
+    # would leave it queued for ever)
+    good = _finished(server, _shipped_prompt(**SMALL), timeout=600)
+    assert good["status"]["status_str"] == "success", json.dumps(good["status"])[-2000:]
+    _check_frames(_video(server, good["outputs"]), _roundtrip(server, SIZE))

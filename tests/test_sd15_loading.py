@@ -369,12 +369,20 @@ def test_embedded_configs_that_do_not_fit_are_named(files, tmp_path) -> None:
     state = torch.load(files["ckpt"], weights_only=True)["state_dict"]
     metadata = embedded_configs_metadata(*models)
     configs = json.loads(metadata[EMBEDDED_CONFIGS_KEY])
-    configs["text_encoder"]["hidden_size"] = 4096  # would be a 200M-parameter embedding if allocated
+    configs["text_encoder"]["intermediate_size"] = 48  # the file's MLPs are 64 wide
     bad = tmp_path / "lying.safetensors"
     save_file(state, bad, metadata={EMBEDDED_CONFIGS_KEY: json.dumps(configs)})
     with pytest.raises(
         CheckpointError,
         match=r"lying.safetensors: the CLIP text encoder does not match the text_encoder config in lying",
+    ):
+        load_sd15(bad)
+    configs["text_encoder"]["hidden_size"] = 4096  # would be a 200M-parameter embedding if allocated
+    save_file(state, bad, metadata={EMBEDDED_CONFIGS_KEY: json.dumps(configs)})
+    with pytest.raises(
+        CheckpointError,
+        match=r"lying.safetensors: its metadata 'lookback_sd15_configs' cannot be built: the text_encoder config "
+        r"describes at least [\d,]+ weights, the file holds 1,600,749 for it",
     ):
         load_sd15(bad)
     junk = tmp_path / "junk_meta.safetensors"

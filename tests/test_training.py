@@ -289,8 +289,11 @@ def test_init_lookback_weights_refuses_module_flags_and_reports_a_bad_file(
     assert exit_info.value.code == 2
     assert "leave out --preset, --no_adapter" in capsys.readouterr().err
     args = _without_preset(train_args(setup, tmp_path / "run", "--init_lookback_weights", str(weights)))
-    assert train_main(args) == 2
-    assert str(weights) in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(SystemExit) as exit_info:  # its header is read with the flags, before any model loads
+        train_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--init_lookback_weights: temporal weights file '{weights}'" in err
+    assert "Traceback" not in err + caplog.text and not (tmp_path / "run").exists()
 
 
 def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:

@@ -252,19 +252,23 @@ def test_non_finite_weights_are_refused(trained, tmp_path) -> None:
         load_lookback_unet(path, make_tiny_unet())
 
 
-def _claim_depth(path: Path, depth: int) -> None:
-    """Rewrite the header's config to claim look-back depth ``depth``, keeping the small tensors."""
+def _claim(path: Path, **claims) -> None:
+    """Rewrite the header's config to claim ``claims`` (e.g. a larger depth), keeping the small tensors."""
     meta = _metadata(path)
     config = json.loads(meta["config"])
-    _rewrite(path, load_file(path), {**meta, "config": json.dumps({**config, "depth": depth})})
+    _rewrite(path, load_file(path), {**meta, "config": json.dumps({**config, **claims})})
 
 
 def test_a_header_claiming_huge_modules_is_refused_before_anything_is_allocated(trained, tmp_path) -> None:
-    """A small file whose config claims d=1500 (about 3.5 GB of fp32 modules for this UNet) must be
-    refused on its header: the child process's peak memory stays far below what the claim needs."""
+    """A small file whose config claims d=64 with 15x15 kernels (the largest the config rules allow,
+    about 5 GB of fp32 modules for this UNet) must be refused on its header: the child process's
+    peak memory stays far below what the claim needs. (d=1500 is refused by the rules themselves.)"""
     path = save_temporal_weights(tmp_path / "w.safetensors", trained)
-    _claim_depth(path, 1500)
-    claimed = 1500 * sum(n * n * 9 * 4 for n in trained.config.channels.values())
+    _claim(path, depth=1500)
+    with pytest.raises(TemporalWeightsError, match="depth must be a whole number in 1..64, got 1500"):
+        read_temporal_header(path)
+    _claim(path, depth=64, kernel=15)
+    claimed = 64 * sum(n * n * 15 * 15 * 4 for n in trained.config.channels.values())
     assert claimed > 3e9
     script = f"""
 import sys

@@ -16,7 +16,7 @@ from typing import Any
 from lookback_core.atomic import file_problem
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.prompts import utf8_problem
-from lookback_core.weights import check_chunking, check_recommended_sampler
+from lookback_core.weights import check_chunking, check_recommended_sampler, read_temporal_header
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
 
@@ -350,6 +350,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if problem:  # a folder or a FIFO is said to be one
             said = f"no such file: {value}" if problem == "no such file" else f"{value} {problem}"
             parser.error(f"--{flag}: {said}")
+    from lookback_core.sd15 import read_model_configs  # diffusers: imported once the flags are read
+
+    try:  # what the files say about themselves, checked before any model loads (lookback_core.metadata)
+        read_model_configs(args.pretrained_model, args.config_dir)
+    except (ValueError, OSError) as err:
+        parser.error(f"--pretrained_model: {err}")
+    if args.init_lookback_weights is not None:
+        try:
+            read_temporal_header(args.init_lookback_weights)
+        except ValueError as err:
+            parser.error(f"--init_lookback_weights: {err}")
     if args.overwrite_output_dir and not args.resume_from_checkpoint:
         inputs = {
             f"--{f}": getattr(args, f)
