@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from lookback_core.long_video import resolve_chunking
 from lookback_core.precision import DTYPES, dtype_named
-from lookback_core.sampler import COLOUR_MATCHES, InvalidSetting, SamplerSettings, resolve_settings
+from lookback_core.rules import SAMPLER_SETTINGS
+from lookback_core.sampler import InvalidSetting, SamplerSettings, resolve_settings
 
 from .usage import UsageError, existing_file
 
@@ -241,13 +242,29 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLER_FLAGS = {
-    "steps": "--steps",
-    "cfg_scale": "--cfg",
-    "eta": "--eta",
-    "first_frame": "--first-frame",
-    "colour_match": "--colour-match",
-}
+# the sampler settings a user (or a weights file) may set; the seed is given apart
+SAMPLER_FLAGS = {name: s.flag for name, s in SAMPLER_SETTINGS.items() if name != "seed"}
+
+
+def add_sampler_flags(
+    parser: argparse.ArgumentParser, names: tuple[str, ...], *, same_default: bool = False
+) -> None:
+    """Flags for the sampler settings ``names``, from the one table of settings
+    (:data:`lookback_core.rules.SAMPLER_SETTINGS`: type, choices, help); each one a weights file may
+    recommend defaults to None (the file's value, else the table's default). ``same_default``: say
+    "as generate's" instead of repeating the defaults."""
+    for name in names:
+        setting = SAMPLER_SETTINGS[name]
+        if name == "seed":
+            parser.add_argument(setting.flag, dest=name, type=int, default=setting.default, help=setting.help)
+            continue
+        default = (
+            "same default as generate's"
+            if same_default
+            else f"default: the weights file's recommended value, else {setting.default}"
+        )
+        kind = {"choices": setting.choices} if setting.choices else {"type": setting.kind}
+        parser.add_argument(setting.flag, dest=name, default=None, help=f"{setting.help} ({default})", **kind)
 
 
 def sampler_settings(args: argparse.Namespace, recommended: dict) -> tuple[SamplerSettings, str]:
@@ -324,40 +341,7 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--frames", type=int, default=16, help="frames in the video, including the image (default 16)"
     )
-    defaults = SamplerSettings()
-    recommended = "default: the weights file's recommended value, else"
-    gen.add_argument("--steps", type=int, default=None, help=f"DDIM steps ({recommended} {defaults.steps})")
-    gen.add_argument(
-        "--cfg",
-        dest="cfg_scale",
-        type=float,
-        default=None,
-        help=f"classifier-free guidance scale; 1 disables it ({recommended} {defaults.cfg_scale})",
-    )
-    gen.add_argument(
-        "--eta",
-        type=float,
-        default=None,
-        help=f"DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ({recommended} {defaults.eta})",
-    )
-    gen.add_argument(
-        "--first-frame",
-        dest="first_frame",
-        choices=("clean", "noised"),
-        default=None,
-        help="frame 0 as the UNet sees it: clean (hybrid initialisation) or noised to each step (the paper's "
-        f"add-noise strategy, for weights trained with --objective ddpm) ({recommended} {defaults.first_frame})",
-    )
-    gen.add_argument(
-        "--colour-match",
-        dest="colour_match",
-        choices=COLOUR_MATCHES,
-        default=None,
-        help="first_frame: set each new frame's latent colour statistics (per channel mean and spread) to the "
-        "first frame's, against colour drift; for scenes whose colours stay put "
-        f"({recommended} {defaults.colour_match})",
-    )
-    gen.add_argument("--seed", type=int, default=0)
+    add_sampler_flags(gen, ("steps", "cfg_scale", "eta", "first_frame", "colour_match", "seed"))
     gen.add_argument(
         "--width", type=int, default=None, help="output width (default: the image's, to a multiple of 8)"
     )

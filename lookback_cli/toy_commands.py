@@ -9,14 +9,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from lookback_core.long_video import resolve_chunking
-from lookback_core.sampler import COLOUR_MATCHES, InvalidSetting, check_setting
+from lookback_core.rules import NUMBERS, Rule, whole
+from lookback_core.sampler import InvalidSetting, check_setting
 from lookback_core.weights import read_temporal_header
 from toyworld import world
 from toyworld.ablate import VARIANTS
 from toyworld.build import ToyRecipe
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 
-from .generate import SAMPLER_FLAGS
+from .generate import SAMPLER_FLAGS, add_sampler_flags
 from .usage import UsageError, existing_file, writable
 
 
@@ -51,21 +52,29 @@ def toy_ablate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's), checked
-# before any work.
+# The bounds of the numbers of toyworld eval and demo (the recipe's are ToyRecipe's, the sampler's
+# lookback_core.rules'), checked before any work.
 TOY_RULES = {
-    "clip": (lambda v: 0 <= v < 2**62, f"0 or more (clip N is seed {world.HELD_OUT_SEED} + N, of the validation split)"),
-    "clips": (lambda v: 1 <= v <= 10_000, "1..10000"),
-    "workers": (lambda v: 1 <= v <= 64, "1..64"),
-    "frames": (lambda v: 2 <= v <= world.MAX_FRAMES, f"2..{world.MAX_FRAMES} (the object must stay inside the frame)"),
-}  # fmt: skip
+    "clip": Rule(
+        lambda v: 0 <= v < 2**62,
+        f"0 or more (clip N is seed {world.HELD_OUT_SEED} + N, of the validation split)",
+    ),
+    "clips": NUMBERS["eval_clips"],
+    "workers": whole(1, 64),
+    "frames": whole(2, world.MAX_FRAMES, "the object must stay inside the frame"),
+}
 
 
 def _check_rules(args: argparse.Namespace) -> None:
     """The command's numbers against :data:`TOY_RULES` (those it has)."""
-    for name, (valid, expected) in TOY_RULES.items():
-        if hasattr(args, name) and not valid(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    for name, rule in TOY_RULES.items():
+        problem = (
+            rule.problem(f"--{name.replace('_', '-')}", getattr(args, name, None))
+            if hasattr(args, name)
+            else None
+        )
+        if problem:
+            raise UsageError(problem)
 
 
 def toy_eval_command(args: argparse.Namespace) -> int:
@@ -220,16 +229,7 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
     toy_eval.add_argument(
         "--workers", type=int, default=2, help="processes of one thread each sharing the clips (default 2)"
     )
-    toy_eval.add_argument(
-        "--steps", type=int, default=None, help="DDIM steps (default: the weights' recommended)"
-    )
-    toy_eval.add_argument(
-        "--cfg", dest="cfg_scale", type=float, default=None, help="CFG scale (same default)"
-    )
-    toy_eval.add_argument("--eta", type=float, default=None, help="DDIM eta (same default)")
-    toy_eval.add_argument(
-        "--colour-match", choices=COLOUR_MATCHES, default=None, help="as generate's (same default)"
-    )
+    add_sampler_flags(toy_eval, ("steps", "cfg_scale", "eta", "colour_match"), same_default=True)
     toy_eval.add_argument(
         "--frames", type=int, default=world.FRAMES,
         help=f"frames per video, 2..{world.MAX_FRAMES} (default {world.FRAMES})",

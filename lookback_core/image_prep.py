@@ -39,6 +39,11 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 # 16-bit grayscale: Pillow's RGB conversion would clip it to 8 bits.
                 gray = np.asarray(image, dtype=np.float32) / (1.0 if image.mode == "F" else 65535.0)
+                if not np.isfinite(gray).all():  # a float TIFF: named now, not as a NaN video after sampling
+                    raise ValueError(
+                        f"{int(np.size(gray) - np.isfinite(gray).sum())} pixels are NaN or infinite; expected "
+                        "finite pixel values"
+                    )
                 pixels = torch.from_numpy(np.clip(gray, 0.0, 1.0)).expand(3, -1, -1)
                 return pixels.unsqueeze(0).contiguous()
             rgb = rgb_array(image)

@@ -118,6 +118,19 @@ def training_shortfall(parameters: int, device: torch.device, optimizer: str = "
     return None
 
 
+def latent_video_problem(frames: int, channels: int, height: int, width: int) -> str | None:
+    """Why a float32 latent video of ``frames`` frames (and its noise mask) does not fit in the
+    host's memory, or ``None``: checked before it is allocated (a node called with a huge frame count)."""
+    needed = frames * (channels + 1) * height * width * 4
+    available = host_available_bytes()
+    if available is not None and needed > HEADROOM * available:
+        return (
+            f"a latent video of {frames} frames of {width}x{height} needs {needed / GiB:.1f} GiB, "
+            f"{available / GiB:.1f} GiB of host memory is available"
+        )
+    return None
+
+
 def host_available_bytes() -> int | None:
     """Memory the host can still give (Linux ``MemAvailable``; other systems: free physical pages)."""
     meminfo = Path("/proc/meminfo")

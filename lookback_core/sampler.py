@@ -49,6 +49,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .colour_match import match_colour
+from .rules import COLOUR_MATCHES, SAMPLER_SETTINGS, Rule, shown  # noqa: F401 (COLOUR_MATCHES: re-exported)
 from .temporal_unet import LookBackUNet
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -58,61 +59,36 @@ class SamplingCancelled(RuntimeError):
     """Raised between steps when the host asked to stop."""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# the colour_match settings: none, or each new frame's latent statistics set to the first pinned frame's
-COLOUR_MATCHES = ("off", "first_frame")
 # What each sampler setting must be, checked in one place for every front end and for the
-# settings a weights file recommends: (test, what is expected).
-SETTING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "steps": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
-        "an integer in 1..1000 (the schedule has 1000 timesteps)",
-    ),
-    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0 (1 disables guidance)"),
-    "eta": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in 0..1 (0: DDIM, 1: DDPM-like)"),
-    "seed": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64,
-        "an integer in 0..2^64-1",
-    ),
-    "first_frame": (
-        lambda v: v in ("clean", "noised"),
-        "'clean' (hybrid initialisation) or 'noised' (the paper's add-noise strategy)",
-    ),
-    "colour_match": (
-        lambda v: v in COLOUR_MATCHES,
-        "'off' or 'first_frame' (each new frame's latent colour statistics set to the first pinned frame's)",
-    ),
-}
+# settings a weights file recommends: (test, what is expected), from the one table of settings.
+SETTING_RULES: dict[str, Rule] = {name: setting.rule for name, setting in SAMPLER_SETTINGS.items()}
 
 
 class InvalidSetting(ValueError):
     """A sampler setting out of range; ``name`` is the field, the message says what is expected."""
 
     def __init__(self, name: str, value: Any, expected: str) -> None:
-        super().__init__(f"{name}={value!r} must be {expected}")
+        super().__init__(f"{name}={shown(value)} must be {expected}")
         self.name, self.value, self.expected = name, value, expected
 
 
 def check_setting(name: str, value: Any) -> None:
     """Raise :class:`InvalidSetting` unless ``value`` is a valid ``name`` (a key of :data:`SETTING_RULES`)."""
-    valid, expected = SETTING_RULES[name]
-    if not valid(value):
-        raise InvalidSetting(name, value, expected)
+    rule = SETTING_RULES[name]
+    if not rule.accepts(value):
+        raise InvalidSetting(name, value, rule.expected)
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """What a DDIM run takes besides the model and its inputs."""
 
-    steps: int = 25
-    cfg_scale: float = 7.5
-    eta: float = 0.0
-    seed: int = 0
-    first_frame: str = "clean"
-    colour_match: str = "off"  # lookback_core.colour_match
+    steps: int = SAMPLER_SETTINGS["steps"].default
+    cfg_scale: float = SAMPLER_SETTINGS["cfg_scale"].default
+    eta: float = SAMPLER_SETTINGS["eta"].default
+    seed: int = SAMPLER_SETTINGS["seed"].default
+    first_frame: str = SAMPLER_SETTINGS["first_frame"].default
+    colour_match: str = SAMPLER_SETTINGS["colour_match"].default  # lookback_core.colour_match
 
     def __post_init__(self) -> None:
         for name in SETTING_RULES:

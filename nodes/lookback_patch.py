@@ -38,6 +38,8 @@ from torch import nn
 
 from lookback_core.colour_match import match_colour
 from lookback_core.long_video import default_context
+from lookback_core.memory import latent_video_problem
+from lookback_core.rules import check_number
 from lookback_core.sites import ldm_site_channels, site_problems
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, base_problems
@@ -164,6 +166,9 @@ def pinned_video_latent(pinned: torch.Tensor, frames: int) -> dict[str, torch.Te
     k, c, h, w = pinned.shape
     if frames <= k:
         raise ValueError(f"frames must be more than the {k} pinned frame(s), got {frames}")
+    problem = latent_video_problem(frames, c, h, w)  # before anything is allocated
+    if problem:
+        raise ValueError(f"frames: {problem}; sample a long video in chunks (Look-Back Extend Video)")
     samples = torch.zeros(frames, c, h, w, dtype=torch.float32)
     samples[:k] = pinned
     mask = torch.ones(frames, 1, h, w, dtype=torch.float32)
@@ -177,6 +182,7 @@ def start_video_latent(start: torch.Tensor, frames: int) -> dict[str, torch.Tens
         raise ValueError(f"start latent must be [1, c, h, w], got shape {tuple(start.shape)}")
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (the start image and one more), got {frames}")
+    check_number("frames_at_once", frames, "frames")
     return pinned_video_latent(start, frames)
 
 
@@ -184,12 +190,13 @@ def continuation_latent(video: dict, frames: int, context_frames: int) -> dict[s
     """The LATENT of the next chunk of ``video``: its last ``context_frames`` frames pinned as
     clean context, then ``frames`` new ones (a long video in the memory of one chunk)."""
     samples = video["samples"]
+    check_number("new_frames", frames, "frames")
+    check_number("context_frames", context_frames, "context_frames")
     if not 1 <= context_frames <= samples.shape[0]:
         raise ValueError(
             f"context_frames must be 1..{samples.shape[0]} (the video's frames), got {context_frames}"
         )
-    if frames < 1:
-        raise ValueError(f"frames must be at least 1, got {frames}")
+    check_number("frames_at_once", context_frames + frames, "context_frames + frames")
     return pinned_video_latent(samples[-context_frames:].float().cpu(), context_frames + frames)
 
 

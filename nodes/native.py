@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple
-from lookback_core.rules import shown
+from lookback_core.rules import MAX_FRAMES_AT_ONCE, SAMPLER_SETTINGS, shown
 from lookback_core.sampler import COLOUR_MATCHES, check_setting
 from lookback_core.temporal_unet import TemporalModules
 from lookback_core.weights import TemporalHeader, TemporalWeightsError, describe_base, load_temporal_weights
@@ -167,12 +167,11 @@ class LookBackApply:
                 "lookback_weights": ("LOOKBACK_WEIGHTS", {"tooltip": "From Look-Back Weights Loader."}),
             },
             "optional": {
-                "colour_match": ([RECOMMENDED, *COLOUR_MATCHES], {
-                    "default": RECOMMENDED,
-                    "tooltip": "first_frame: each new frame's colour statistics (per latent channel) set to the start "
-                    "image's, against colour drift, for scenes whose colours stay put; the default is what the "
-                    "weights recommend (the shipped toy's: first_frame).",
-                }),
+                "colour_match": SAMPLER_SETTINGS["colour_match"].comfy_input(
+                    choices=[RECOMMENDED, *COLOUR_MATCHES], default=RECOMMENDED,
+                    tooltip=SAMPLER_SETTINGS["colour_match"].help + "; the default is what the weights recommend "
+                    "(the shipped toy's: first_frame).",
+                ),
             },
         }  # fmt: skip
 
@@ -198,7 +197,7 @@ class LookBackImageToVideo:
             "required": {
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
                 "image": ("IMAGE", {"tooltip": "The start image (one). Sides are cropped to multiples of 8."}),
-                "frames": ("INT", {"default": 16, "min": 2, "max": 4096, "tooltip": "Frames, including the start image."}),
+                "frames": ("INT", {"default": 16, "min": 2, "max": MAX_FRAMES_AT_ONCE, "tooltip": "Frames, including the start image."}),
             },
             "hidden": {"node_id": "UNIQUE_ID"},
         }  # fmt: skip
@@ -214,6 +213,8 @@ class LookBackImageToVideo:
                 f"image: a batch of {image.shape[0]} images; a video starts from one image "
                 "(pick one with Image From Batch)"
             )
+        if not torch.isfinite(image).all():  # named now, not as a NaN video after sampling
+            raise ValueError("image: holds NaN or infinite pixel values; expected finite pixels in [0, 1]")
         pixels, message = fit_to_multiple(rearrange(image[..., :3], "b h w c -> b c h w"))
         if message:
             logger.warning("Look-Back Image To Video: %s", message)
@@ -241,7 +242,7 @@ class LookBackExtendVideo:
         return {
             "required": {
                 "video": ("LATENT", {"tooltip": "The video so far (a KSampler or Look-Back Join Video output)."}),
-                "frames": ("INT", {"default": 11, "min": 1, "max": 4096,
+                "frames": ("INT", {"default": 11, "min": 1, "max": MAX_FRAMES_AT_ONCE - 1,
                                    "tooltip": "New frames in this chunk; with context_frames, at most the frames the weights were checked for at once (the shipped toy's: 16)."}),
                 "context_frames": ("INT", {"default": 5, "min": 1, "max": 64,
                                            "tooltip": "Frames of the video so far the chunk continues from; the weights record the number they were checked with, and Apply Look-Back's warning past their horizon names it (the shipped toy's: 5; with 3, as many as one look-back conv reads, its objects turned in the second chunk)."}),

@@ -275,7 +275,7 @@ def test_bad_arguments_are_named(model, kwargs, message) -> None:
         sample_video(
             model, z0, pos, args["negative"], args["num_frames"], SamplerSettings(steps=2), SCHEDULER_CONFIG
         )
-    with pytest.raises(ValueError, match=r"steps=0 must be an integer in 1\.\.1000"):
+    with pytest.raises(ValueError, match=r"steps=0 must be a whole number in 1\.\.1000"):
         SamplerSettings(steps=0)
     for field, value in (
         ("eta", 1.5),

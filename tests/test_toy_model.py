@@ -295,7 +295,7 @@ def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) 
     assert main([*command, "--frames", "24", "--chunk-frames", "24"]) == 0
     assert json.loads(report.read_text())[0]["chunking"] == {"chunk_frames": None, "context_frames": None}
     assert main([*command, "--frames", str(world.MAX_FRAMES + 1)]) == 2
-    assert f"--frames must be 2..{world.MAX_FRAMES}" in capsys.readouterr().err
+    assert f"--frames must be a whole number in 2..{world.MAX_FRAMES}" in capsys.readouterr().err
 
 
 def test_generate_chunks_beyond_the_weights_horizon_unless_told(tmp_path, capsys) -> None:

@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from lookback_core.atomic import save_safetensors, write_text
 from lookback_core.config import PRESETS
+from lookback_core.rules import NUMBERS
 from lookback_core.sampler import SETTING_RULES
 
 from . import decoder, world
@@ -115,34 +116,31 @@ def _number(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, float | int) and low <= v <= high), f"a number in {low}..{high}"
 
 
-def _rate() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, float | int) and 0 < v <= 1), "a number in (0, 1]"
-
-
 # The bounds of every number of the recipe (the toy build's and ablation's flags), checked before any
-# work; the upper bounds keep a typo from filling the disk or running for weeks.
+# work; the upper bounds keep a typo from filling the disk or running for weeks. Quantities the
+# trainer and the sampler take too are bounded by their rules (lookback_core.rules).
 RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_clips": _whole(1, 100_000),
     "vae_steps": _whole(1, 1_000_000),
     "unet_steps": _whole(1, 1_000_000),
     "lookback_steps": _whole(1, 1_000_000),
     "lookback_frames": _whole(2, world.FRAMES),  # the training clips' length
-    "lookback_batch_size": _whole(1, 1024),
-    "lookback_learning_rate": _rate(),
+    "lookback_batch_size": NUMBERS["batch_size"],
+    "lookback_learning_rate": NUMBERS["learning_rate"],
     "full_clip_steps": _whole(0, 1_000_000),
-    "full_clip_learning_rate": _rate(),
+    "full_clip_learning_rate": NUMBERS["learning_rate"],
     "full_clip_timestep_bias": _number(1, 100),
     "decoder_steps": _whole(0, 1_000_000),
-    "decoder_learning_rate": _rate(),
+    "decoder_learning_rate": NUMBERS["learning_rate"],
     "preset": (lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"),
     "horizon_frames": _whole(2, world.MAX_FRAMES),
     "context_frames": _whole(1, world.MAX_FRAMES - 1),
     "colour_match": SETTING_RULES["colour_match"],
     "sampler_steps": SETTING_RULES["steps"],
     "sampler_cfg_scale": SETTING_RULES["cfg_scale"],
-    "eval_clips": _whole(1, 10_000),
+    "eval_clips": NUMBERS["eval_clips"],
     "long_eval_frames": _whole(2, world.MAX_FRAMES),
-    "seed": _whole(0, 2**32 - 1),
+    "seed": NUMBERS["training_seed"],
 }
 
 

@@ -16,6 +16,8 @@ from typing import Any
 from lookback_core.atomic import file_problem
 from lookback_core.config import PRESETS, LookBackConfig, preset
 from lookback_core.prompts import utf8_problem
+from lookback_core.rules import NUMBERS
+from lookback_core.sampler import SETTING_RULES
 from lookback_core.weights import check_chunking, check_recommended_sampler, read_temporal_header
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
@@ -219,18 +221,19 @@ def at_least(low: float) -> tuple:
     return (lambda v: v >= low, f">= {low:g}")
 
 
-# Every numeric flag, checked before anything loads (None: the flag is unset, which is allowed).
+# Every numeric flag, checked before anything loads (None: the flag is unset, which is allowed); the
+# quantities other front ends take too are bounded by their shared rules (lookback_core.rules).
 NUMBER_RULES = {
-    "num_frames": (lambda v: v >= 2, ">= 2 (the clean first frame and a frame to learn)"),
+    "num_frames": NUMBERS["frames_at_once"],
     "resolution": at_least(8),
     "frame_stride": at_least(1),
     "reference_fps": (lambda v: v > 0, "> 0"),
     "dataloader_num_workers": at_least(0),
-    "train_batch_size": at_least(1),
+    "train_batch_size": NUMBERS["batch_size"],
     "gradient_accumulation_steps": at_least(1),
-    "learning_rate": (lambda v: v > 0, "> 0"),
-    "backbone_learning_rate": (lambda v: v > 0, "> 0"),
-    "text_encoder_learning_rate": (lambda v: v > 0, "> 0"),
+    "learning_rate": NUMBERS["learning_rate"],
+    "backbone_learning_rate": NUMBERS["learning_rate"],
+    "text_encoder_learning_rate": NUMBERS["learning_rate"],
     "lr_warmup_steps": at_least(0),
     "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -241,19 +244,23 @@ NUMBER_RULES = {
     "num_train_epochs": at_least(1),
     "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
     "text_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "timestep_bias_multiplier": (lambda v: v > 0, "> 0"),
-    "motion_loss_weight": (lambda v: v >= 0, ">= 0"),
-    "timestep_bias_portion": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "timestep_bias_multiplier": NUMBERS["timestep_bias_multiplier"],
+    "motion_loss_weight": NUMBERS["motion_loss_weight"],
+    "timestep_bias_portion": NUMBERS["timestep_bias_portion"],
     "timestep_bias_begin": at_least(0),
     "timestep_bias_end": at_least(1),
-    "seed": (lambda v: 0 <= v < 2**32, "in 0..2^32-1"),
-    "lookback_depth": at_least(1),
+    "seed": NUMBERS["training_seed"],
+    "lookback_depth": NUMBERS["lookback_depth"],
     "checkpointing_steps": at_least(1),
     "checkpoints_total_limit": at_least(1),
     "validation_steps": at_least(1),
-    "validation_frames": at_least(2),
-    "horizon_frames": at_least(2),
-    "context_frames": at_least(1),
+    # sampled in one piece at every validation step: bounded here, and its memory checked before the
+    # models load (training.validation.check_validation_inputs)
+    "validation_frames": NUMBERS["frames_at_once"],
+    "horizon_frames": NUMBERS["frames_at_once"],
+    "context_frames": NUMBERS["context_frames"],
+    "validation_inference_steps": SETTING_RULES["steps"],
+    "validation_guidance_scale": SETTING_RULES["cfg_scale"],
 }
 
 

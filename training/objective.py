@@ -47,6 +47,11 @@ def timestep_weights(
         "range": slice(begin, num_timesteps if end is None else end),
     }[strategy]
     weights[chosen] *= multiplier
+    if not (torch.isfinite(weights).all() and weights.sum() > 0):  # float32: 1e39 overflows, 1e-50 is 0
+        raise ValueError(
+            f"timestep bias multiplier {multiplier:g} (portion {portion:g}) gives float32 draw weights that "
+            "are infinite or all zero; use a multiplier in 1e-6..1e6"
+        )
     return weights
 
 

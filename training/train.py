@@ -267,7 +267,7 @@ def train(args) -> Path:
         probe.unlink()
     accelerator.wait_for_everyone()
     samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
-    check_validation_inputs(args)
+    check_validation_inputs(args, accelerator.device)
     earlier = checkpoints.complete_checkpoints(output_dir)
     if earlier and not args.resume_from_checkpoint:
         raise ResumeError(

@@ -17,14 +17,44 @@ from lookback_core.video_io import write_video
 from training.args import recommended_sampler
 
 
-def check_validation_inputs(args) -> None:
+def validation_shortfall(args, device: torch.device) -> str | None:
+    """Why the validation video (``--validation_frames`` sampled in one piece at ``--resolution``)
+    does not fit in ``device``'s memory, or ``None``; from the same estimate ``generate`` uses
+    (:mod:`lookback_core.memory`), before any model loads."""
+    from lookback_core.checkpoint_file import CheckpointError, tensor_elements
+    from lookback_core.memory import estimate_generate, shortfall
+
+    try:
+        parameters = tensor_elements(Path(args.pretrained_model))
+    except (CheckpointError, OSError):  # named when the checkpoint loads
+        parameters = 0
+    needed = estimate_generate(
+        width=args.resolution, height=args.resolution, frames=args.validation_frames,
+        frames_at_once=args.validation_frames, guidance=args.validation_guidance_scale != 1,
+        parameters=parameters, file_bytes=0, dtype=torch.float32,
+    )  # fmt: skip
+    problem = shortfall(needed, device)
+    if problem is None:
+        return None
+    return (
+        f"--validation_frames {args.validation_frames}: the validation video ({args.validation_frames} frames of "
+        f"{args.resolution}x{args.resolution} in one piece) {problem} ({needed.describe()}); use fewer "
+        "--validation_frames or leave out --validation_image"
+    )
+
+
+def check_validation_inputs(args, device: torch.device | None = None) -> None:
     """Read ``--validation_image`` and load ``--isim_clip_model`` once, before training starts, so
-    that a bad one is named at once instead of at the first validation step."""
+    that a bad one is named at once instead of at the first validation step; and refuse a
+    validation video that cannot fit on ``device`` (default: the CPU) before the models load."""
     if args.validation_image:
         try:
             load_image(args.validation_image)
         except (OSError, ValueError) as err:
             raise ValueError(f"--validation_image: {err}") from None
+        problem = validation_shortfall(args, device or torch.device("cpu"))
+        if problem:
+            raise ValueError(problem)
     if args.isim_clip_model:
         try:
             ClipImageFeatures(args.isim_clip_model)
