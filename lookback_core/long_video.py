@@ -62,7 +62,7 @@ def resolve_chunking(
         chunk_frames = horizon
     if context_frames is not None and chunk_frames is None:
         raise ValueError(f"{context_name} needs {chunk_name} (or more frames than the weights' horizon)")
-    chunk = chunk_frames or num_frames
+    chunk = min(chunk_frames or num_frames, num_frames)  # a chunk longer than the video is the video
     if context_frames is None:
         return chunk, default_context(chunk, depth, context)
     if not 1 <= context_frames < chunk:

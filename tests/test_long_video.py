@@ -114,6 +114,9 @@ def test_the_context_is_the_users_else_the_weights_else_the_depth() -> None:
         ((24, 6, None, 3, 16, 8), (6, 5)),  # never the whole chunk
         ((12, None, None, 3, 16, 5), (12, 5)),  # one piece (the context is then unused)
         ((24, None, None, None, None, None), (24, 1)),  # the base UNet alone, no horizon
+        # a chunk longer than the video is one pass over the video (the memory estimate took the
+        # chunk's length: --chunk-frames 100000 with --frames 16 was refused as 781 GiB)
+        ((16, 100_000, None, 3, 16, 5), (16, 5)),
     ):
         num_frames, chunk, context, depth, horizon, recorded = given
         assert (
