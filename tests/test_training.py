@@ -443,11 +443,23 @@ def test_latent_cache_folder_changes_with_the_latent_scale(setup) -> None:
     assert encoder_fingerprint(components.vae, components.text_encoder) != before
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup, tmp_path, caplog) -> None:
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(
+    setup, tmp_path, caplog, monkeypatch
+) -> None:
+    import training.train as train_module
+
+    real_loss, calls = train_module.lookback_loss, []
+
+    def breaking_at_step_3(*args, **kwargs):  # every learning rate the flags allow keeps this tiny run finite
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(train_module, "lookback_loss", breaking_at_step_3)
     out = tmp_path / "run"
-    args = train_args(setup, out, "--max_train_steps", "6", "--checkpointing_steps", "1",
-                 "--learning_rate", "1e30", "--max_grad_norm", "0")  # fmt: skip
+    args = train_args(setup, out, "--max_train_steps", "6", "--checkpointing_steps", "1")
     assert train_main(args) == 3
+    assert "at step 3" in caplog.text
     assert "the loss became" in caplog.text and "last good checkpoint" in caplog.text
     kept = checkpoints.complete_checkpoints(out)
     assert kept, "the checkpoint written before the loss broke is kept"
