@@ -14,7 +14,7 @@ from lookback_core.sampler import InvalidSetting, check_setting
 from lookback_core.weights import read_temporal_header
 from toyworld import world
 from toyworld.ablate import VARIANTS
-from toyworld.build import ToyRecipe
+from toyworld.build import StageFailed, ToyRecipe
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 
 from .generate import SAMPLER_FLAGS, add_sampler_flags
@@ -41,14 +41,22 @@ def _recipe(args: argparse.Namespace) -> ToyRecipe:
 def toy_build_command(args: argparse.Namespace) -> int:
     from toyworld.build import build
 
-    build(Path(args.out), _recipe(args))
+    try:
+        build(Path(args.out), _recipe(args))
+    except StageFailed as err:  # the stage has said why; no traceback of ours on top
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 def toy_ablate_command(args: argparse.Namespace) -> int:
     from toyworld.ablate import ablate
 
-    ablate(Path(args.out), _recipe(args), args.variants)  # unknown variants: a ValueError before any work
+    try:
+        ablate(Path(args.out), _recipe(args), args.variants)  # unknown variants: a ValueError before any work
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -148,7 +148,7 @@ def test_demo_writes_video_contact_sheet_and_metrics(tmp_path, capsys) -> None:
 def test_toyworld_build_smoke(tmp_path) -> None:
     """Every stage of the rebuild runs, at a few steps; the result loads like the shipped files."""
     recipe = ToyRecipe(
-        train_clips=6, every_direction=True, train_text_encoder=True, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2,
+        train_clips=6, every_direction=True, full_clip_text_encoder=True, vae_steps=2, unet_steps=2, lookback_steps=2, full_clip_steps=2,
         lookback_batch_size=2, eval_clips=1,
         sampler_steps=2, decoder_steps=2,
     )  # fmt: skip
@@ -168,7 +168,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     assert text and not all(torch.equal(shipped[k], base[k].half()) for k in text)
     weights = tmp_path / "toy" / "lookback_toy.safetensors"
     header = read_temporal_header(weights)
-    assert header.training["train_text_encoder"]
+    assert header.training["train_text_encoder"]  # in the full-clip phase only
     # the shipped weights are the second phase's: whole clips, from the first phase's weights
     assert header.training["frames"] == world.FRAMES and header.training["steps"] == 2
     assert header.training["init_lookback_weights"] == "lookback_weights.safetensors"
@@ -176,7 +176,7 @@ def test_toyworld_build_smoke(tmp_path) -> None:
     # ... trained on the noisiest timesteps more often (the first phase: uniformly)
     assert header.training["timestep_bias"] == {"strategy": "later", "multiplier": 5.0, "portion": 0.25}
     first = read_temporal_header(tmp_path / "toy" / "lookback" / "lookback_weights.safetensors").training
-    assert first["timestep_bias"] is None
+    assert first["timestep_bias"] is None and not first["train_text_encoder"]
     assert header.training["toy_build"]["eval"]["clips"] == 1
     assert header.recommended_sampler == {
         "steps": 2,
@@ -214,6 +214,10 @@ def test_toyworld_build_smoke(tmp_path) -> None:
         (
             {"full_clip_timestep_bias": 1.0},
             "full-clip phase was trained with full_clip_timestep_bias 5.0 (this recipe: 1.0)",
+        ),
+        (
+            {"full_clip_text_encoder": False},
+            "full-clip phase was trained with full_clip_text_encoder True (this recipe: False)",
         ),
         ({"unet_steps": 3}, "base stage was trained with unet_steps 2 (this recipe: 3)"),
         ({"decoder_steps": 3}, "decoder stage was trained with decoder_steps 2 (this recipe: 3)"),

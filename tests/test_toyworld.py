@@ -249,3 +249,30 @@ def test_drift_is_measured_frame_by_frame() -> None:
     assert result.background_drift == pytest.approx(np.mean(result.drift_per_frame[1:]), rel=0.05)
     still = clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)
     assert mean_drift_per_frame([result, still])[5:] == pytest.approx([6.0] * 11)
+
+
+@pytest.mark.parametrize("command", ["build", "ablate"])
+def test_a_failed_stage_ends_the_toy_command_with_its_name_not_a_traceback(
+    tmp_path, monkeypatch, capsys, command
+):
+    """The trainer or the base stage has printed why it stopped (a full disk, a NaN); the command
+    says which program stopped and how to resume, exit 1, with no traceback of its own."""
+    import subprocess
+
+    from lookback_cli.main import main
+    from toyworld import build
+
+    calls, run = [], subprocess.run
+
+    def failing(cmd, **kwargs):  # the stages' programs fail; git (the build records its commit) runs
+        if cmd[0] == "git":
+            return run(cmd, **kwargs)
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2)
+
+    monkeypatch.setattr(build.subprocess, "run", failing)
+    assert main(["toyworld", command, "--out", str(tmp_path / "toy"), "--train-clips", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "error: toyworld.base_model stopped (exit status 2); its message is above" in err
+    assert "resume" in err and "Traceback" not in err
+    assert len(calls) == 1  # nothing ran after the failed stage

@@ -66,9 +66,6 @@ class ToyRecipe:
     # the day's slower machine), the model hedged between the two ways a start allows and moved less
     # (validation: docs/toyworld.md#on-clips-nothing-was-tuned-on)
     every_direction: bool = False
-    # the look-back stage also trains the text tower (training/train.py --train_text_encoder): the base
-    # trained it on single frames, where a direction word changes nothing
-    train_text_encoder: bool = False
     vae_steps: int = 2000
     unet_steps: int = 800
     lookback_steps: int = 5000
@@ -77,6 +74,10 @@ class ToyRecipe:
     lookback_learning_rate: float = 3e-4
     full_clip_steps: int = 800  # then on whole clips (world.FRAMES), at a constant rate; 0: none
     full_clip_learning_rate: float = 1e-4
+    # the full-clip phase also trains the text tower (training/train.py --train_text_encoder): the base
+    # trained it on single frames, where a direction word changes nothing (measured by continuing the
+    # shipped model: docs/toyworld.md#the-text-tower-trained-on-clips)
+    full_clip_text_encoder: bool = False
     # the full-clip phase draws the noisiest quarter of the timesteps (where the caption decides
     # which way the object goes) this many times as often as the others; 1: uniformly
     full_clip_timestep_bias: float = 5.0
@@ -144,9 +145,19 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+class StageFailed(RuntimeError):
+    """A stage's own program (the base model's, the trainer) stopped with an error it has printed."""
+
+
 def _run(command: list[str]) -> None:
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    returncode = subprocess.run(command, cwd=REPO).returncode
+    if returncode:
+        program = command[2] if command[1] == "-m" else Path(command[1]).name
+        raise StageFailed(
+            f"{program} stopped (exit status {returncode}); its message is above. Run the same command again to "
+            "resume: the finished stages and the last checkpoint are kept"
+        )
 
 
 def git_commit() -> str:
@@ -192,7 +203,12 @@ DECODER_FIELDS = ("decoder_steps", "decoder_learning_rate")
 # the stages after the look-back stage alone depend on these: the decoder, the packaging, the eval
 AFTER_LOOKBACK_FIELDS = (*DECODER_FIELDS, "context_frames", "colour_match", "eval_clips", "long_eval_frames")
 # the second phase's alone
-FULL_CLIP_FIELDS = ("full_clip_steps", "full_clip_learning_rate", "full_clip_timestep_bias")
+FULL_CLIP_FIELDS = (
+    "full_clip_steps",
+    "full_clip_learning_rate",
+    "full_clip_text_encoder",
+    "full_clip_timestep_bias",
+)
 LOOKBACK_RECIPE = "toy_recipe.json"
 DECODER = "decoder"  # the decoder stage's folder
 FULL_CLIPS = "full_clips"  # the second look-back phase's folder, inside the first's
@@ -353,6 +369,7 @@ def train_lookback(
             "--lr_warmup_steps", str(min(50, recipe.full_clip_steps // 10)),
             "--timestep_bias_strategy", "later" if recipe.full_clip_timestep_bias != 1 else "none",
             "--timestep_bias_multiplier", str(recipe.full_clip_timestep_bias),
+            *(["--train_text_encoder"] if recipe.full_clip_text_encoder else []),
             *training,
         ])  # fmt: skip
     return phases[FULL_CLIPS]
@@ -384,7 +401,6 @@ def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, f
         "--report_to", "none",
         "--seed", str(recipe.seed),
         "--horizon_frames", str(recipe.horizon_frames),
-        *(["--train_text_encoder"] if recipe.train_text_encoder else []),
         *flags,
         ]
     )  # fmt: skip
