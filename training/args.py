@@ -7,7 +7,9 @@ lr 1e-4, batch 4 with 4 gradient-accumulation steps.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,9 @@ from lookback_core.sampler import SETTING_RULES
 from lookback_core.weights import check_chunking, check_recommended_sampler, read_temporal_header
 from training import checkpoints
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
+from training.run_config import expand_config
 
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 DEFAULT_PRESET = "paper"  # the look-back modules when neither --preset nor --init_lookback_weights is given
 
 
@@ -30,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python training/train.py",
         description="Train look-back temporal modules on a frozen SD1.5 (accelerate launch for multi-GPU).",
     )
+    p.add_argument(
+        "--config", default=None, metavar="RUN.toml",
+        help="take the flags from this TOML file, by name without the dashes, at its top level or in the table "
+        "of their group ([model], [data], [optimisation], [output]); flags given here override it "
+        "(training/configs/ holds examples; docs/training.md#config-files)",
+    )  # fmt: skip
     model = p.add_argument_group("model")
     model.add_argument(
         "--pretrained_model", required=True, help="SD1.5 single-file checkpoint (.safetensors or .ckpt)"
@@ -187,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a folder holding checkpoints is only continued with --resume_from_checkpoint)",
     )  # fmt: skip
     out.add_argument(
-        "--report_to", default="tensorboard", choices=("tensorboard", "none"), help="JSONL is always written"
-    )
+        "--report_to", default="tensorboard", choices=REPORT_TO,
+        help="the trackers the losses and settings go to, through accelerate: tensorboard (when installed), wandb "
+        "(WANDB_MODE=offline to keep the run local), all (those installed) or none; "
+        "<output_dir>/logs/metrics.jsonl is always written",
+    )  # fmt: skip
     out.add_argument("--validation_image", default=None)
     out.add_argument("--validation_prompt", default="")
     out.add_argument("--validation_steps", type=int, default=500)
@@ -306,7 +319,7 @@ def recommended_sampler(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_config(sys.argv[1:] if argv is None else argv, parser))
     check_number_flags(parser, args, NUMBER_RULES)
     if args.init_lookback_weights is not None:
         module_flags = [f"--{name}" for name in MODULE_FLAGS if getattr(args, name) not in (None, False)]
@@ -348,6 +361,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:
         parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        parser.error("--report_to wandb needs the wandb package, which is not installed: pip install wandb")
     problem = utf8_problem(args.validation_prompt)
     if problem:
         parser.error(f"--validation_prompt {problem}")

@@ -10,6 +10,7 @@ written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -48,8 +49,8 @@ from lookback_core.weights import (  # noqa: E402
     read_temporal_header,
     save_temporal_weights,
 )
-from training import checkpoints  # noqa: E402
-from training.args import module_config, parse_args, recommended_sampler  # noqa: E402
+from training import checkpoints, run_config  # noqa: E402
+from training.args import build_parser, module_config, parse_args, recommended_sampler  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
 from training.objective import lookback_loss, timestep_weights  # noqa: E402
@@ -103,12 +104,11 @@ def _make_optimizer(args, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def trackers(report_to: str) -> list[str]:
+    """The accelerate trackers ``--report_to`` asks for, of those installed (wandb is checked
+    up front: training.args; tensorboard, the default, falls back to the JSON lines alone)."""
+    wanted = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
+    return [name for name in wanted if importlib.util.find_spec(name) is not None]
 
 
 def _encode_batch(batch: dict, components, cache: LatentCache | None, device, weight_dtype):
@@ -235,7 +235,7 @@ def resume(
 
 def train(args) -> Path:
     output_dir = Path(args.output_dir)
-    log_with = "tensorboard" if args.report_to == "tensorboard" and _tensorboard_available() else None
+    log_with = trackers(args.report_to)
     accelerator = Accelerator(
         # Several processes on a machine without CUDA (accelerate launch on CPUs): without cpu=True
         # accelerate would not join them (gloo) and every process would act as the only one.
@@ -249,8 +249,8 @@ def train(args) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.report_to == "tensorboard" and log_with is None:
-        logger.info("tensorboard is not installed; logging to JSONL only")
+    if args.report_to != "none" and not log_with:
+        logger.info("--report_to %s: no such tracker is installed; logging to JSONL only", args.report_to)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +274,10 @@ def train(args) -> Path:
             f"--output_dir {output_dir} holds another run's checkpoints ({', '.join(p.name for p in earlier)}); "
             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them and "
             "start over, or choose another --output_dir"
+        )
+    if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
+        atomic.write_text(
+            output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, build_parser())
         )
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
@@ -411,6 +415,7 @@ def train(args) -> Path:
         "motion_loss_weight": args.motion_loss_weight,
         # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
         "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
+        "settings": run_config.recorded_settings(args, build_parser()),  # every flag, paths by name only
     }  # fmt: skip
     if args.train_backbone:
         facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up
@@ -473,8 +478,12 @@ def train(args) -> Path:
         )
 
     metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
-    if log_with is not None:
-        accelerator.init_trackers("lookback", config={k: v for k, v in vars(args).items() if v is not None})
+    if log_with:  # wandb's run folder beside tensorboard's, not in the folder the run was started from
+        accelerator.init_trackers(
+            "lookback",
+            config={k: v for k, v in vars(args).items() if v is not None},
+            init_kwargs={"wandb": {"dir": str(output_dir / "logs")}},
+        )
     skipped = Counter()
     bar = tqdm(
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
