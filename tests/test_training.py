@@ -304,9 +304,39 @@ def test_validation_writes_video_and_logs_isim(setup, tmp_path) -> None:
              "--validation_steps", "2", "--validation_frames", "3", "--validation_inference_steps", "2"]  # fmt: skip
     assert train_main(train_args(setup, out, *extra)) == 0
     assert (out / "validation" / "step-0000002.mp4").is_file()
+    assert not (out / "validation" / "step-0000002").exists()  # one pair: its video is the step's
     last = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["isim_latent_first"] == pytest.approx(1.0)
     assert -1 <= last["isim_latent_avg"] <= 1 and "isim_latent_decay" in last
+
+
+def test_several_validation_pairs_make_a_grid_video_from_step_zero(setup, tmp_path) -> None:
+    """Three image/prompt pairs: one grid video per validation step (the untrained modules' at step
+    0 too), each pair's video alone beside it, and the ISIM of each pair and their mean."""
+    images = []
+    for k in range(3):
+        images.append(tmp_path / f"start{k}.png")
+        iio.imwrite(images[-1], toy_frames(5 + k, size=40)[0])
+    out = tmp_path / "run"
+    pairs = [token for k, path in enumerate(images) for token in ("--validation_image", str(path),
+                                                                    "--validation_prompt", f"prompt {k}")]  # fmt: skip
+    extra = ["--max_train_steps", "2", *pairs, "--validation_at_start", "--validation_steps", "2",
+             "--validation_frames", "3", "--validation_inference_steps", "2"]  # fmt: skip
+    assert train_main(train_args(setup, out, *extra)) == 0
+    for step in (0, 2):
+        grid = iio.imread(out / "validation" / f"step-{step:07d}.mp4")
+        assert grid.shape == (3, 32, 3 * 32, 3)  # 3 frames of 32x32, side by side
+        for k in range(3):
+            alone = iio.imread(out / "validation" / f"step-{step:07d}" / f"{k}.mp4")
+            assert alone.shape == (3, 32, 32, 3)
+            assert np.abs(alone.astype(int) - grid[:, :, 32 * k : 32 * (k + 1)]).mean() < 6  # its tile
+    logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    validations = {entry["step"]: entry for entry in logged if "isim_latent_avg" in entry}
+    assert sorted(validations) == [0, 2]
+    for entry in validations.values():
+        each = [entry[f"isim_latent_avg_{k}"] for k in range(3)]
+        assert entry["isim_latent_avg"] == pytest.approx(sum(each) / 3)
+        assert len(set(each)) == 3  # three different videos
 
 
 def test_hybrid_noising_keeps_frame_zero_clean_and_loss_skips_it() -> None:

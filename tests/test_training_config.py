@@ -127,6 +127,7 @@ def test_the_example_configs_are_valid_runs_of_their_presets(setup, tmp_path, ex
     )  # fmt: skip
     assert args.preset == example.stem and args.max_train_steps > 1000 and args.mixed_precision == "bf16"
     assert args.output_dir == str(tmp_path / "run")  # the command line won over the file's
+    assert args.validation_image == [str(tmp_path / "start.png")]  # a repeatable flag's list too
 
 
 def _webvid_csv(folder: Path) -> Path:
@@ -180,3 +181,29 @@ def test_wandb_asked_for_but_not_installed_is_named_up_front(setup, tmp_path, mo
     assert "--report_to wandb needs the wandb package, which is not installed: pip install wandb" in (
         capsys.readouterr().err
     )
+
+
+def test_validation_pairs_from_a_config_list_and_their_pairing_checked(setup, tmp_path, capsys) -> None:
+    first, second = _image(tmp_path), tmp_path / "second.png"
+    first.rename(second)
+    first = _image(tmp_path)
+    config = tmp_path / "run.toml"
+    base = ["--config", str(config), *train_args(setup, tmp_path / "run")]
+    config.write_text(f'validation_image = ["{first}", "{second}"]\nvalidation_prompt = ["one", "two"]\n')
+    args = parse_args(base)
+    assert args.validation_image == [str(first), str(second)] and args.validation_prompt == ["one", "two"]
+    config.write_text(f'validation_image = ["{first}", "{second}"]\nvalidation_prompt = "both"\n')
+    assert parse_args(base).validation_prompt == ["both", "both"]  # one prompt: every image's
+    config.write_text(f'validation_image = ["{first}", "{second}"]\n')
+    assert parse_args(base).validation_prompt == ["", ""]
+    for text, said in (
+        (f'validation_image = ["{first}", "{second}"]\nvalidation_prompt = ["a", "b", "c"]\n',
+         "2 --validation_image and 3 --validation_prompt: give one prompt per image"),
+        ('validation_prompt = "alone"\n', "--validation_prompt is the prompt of a --validation_image"),
+        (f'validation_image = ["{first}", 3]\n', "validation_image must be a string or a list of strings"),
+        (f'validation_image = ["{first}", "{tmp_path / "gone.png"}"]\n', f"--validation_image: no such file: {tmp_path / 'gone.png'}"),
+    ):  # fmt: skip
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args(base)
+        assert said in capsys.readouterr().err, text

@@ -202,8 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(WANDB_MODE=offline to keep the run local), all (those installed) or none; "
         "<output_dir>/logs/metrics.jsonl is always written",
     )  # fmt: skip
-    out.add_argument("--validation_image", default=None)
-    out.add_argument("--validation_prompt", default="")
+    out.add_argument(
+        "--validation_image", action="append", default=None, metavar="IMAGE",
+        help="make a validation video from this image every --validation_steps; repeat for several: one grid "
+        "video per validation step (validation/step-<n>.mp4) and each alone (validation/step-<n>/), ISIM for each",
+    )  # fmt: skip
+    out.add_argument(
+        "--validation_prompt", action="append", default=None, metavar="PROMPT",
+        help="the prompt of each --validation_image, in their order (one: every image's; default: empty)",
+    )  # fmt: skip
+    out.add_argument(
+        "--validation_at_start", action="store_true",
+        help="also make the validation videos before the first step (step 0: what the untrained modules do)",
+    )  # fmt: skip
     out.add_argument("--validation_steps", type=int, default=500)
     out.add_argument("--validation_frames", type=int, default=16)
     out.add_argument(
@@ -317,6 +328,26 @@ def recommended_sampler(args: argparse.Namespace) -> dict[str, Any]:
     return settings | ({"first_frame": "noised"} if args.objective == "ddpm" else {})
 
 
+def pair_validation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Give every ``--validation_image`` its prompt: ``args.validation_image`` and
+    ``args.validation_prompt`` become lists of one length (none: no validation)."""
+    images, prompts = args.validation_image or [], args.validation_prompt
+    if prompts and not images:
+        parser.error(
+            "--validation_prompt is the prompt of a --validation_image; add the image or leave it out"
+        )
+    if prompts is None:
+        prompts = [""]
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        parser.error(
+            f"{len(images)} --validation_image and {len(prompts)} --validation_prompt: give one prompt per image "
+            "(in their order), or one for all"
+        )
+    args.validation_image, args.validation_prompt = images, prompts
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(expand_config(sys.argv[1:] if argv is None else argv, parser))
@@ -363,11 +394,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--validation_inference_steps/--validation_guidance_scale: {err}")
     if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         parser.error("--report_to wandb needs the wandb package, which is not installed: pip install wandb")
-    problem = utf8_problem(args.validation_prompt)
-    if problem:
-        parser.error(f"--validation_prompt {problem}")
-    for flag in ("pretrained_model", "init_lookback_weights", "validation_image", "csv"):
-        value = getattr(args, flag)
+    pair_validation(parser, args)
+    for prompt in args.validation_prompt:
+        problem = utf8_problem(prompt)
+        if problem:
+            parser.error(f"--validation_prompt {problem}")
+    files = [(flag, getattr(args, flag)) for flag in ("pretrained_model", "init_lookback_weights", "csv")]
+    for flag, value in files + [("validation_image", image) for image in args.validation_image]:
         problem = None if value is None else file_problem(value)
         if problem:  # a folder or a FIFO is said to be one
             said = f"no such file: {value}" if problem == "no such file" else f"{value} {problem}"
@@ -384,14 +417,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError as err:
             parser.error(f"--init_lookback_weights: {err}")
     if args.overwrite_output_dir and not args.resume_from_checkpoint:
-        inputs = {
-            f"--{f}": getattr(args, f)
-            for f in ("pretrained_model", "init_lookback_weights", "validation_image")
-        }
+        inputs = [(f"--{f}", getattr(args, f)) for f in ("pretrained_model", "init_lookback_weights")]
+        inputs += [("--validation_image", image) for image in args.validation_image]
         doomed = checkpoints.inputs_inside_run(Path(args.output_dir), inputs)
         if doomed:
             parser.error(
-                f"{', '.join(f'{f} {inputs[f]}' for f in doomed)}: --overwrite_output_dir would delete it with the "
+                f"{', '.join(f'{f} {value}' for f, value in doomed)}: --overwrite_output_dir would delete it with the "
                 f"earlier run in {args.output_dir}; copy it out of that folder first, or choose another --output_dir"
             )
     if not Path(args.train_data_dir).is_dir():

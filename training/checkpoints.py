@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +138,12 @@ def run_files(output_dir: Path) -> list[Path]:
     return files + [output_dir / n for n in (WEIGHTS_NAME, BACKBONE_NAME) if (output_dir / n).exists()]
 
 
-def inputs_inside_run(output_dir: Path, inputs: dict[str, str | None]) -> list[str]:
-    """The ``inputs`` (flag -> path) that are, or lie inside, one of ``output_dir``'s run files."""
+def inputs_inside_run(output_dir: Path, inputs: Iterable[tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """The ``inputs`` (flag, path) that are, or lie inside, one of ``output_dir``'s run files."""
     doomed = [p.resolve() for p in run_files(output_dir)]
     return [
-        flag
-        for flag, value in inputs.items()
+        (flag, value)
+        for flag, value in inputs
         if value is not None and any(Path(value).resolve().is_relative_to(d) for d in doomed)
     ]
 

@@ -14,7 +14,8 @@ groups of ``python training/train.py --help``)::
 
 Flags given on the command line override the file. Paths are taken as on the command line
 (relative to the working folder). A switch (``train_backbone``) is ``true`` or ``false``; a
-setting left unset is left out of the file.
+flag that may be repeated (``validation_image``) takes a list; a setting left unset is left out
+of the file.
 
 The trainer writes the configuration it resolved (file, command line and defaults) into its
 output folder as :data:`RESOLVED_NAME`, which reruns the run with ``--config``.
@@ -92,9 +93,10 @@ def _flatten(table: dict[str, Any], options: dict, where: str) -> dict[str, Any]
     return settings
 
 
-def config_arguments(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The command-line arguments the TOML file at ``path`` stands for (put before the real ones, so
-    those override it); raises ValueError naming the file and the key that is wrong."""
+def config_arguments(path: str, parser: argparse.ArgumentParser, given: set[str] = frozenset()) -> list[str]:
+    """The command-line arguments the TOML file at ``path`` stands for, less the flags ``given`` on
+    the command line (by their names without the dashes: those override the file, a repeatable
+    flag's values included); raises ValueError naming the file and the key that is wrong."""
     problem = file_problem(path)
     if problem:
         raise ValueError(f"no such file: {path}" if problem == "no such file" else f"{path} {problem}")
@@ -110,7 +112,16 @@ def config_arguments(path: str, parser: argparse.ArgumentParser) -> list[str]:
     options = _options(parser)
     arguments: list[str] = []
     for key, (value, named) in _flatten(table, options, path).items():
+        if key in given:
+            continue
         action = options[key][1]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._AppendAction):  # a flag given once per value: a list of them
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{path}: {named} must be a string or a list of strings, got {value!r}")
+            arguments += [token for v in values for token in (flag, v)]
+            continue
         types, expected = _expected_type(action)
         if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
             raise ValueError(f"{path}: {named} must be {expected}, got {value!r}")
@@ -118,7 +129,6 @@ def config_arguments(path: str, parser: argparse.ArgumentParser) -> list[str]:
             raise ValueError(
                 f"{path}: {named} must be one of {', '.join(map(str, action.choices))}, got {value!r}"
             )
-        flag = action.option_strings[0]
         if isinstance(value, bool):
             arguments += [flag] if value else []
         else:
@@ -142,8 +152,10 @@ def expand_config(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[
         path, rest = argv[i + 1], argv[:i] + argv[i + 2 :]
     else:
         parser.error(f"{CONFIG_FLAG} needs a TOML file")
+    actions = parser._option_string_actions  # argparse keeps no public map of its flags
+    given = {actions[a.split("=", 1)[0]].dest for a in rest if a.split("=", 1)[0] in actions}
     try:
-        return config_arguments(path, parser) + rest
+        return config_arguments(path, parser, given) + rest
     except ValueError as err:
         parser.error(f"{CONFIG_FLAG}: {err}")
 
@@ -161,7 +173,11 @@ def resolved_settings(args: argparse.Namespace, parser: argparse.ArgumentParser)
 def recorded_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The run's settings as the weights record them: flat, with paths reduced to their names."""
     flat = {k: v for group in resolved_settings(args, parser).values() for k, v in group.items()}
-    return {k: Path(v).name if k in PATH_SETTINGS else v for k, v in flat.items()}
+
+    def name(value: Any) -> Any:
+        return [Path(v).name for v in value] if isinstance(value, list) else Path(value).name
+
+    return {k: name(v) if k in PATH_SETTINGS else v for k, v in flat.items()}
 
 
 def resolved_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:

@@ -242,7 +242,7 @@ def train(args) -> Path:
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=log_with,
+        log_with=log_with or None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
@@ -488,6 +488,18 @@ def train(args) -> Path:
     bar = tqdm(
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
+
+    def validate(step: int) -> None:
+        """The validation videos of the weights as deployed (EMA-averaged), from the main process."""
+        if args.validation_image and accelerator.is_main_process:
+            model.eval()
+            with averaged_weights():
+                result = run_validation(args, lookback, components, output_dir / "validation", step)
+            model.train()
+            metrics(step, result)
+
+    if args.validation_at_start and global_step == 0:
+        validate(0)
     started, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
     model.train()
     # a run resumed at its last step has nothing left to train (in mid-epoch the loop would take one more)
@@ -556,18 +568,8 @@ def train(args) -> Path:
             loss_sum, loss_count = 0.0, 0
             if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
                 save(global_step)
-            if (
-                args.validation_image
-                and global_step % args.validation_steps == 0
-                and accelerator.is_main_process
-            ):
-                model.eval()
-                with averaged_weights():
-                    result = run_validation(
-                        args, lookback, components, output_dir / "validation", global_step
-                    )
-                model.train()
-                metrics(global_step, result)
+            if global_step % args.validation_steps == 0:
+                validate(global_step)
             if global_step >= max_steps:
                 break
         skip_batches = 0

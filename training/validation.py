@@ -1,10 +1,12 @@
-"""Validation during training: a short video from a fixed image and prompt, and its ISIM."""
+"""Validation during training: short videos from fixed image/prompt pairs, side by side in one grid
+video per validation step and each alone, with the ISIM of each."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple, load_image
 from lookback_core.metrics import ClipImageFeatures, isim_curve, isim_summary, latent_features
@@ -47,11 +49,12 @@ def check_validation_inputs(args, device: torch.device | None = None) -> None:
     """Read ``--validation_image`` and load ``--isim_clip_model`` once, before training starts, so
     that a bad one is named at once instead of at the first validation step; and refuse a
     validation video that cannot fit on ``device`` (default: the CPU) before the models load."""
-    if args.validation_image:
+    for image in args.validation_image:
         try:
-            load_image(args.validation_image)
+            load_image(image)
         except (OSError, ValueError) as err:
             raise ValueError(f"--validation_image: {err}") from None
+    if args.validation_image:
         problem = validation_shortfall(args, device or torch.device("cpu"))
         if problem:
             raise ValueError(problem)
@@ -69,14 +72,50 @@ def check_validation_inputs(args, device: torch.device | None = None) -> None:
 def run_validation(
     args, model: LookBackUNet, components: SD15Components, folder: Path, step: int
 ) -> dict[str, float]:
-    """Write ``folder/step-<step>.mp4`` and return its ISIM figures (``isim_*`` or ``isim_latent_*``)."""
+    """Write ``folder/step-<step>.mp4`` (the pairs' videos side by side, in rows of up to
+    :data:`GRID_COLUMNS`) and, for several pairs, each alone as ``folder/step-<step>/<k>.mp4``;
+    return the ISIM figures (``isim_*``, or ``isim_latent_*`` without a CLIP model) averaged over
+    the pairs, and each pair's with ``_<k>`` appended (k from 0, the pairs' order)."""
+    name = f"step-{step:07d}"
+    videos, figures = [], []
+    for image_path, prompt in zip(args.validation_image, args.validation_prompt, strict=True):
+        frames, isim = _validation_video(args, model, components, image_path, prompt)
+        videos.append(frames)
+        figures.append(isim)
+    if len(videos) > 1:
+        for k, frames in enumerate(videos):
+            write_video(frames, folder / name / f"{k}.mp4", fps=VALIDATION_FPS)
+    write_video(grid(videos), folder / f"{name}.mp4", fps=VALIDATION_FPS)
+    result = {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
+    if len(figures) > 1:
+        result |= {f"{key}_{k}": value for k, f in enumerate(figures) for key, value in f.items()}
+    return result
+
+
+VALIDATION_FPS = 8
+GRID_COLUMNS = 4
+
+
+def grid(videos: list[torch.Tensor]) -> torch.Tensor:
+    """Videos ``[f, h, w, 3]`` of one size side by side, ``GRID_COLUMNS`` to a row (a short last row
+    is filled with black)."""
+    columns = min(len(videos), GRID_COLUMNS)
+    blank = torch.zeros_like(videos[0])
+    padded = videos + [blank] * (-len(videos) % columns)
+    return rearrange(torch.stack(padded), "(r c) f h w ch -> f (r h) (c w) ch", c=columns)
+
+
+def _validation_video(
+    args, model: LookBackUNet, components: SD15Components, image_path: str, prompt: str
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One pair's video ``[f, h, w, 3]`` in 0..1 and its ISIM figures."""
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     image, _ = fit_to_multiple(
-        load_image(args.validation_image), width=args.resolution, height=args.resolution, min_size=8
+        load_image(image_path), width=args.resolution, height=args.resolution, min_size=8
     )
     z0 = encode_image_latent(components.vae, image).to(dtype)
-    texts = encode_prompt(components.tokenizer, components.text_encoder, [args.validation_prompt, ""], device)
+    texts = encode_prompt(components.tokenizer, components.text_encoder, [prompt, ""], device)
     settings = SamplerSettings(**recommended_sampler(args), seed=args.seed)
     latents = sample_video(
         model,
@@ -88,7 +127,6 @@ def run_validation(
         components.scheduler_config,
     )
     frames = decode_latents(components.vae, latents)[0]
-    write_video(frames.permute(0, 2, 3, 1), folder / f"step-{step:07d}.mp4", fps=8)
     if args.isim_clip_model:
         features = ClipImageFeatures(args.isim_clip_model, device)(torch.cat([image, frames]))
         reference, features, name = features[0], features[1:], "isim"
@@ -96,4 +134,6 @@ def run_validation(
         features = latent_features(latents[0].float().cpu())
         reference, name = features[0], "isim_latent"
     summary = isim_summary(isim_curve(features, reference))
-    return {f"{name}_{key}": value for key, value in summary.items()}
+    return frames.permute(0, 2, 3, 1).float().cpu(), {
+        f"{name}_{key}": value for key, value in summary.items()
+    }
