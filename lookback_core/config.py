@@ -13,6 +13,8 @@ Symbols of the paper ("Implicit Semi-Auto-Regressive Image-to-Video Diffusion"),
   the given image instead of ``i`` hops along the chain.
 - adapter: a depth-wise 3D conv (``adapter_kernel`` in time, height and width) after the
   look-back conv and the 1x1 channel mix.
+- temporal attention (``temporal_attention``, off in every preset): an AnimateDiff-style motion
+  module after those, the alternative the paper argues against, for the ablation.
 
 The config is saved in the header of every temporal weights file, so a file fully describes the
 modules it holds.
@@ -47,6 +49,8 @@ _FIELD_RULES: dict[str, Rule] = {
     "kernel": _ODD_KERNEL,
     "adapter_kernel": _ODD_KERNEL,
     "padding_mode": one_of("zeros", "reflect", "replicate"),
+    "temporal_attention": one_of("off", "full", "causal"),
+    "attention_heads": whole(1, 64),
     **{
         name: flag()
         for name in ("channel_mix", "adapter", "lookback", "causal_adapter", "first_frame_anchor")
@@ -74,6 +78,10 @@ class LookBackConfig:
     lookback: bool = True  # False: no look-back conv (the adapter alone is the paper's "normal 3D conv")
     causal_adapter: bool = False  # True: the adapter pads only past frames, so no site sees ahead
     first_frame_anchor: bool = False  # True: the look-back conv of frame i >= 1 also reads frame 0's input
+    # an AnimateDiff-style motion module at each site too, after the rest (the ablation's alternative to
+    # the look-back: lookback_core.temporal_attention): "off", "full" or "causal" (frames see the past only)
+    temporal_attention: str = "off"
+    attention_heads: int = 8
 
     def __post_init__(self) -> None:
         # types and bounds first (a file's config is anyone's JSON): lookback_core.rules
@@ -101,8 +109,10 @@ class LookBackConfig:
             raise ValueError("a look-back config needs at least one site")
         if self.first_frame_anchor and not self.lookback:
             raise ValueError("first_frame_anchor is part of the look-back conv; it needs lookback")
-        if not (self.lookback or self.channel_mix or self.adapter):
-            raise ValueError("a look-back config needs at least one of lookback, channel_mix and adapter")
+        if not (self.lookback or self.channel_mix or self.adapter or self.temporal_attention != "off"):
+            raise ValueError(
+                "a look-back config needs at least one of lookback, channel_mix, adapter and temporal_attention"
+            )
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"duplicate sites in {self.sites}")
         object.__setattr__(self, "sites", tuple(self.sites))

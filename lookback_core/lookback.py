@@ -11,7 +11,9 @@ On hidden states ``x`` of shape ``[(b f), n, h, w]``, with ``f`` given by the ca
    (``first_frame_anchor``, beyond the paper), every frame ``i >= 1`` also gets
    ``Conv2d_{n -> n, k x k}(in[0])``: one hop from the given image, not ``i``.
 2. channel mix: ``x + Conv2d_{n -> n, 1 x 1}(x)`` on every frame.
-3. adapter: ``x + Conv3d_{depth-wise, a x a x a}(x)`` over ``(f, h, w)``.
+3. adapter: ``x + Conv3d_{depth-wise, a x a x a}(x)`` over ``(f, h, w)``;
+4. temporal attention, off in every preset (the ablation's alternative to steps 1-3:
+   :mod:`lookback_core.temporal_attention`).
 
 The last (here: only) conv of each residual branch starts at zero, so a new module is the
 identity. :func:`lookback_reference` follows step 1 literally and is what every faster form of
@@ -28,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import LookBackConfig
+from .temporal_attention import TemporalAttention
 
 
 class LookBackConv(nn.Module):
@@ -98,6 +101,7 @@ class LookBackModule(nn.Module):
             if conv is not None:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        self.attention = TemporalAttention(channels, config) if config.temporal_attention != "off" else None
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames = _split_frames(x, num_frames)
@@ -105,7 +109,7 @@ class LookBackModule(nn.Module):
             frames = lookback_recurrence(
                 frames, self.lookback.weight, self.lookback.bias, self.padding_mode, self._anchor_term(frames)
             )
-        return self._mix_and_adapt(frames)
+        return self._after_lookback(frames)
 
     def forward_reference(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Same as :meth:`forward` with step 1 computed by the literal per-frame loop."""
@@ -118,7 +122,7 @@ class LookBackModule(nn.Module):
                 self.padding_mode,
                 self._anchor_term(frames),
             )
-        return self._mix_and_adapt(frames)
+        return self._after_lookback(frames)
 
     def _anchor_term(self, frames: torch.Tensor) -> torch.Tensor | None:
         """The first-frame anchor's ``Conv2d(in[0])`` ``[b, n, h, w]``, or None without one."""
@@ -126,8 +130,8 @@ class LookBackModule(nn.Module):
             return None
         return _conv(frames[:, 0], self.anchor.weight, self.anchor.bias, self.padding_mode)
 
-    def _mix_and_adapt(self, frames: torch.Tensor) -> torch.Tensor:
-        b = frames.shape[0]
+    def _after_lookback(self, frames: torch.Tensor) -> torch.Tensor:
+        b, f = frames.shape[:2]
         x = rearrange(frames, "b f n h w -> (b f) n h w")
         if self.mix is not None:
             x = x + self.mix(x)
@@ -136,6 +140,8 @@ class LookBackModule(nn.Module):
             past = F.pad(v, (0, 0, 0, 0, self.adapter_past, 0)) if self.adapter_past else v
             v = v + self.adapter(past)
             x = rearrange(v, "b n f h w -> (b f) n h w")
+        if self.attention is not None:
+            x = self.attention(x, f)
         return x
 
 

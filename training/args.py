@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--no_adapter", action="store_true", help="no 3D adapter (an ablation)")
     model.add_argument(
+        "--no_channel_mix",
+        action="store_true",
+        help="no 1x1 channel mix after the look-back conv (an ablation)",
+    )
+    model.add_argument(
+        "--temporal_attention", default=None, choices=("full", "causal"),
+        help="an AnimateDiff-style temporal attention module at every site too, after the rest (the ablation's "
+        "alternative to the look-back; with --no_lookback_conv --no_adapter --no_channel_mix, alone): full = every "
+        "frame sees the clip, causal = the frames before it only (default: none)",
+    )  # fmt: skip
+    model.add_argument(
         "--causal_adapter", action="store_true",
         help="the adapter pads only past frames, so no site sees a later frame (default: centred, the paper's)",
     )  # fmt: skip
@@ -303,6 +314,8 @@ MODULE_FLAGS = (
     "lookback_depth",
     "no_lookback_conv",
     "no_adapter",
+    "no_channel_mix",
+    "temporal_attention",
     "causal_adapter",
     "first_frame_anchor",
 )
@@ -316,6 +329,8 @@ def module_config(args: argparse.Namespace) -> LookBackConfig:
         depth=args.lookback_depth or config.depth,
         lookback=config.lookback and not args.no_lookback_conv,
         adapter=config.adapter and not args.no_adapter,
+        channel_mix=config.channel_mix and not args.no_channel_mix,
+        temporal_attention=args.temporal_attention or config.temporal_attention,
         causal_adapter=config.causal_adapter or args.causal_adapter,
         first_frame_anchor=config.first_frame_anchor or args.first_frame_anchor,
     )
