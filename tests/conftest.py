@@ -11,7 +11,8 @@ from diffusers import UNet2DConditionModel
 from lookback_core.tiny import TINY_UNET_CONFIG
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if not os.environ.get("OMP_NUM_THREADS"):  # set: as asked (one thread beside a long training run)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
