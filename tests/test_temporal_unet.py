@@ -122,7 +122,9 @@ def test_adapter_only_variant_has_no_lookback_conv_and_still_mixes_frames(tiny_u
     assert loaded.config.lookback is False
     for key, value in loaded.temporal.site_state_dict().items():
         torch.testing.assert_close(value, expected[key])
-    with pytest.raises(ValueError, match="at least one of lookback, channel_mix and adapter"):
+    with pytest.raises(
+        ValueError, match="at least one of lookback, channel_mix, adapter and temporal_attention"
+    ):
         LookBackConfig(lookback=False, channel_mix=False, adapter=False)
 
 

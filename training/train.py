@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core import atomic  # noqa: E402
-from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit  # noqa: E402
+from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit, write_text  # noqa: E402
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
 from lookback_core.ldm_export import replace_unet  # noqa: E402
@@ -276,9 +276,7 @@ def train(args) -> Path:
             "start over, or choose another --output_dir"
         )
     if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
-        atomic.write_text(
-            output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, build_parser())
-        )
+        write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, build_parser()))
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
