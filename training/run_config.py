@@ -161,7 +161,7 @@ def expand_config(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[
 
 
 def resolved_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
-    """Every set flag of the run, by group: what :func:`write_resolved` writes."""
+    """Every set flag of the run, by group: what :func:`resolved_toml` writes."""
     grouped: dict[str, dict[str, Any]] = {}
     for key, (group, _) in _options(parser).items():
         value = getattr(args, key, None)

@@ -275,8 +275,9 @@ def train(args) -> Path:
             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them and "
             "start over, or choose another --output_dir"
         )
+    parser = build_parser()  # the flags' groups, for the resolved config and the recorded settings
     if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
-        write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, build_parser()))
+        write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, parser))
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
@@ -413,7 +414,7 @@ def train(args) -> Path:
         "motion_loss_weight": args.motion_loss_weight,
         # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
         "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
-        "settings": run_config.recorded_settings(args, build_parser()),  # every flag, paths by name only
+        "settings": run_config.recorded_settings(args, parser),  # every flag, paths by name only
     }  # fmt: skip
     if args.train_backbone:
         facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up

@@ -77,9 +77,11 @@ def run_validation(
     return the ISIM figures (``isim_*``, or ``isim_latent_*`` without a CLIP model) averaged over
     the pairs, and each pair's with ``_<k>`` appended (k from 0, the pairs' order)."""
     name = f"step-{step:07d}"
+    device = next(model.unet.parameters()).device
+    clip = ClipImageFeatures(args.isim_clip_model, device) if args.isim_clip_model else None  # once a step
     videos, figures = [], []
     for image_path, prompt in zip(args.validation_image, args.validation_prompt, strict=True):
-        frames, isim = _validation_video(args, model, components, image_path, prompt)
+        frames, isim = _validation_video(args, model, components, image_path, prompt, clip)
         videos.append(frames)
         figures.append(isim)
     if len(videos) > 1:
@@ -106,9 +108,15 @@ def grid(videos: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _validation_video(
-    args, model: LookBackUNet, components: SD15Components, image_path: str, prompt: str
+    args,
+    model: LookBackUNet,
+    components: SD15Components,
+    image_path: str,
+    prompt: str,
+    clip: ClipImageFeatures | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One pair's video ``[f, h, w, 3]`` in 0..1 and its ISIM figures."""
+    """One pair's video ``[f, h, w, 3]`` in 0..1 and its ISIM figures (the paper's CLIP ISIM with
+    ``clip``, else in latent space)."""
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     image, _ = fit_to_multiple(
@@ -127,8 +135,8 @@ def _validation_video(
         components.scheduler_config,
     )
     frames = decode_latents(components.vae, latents)[0]
-    if args.isim_clip_model:
-        features = ClipImageFeatures(args.isim_clip_model, device)(torch.cat([image, frames]))
+    if clip is not None:
+        features = clip(torch.cat([image, frames]))
         reference, features, name = features[0], features[1:], "isim"
     else:
         features = latent_features(latents[0].float().cpu())
