@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,11 +11,13 @@ from lookback_core.video_io import read_frames
 from toyworld import world
 from toyworld.metrics import (
     COLOUR_THRESHOLD,
+    bootstrap_interval,
     by_direction,
     clip_metrics,
     frame_jump,
     intervals,
     mean_drift_per_frame,
+    mean_interval,
     object_mask,
     summarise,
     wilson_interval,
@@ -142,6 +146,20 @@ def test_wilson_interval_and_the_per_direction_breakdown() -> None:
     assert spans["direction_accuracy"] == pytest.approx(wilson_interval(8, 12))
     assert spans["speed"][0] < summarise(results[:8] + still[8:])["speed"] < spans["speed"][1]
     assert spans["frame0_psnr"] == (100.0, 100.0)  # every clip the same: no spread
+
+
+def test_the_persistence_interval_stays_within_what_a_share_can_be() -> None:
+    """A share of frames, most clips at 1.0 (as on 128 test clips: one clip lost its object, 127
+    kept it): mean +- 1.96 standard errors passes 1 (the reports said 0.98-1.01); the bootstrap
+    interval stays inside the values' range and holds the mean."""
+    shares = [1.0] * 127 + [0.0]
+    assert mean_interval(shares)[1] > 1.0
+    low, high = bootstrap_interval(shares)
+    assert 0.95 < low < np.mean(shares) < high <= 1.0
+    assert bootstrap_interval(shares) == (low, high)  # a fixed seed: the same report twice
+    clip = world.make_clip(world.HELD_OUT_SEED)
+    truth = clip_metrics(clip.frames, clip.frames[0], clip.rgb, clip.direction)
+    assert intervals([replace(truth, persistence=p) for p in shares])["persistence"] == (low, high)
 
 
 def _truth(seed: int = world.HELD_OUT_SEED) -> world.ToyClip:

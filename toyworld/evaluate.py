@@ -379,7 +379,8 @@ def markdown_table(reports: list[EvalReport]) -> str:
 
     lines = [
         f"{len(reports[0].clips)} {reports[0].split} clips (seeds {reports[0].seeds[0]}..{reports[0].seeds[-1]}); "
-        "in brackets the 95% interval (direction accuracy: Wilson score; others: mean +- 1.96 standard errors)",
+        "in brackets the 95% interval (direction accuracy: Wilson score; persistence: percentile bootstrap; "
+        "others: mean +- 1.96 standard errors)",
         "",
         "| metric | bar | " + " | ".join(r.description for r in reports) + " |",
         "|---|---|" + "---|" * len(reports),
