@@ -348,12 +348,12 @@ def test_a_read_only_output_folder_is_named(setup, tmp_path, caplog, monkeypatch
 
 
 def test_a_full_disk_is_named_as_such(setup, tmp_path, caplog, monkeypatch) -> None:
-    import training.train as train_module
+    import training.saver as saver_module
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(train_module, "save_temporal_weights", full)
+    monkeypatch.setattr(saver_module, "save_temporal_weights", full)
     assert train_main(train_args(setup, tmp_path / "run", "--max_train_steps", "1")) == 2
     assert "no space left on the disk" in caplog.text and "GiB free" in caplog.text
     assert "--resume_from_checkpoint latest" in caplog.text
@@ -449,3 +449,17 @@ def test_two_processes_train_together_and_resume_after_a_kill(setup, tmp_path) -
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
     assert_same_weights(tmp_path / "straight" / checkpoints.WEIGHTS_NAME, out / checkpoints.WEIGHTS_NAME)
+
+
+def test_an_fsdp_run_is_refused_before_it_writes_one_shard_as_the_weights() -> None:
+    """Under FSDP each process holds a shard of every trained weight, and the weights file is written
+    by the main process from the unwrapped model (docs/training.md#several-processes): refused, and
+    the message names what to use instead. DDP and one process are not."""
+    from accelerate.utils import DistributedType
+
+    from training.train import sharding_problem
+
+    problem = sharding_problem(DistributedType.FSDP)
+    assert problem and "FSDP" in problem and "ddp.yaml" in problem
+    for allowed in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        assert sharding_problem(allowed) is None

@@ -1,7 +1,7 @@
 """Train look-back temporal modules on a frozen Stable Diffusion 1.5.
 
     python training/train.py --pretrained_model v1-5.safetensors --train_data_dir videos/ --output_dir runs/lb
-    accelerate launch training/train.py ...          # multi-GPU / multi-node / DeepSpeed / FSDP
+    accelerate launch training/train.py ...          # multi-GPU / multi-node / DeepSpeed (not FSDP yet)
 
 The model code is ``lookback_core``'s, the same as the CLI's and the nodes', so the weights file
 written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
@@ -9,7 +9,6 @@ written here (``<output_dir>/lookback_weights.safetensors``) loads everywhere.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -18,8 +17,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Run as a script from a checkout: make the repository root (lookback_core, training) importable.
@@ -27,33 +25,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    set_seed,
+)
 from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import EMAModel  # noqa: E402
+from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from lookback_core import atomic  # noqa: E402
 from lookback_core.atomic import remove_stale_partials_under, sigterm_as_exit, write_text  # noqa: E402
 from lookback_core.config import LookBackConfig  # noqa: E402
 from lookback_core.latents import encode_latents, latent_scale  # noqa: E402
-from lookback_core.ldm_export import replace_unet  # noqa: E402
 from lookback_core.memory import training_shortfall  # noqa: E402
 from lookback_core.precision import dtype_named  # noqa: E402
 from lookback_core.prompts import encode_prompt  # noqa: E402
-from lookback_core.sd15 import load_sd15  # noqa: E402
-from lookback_core.temporal_unet import create_lookback_unet, temporal_parameter_count  # noqa: E402
+from lookback_core.sd15 import SD15Components, load_sd15  # noqa: E402
+from lookback_core.temporal_unet import LookBackUNet, create_lookback_unet, temporal_parameter_count  # noqa: E402
 from lookback_core.weights import (  # noqa: E402
     TemporalWeightsError,
     load_lookback_unet,
     read_temporal_header,
-    save_temporal_weights,
 )
 from training import checkpoints, run_config  # noqa: E402
-from training.args import build_parser, module_config, parse_args, recommended_sampler  # noqa: E402
+from training.args import build_parser, module_config, parse_args  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
 from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
 from training.objective import lookback_loss, timestep_weights  # noqa: E402
+from training.saver import AveragedWeights, RunSaver  # noqa: E402
 from training.validation import check_validation_inputs, run_validation  # noqa: E402
 
 logger = logging.getLogger("lookback.train")
@@ -233,10 +235,37 @@ def resume(
     return None, 0
 
 
-def train(args) -> Path:
-    output_dir = Path(args.output_dir)
-    log_with = trackers(args.report_to)
-    accelerator = Accelerator(
+@dataclass
+class Run:
+    """What preparation hands the loop: the prepared model, data and optimiser, and what a step draws on."""
+
+    accelerator: Accelerator
+    model: nn.Module  # the LookBackUNet as accelerate prepared it (wrapped for several processes)
+    lookback: LookBackUNet  # the same, unwrapped
+    components: SD15Components
+    dataset: VideoClipDataset
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[nn.Parameter]  # clipped together
+    averaged: AveragedWeights
+    # The generator behind noise, timesteps and text dropout, saved with every checkpoint. Kept
+    # apart from the global RNG, which data loaders draw from whenever they start an epoch, so a
+    # resumed run draws exactly what an uninterrupted one would have.
+    rng: torch.Generator
+    noise_scheduler: DDPMScheduler
+    draw_weights: torch.Tensor | None  # the timestep bias (None: uniform)
+    cache: LatentCache | None
+    empty_text: torch.Tensor  # the empty caption's embedding, for text dropout
+    weight_dtype: torch.dtype
+    facts: dict  # what the weights record about the training (training.saver.RunSaver)
+    updates_per_epoch: int
+    max_steps: int
+    epochs: int
+
+
+def _accelerator(args, output_dir: Path, log_with: list[str]) -> Accelerator:
+    return Accelerator(
         # Several processes on a machine without CUDA (accelerate launch on CPUs): without cpu=True
         # accelerate would not join them (gloo) and every process would act as the only one.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
@@ -248,10 +277,12 @@ def train(args) -> Path:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.report_to != "none" and not log_with:
-        logger.info("--report_to %s: no such tracker is installed; logging to JSONL only", args.report_to)
-    set_seed(args.seed)
+
+
+def _clear_output_dir(args, accelerator: Accelerator, output_dir: Path) -> None:
+    """Remove what stopped runs left half-written (and, with --overwrite_output_dir and no resume, the
+    earlier run's checkpoints); a folder that cannot be written is named now, not at the first save.
+    Then refuse another run's checkpoints unless the run resumes them."""
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for leftover in checkpoints.remove_incomplete(output_dir):
@@ -263,11 +294,26 @@ def train(args) -> Path:
             for old in checkpoints.remove_run(output_dir):
                 logger.warning("--overwrite_output_dir: removed %s of an earlier run", old)
         probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")  # a read-only folder is named now, not at the first checkpoint
+        probe.write_bytes(b"")
         probe.unlink()
     accelerator.wait_for_everyone()
-    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
-    check_validation_inputs(args, accelerator.device)
+
+
+def sharding_problem(distributed_type: DistributedType) -> str | None:
+    """Why this trainer cannot run under ``distributed_type``, or None. Under FSDP every process holds
+    a shard of each trained weight, and the weights file and the validation videos are made on the
+    main process alone from the unwrapped model: it would write one shard (measured with torch's FSDP
+    on 2 CPU processes, docs/training.md#several-processes), so an FSDP run is refused up front."""
+    if distributed_type == DistributedType.FSDP:
+        return (
+            "FSDP (accelerate config distributed_type FSDP) is not supported yet: the weights file would hold "
+            "only the main process's shard of each weight. Use DDP (training/accelerate_configs/ddp.yaml), "
+            "--gradient_checkpointing all and --use_8bit_adam, or a smaller preset"
+        )
+    return None
+
+
+def _refuse_another_run(args, output_dir: Path) -> None:
     earlier = checkpoints.complete_checkpoints(output_dir)
     if earlier and not args.resume_from_checkpoint:
         raise ResumeError(
@@ -275,12 +321,13 @@ def train(args) -> Path:
             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them and "
             "start over, or choose another --output_dir"
         )
-    parser = build_parser()  # the flags' groups, for the resolved config and the recorded settings
-    if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
-        write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, parser))
 
-    weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
-    components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
+
+def _build_model(
+    args, components: SD15Components, device: torch.device, weight_dtype: torch.dtype
+) -> LookBackUNet:
+    """The look-back UNet to train (from --init_lookback_weights or the preset), with what trains
+    switched on, the frozen parts in the mixed-precision dtype and gradient checkpointing as asked."""
     if args.init_lookback_weights is not None:
         model = load_lookback_unet(
             args.init_lookback_weights, components.unet, latent_scale=latent_scale(components.vae)
@@ -288,9 +335,10 @@ def train(args) -> Path:
     else:
         config = module_config(args)
         problem = training_shortfall(
-            temporal_parameter_count(components.unet, config), accelerator.device,
+            temporal_parameter_count(components.unet, config),
+            device,
             "adamw_8bit" if args.use_8bit_adam else "adamw",
-        )  # fmt: skip
+        )
         if problem:  # before anything is allocated
             raise ValueError(
                 f"the look-back modules of {_module_source(args)} ({_describe(config)}): {problem}; "
@@ -310,12 +358,72 @@ def train(args) -> Path:
         model.unet.enable_gradient_checkpointing()
     if args.gradient_checkpointing in ("sites", "all"):
         model.checkpoint_sites = set(model.config.sites)
+    return model
+
+
+def _learning_rates(args, batch_scale: int) -> dict[str, float]:
+    """The rate of each trained part (``temporal``, and ``backbone``/``text_encoder`` when they train),
+    scaled by the effective batch size with --scale_lr."""
+    factor = batch_scale if args.scale_lr else 1
+    rates = {"temporal": args.learning_rate * factor}
+    if args.train_backbone:
+        rates["backbone"] = (args.backbone_learning_rate or args.learning_rate) * factor
+    if args.train_text_encoder:
+        # at the backbone's rate unless given (the flag needs --train_backbone: training.args)
+        given = args.text_encoder_learning_rate
+        rates["text_encoder"] = given * factor if given is not None else rates["backbone"]
+    return rates
+
+
+def _training_facts(
+    args, accelerator: Accelerator, components: SD15Components, rates: dict[str, float], batch_scale: int,
+    draw_weights: torch.Tensor | None, parser,
+) -> dict:  # fmt: skip
+    """What the weights record about their training (and what a resumed run must share: RESUMED_FACTS)."""
+    facts = {
+        "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
+        "preset": args.preset, "objective": args.objective, "learning_rate": rates["temporal"],
+        "text_dropout": args.text_dropout,
+        "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
+        "train_backbone": args.train_backbone, "train_text_encoder": args.train_text_encoder,
+        "processes": accelerator.num_processes,
+        "effective_batch_size": batch_scale,
+        "timestep_bias": None if draw_weights is None else _timestep_bias_facts(args),  # None: uniform
+        "motion_loss_weight": args.motion_loss_weight,
+        # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
+        "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
+        "settings": run_config.recorded_settings(args, parser),  # every flag, paths by name only
+    }  # fmt: skip
+    if args.train_backbone:
+        facts["backbone_learning_rate"] = rates["backbone"]  # not the optimiser's: 0 while warming up
+    if args.train_text_encoder:
+        facts["text_encoder_learning_rate"] = rates["text_encoder"]
+    if args.init_lookback_weights is not None:  # the modules are the file's, not a preset's
+        del facts["preset"]
+        facts["init_lookback_weights"] = Path(args.init_lookback_weights).name
+    return facts
+
+
+def prepare(args, accelerator: Accelerator, parser) -> Run:
+    """Everything the loop needs, every input checked before any training: the output folder
+    cleared of stopped runs' leftovers, the data found, the model built and what trains set, the
+    optimiser, schedule and EMA prepared by accelerate, the timestep bias and the latent cache."""
+    output_dir = Path(args.output_dir)
+    problem = sharding_problem(accelerator.distributed_type)
+    if problem:
+        raise ValueError(problem)
+    _clear_output_dir(args, accelerator, output_dir)
+    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
+    check_validation_inputs(args, accelerator.device)
+    _refuse_another_run(args, output_dir)
+    if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
+        write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, parser))
+
+    weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
+    components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
+    model = _build_model(args, components, accelerator.device, weight_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable += [p for p in components.text_encoder.parameters() if p.requires_grad]
-
-    # The generator behind noise, timesteps and text dropout, saved with every checkpoint. Kept
-    # apart from the global RNG, which data loaders draw from whenever they start an epoch, so a
-    # resumed run draws exactly what an uninterrupted one would have.
     rng = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 
     dataset = VideoClipDataset(
@@ -336,18 +444,13 @@ def train(args) -> Path:
         math.ceil(len(loader) / accelerator.num_processes) / args.gradient_accumulation_steps
     )
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    epochs = math.ceil(max_steps / updates_per_epoch)
-    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    lr = args.learning_rate * (scale if args.scale_lr else 1)
-    groups = [{"params": list(model.temporal.parameters()), "lr": lr}]
+    batch_scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    rates = _learning_rates(args, batch_scale)
+    groups = [{"params": list(model.temporal.parameters()), "lr": rates["temporal"]}]
     if args.train_backbone:
-        backbone_lr = (args.backbone_learning_rate or args.learning_rate) * (scale if args.scale_lr else 1)
-        groups.append({"params": list(model.unet.parameters()), "lr": backbone_lr})
+        groups.append({"params": list(model.unet.parameters()), "lr": rates["backbone"]})
     if args.train_text_encoder:
-        text_lr = backbone_lr
-        if args.text_encoder_learning_rate is not None:
-            text_lr = args.text_encoder_learning_rate * (scale if args.scale_lr else 1)
-        groups.append({"params": list(components.text_encoder.parameters()), "lr": text_lr})
+        groups.append({"params": list(components.text_encoder.parameters()), "lr": rates["text_encoder"]})
     optimizer = _make_optimizer(args, groups)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
@@ -356,33 +459,18 @@ def train(args) -> Path:
     )  # fmt: skip
     if not args.train_backbone:
         _save_only_trainable_weights(accelerator)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    prepared, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if args.train_text_encoder:  # its weights then go into the resumable checkpoints too
         components.text_encoder = accelerator.prepare(components.text_encoder)
-    text_encoder = accelerator.unwrap_model(components.text_encoder)
     if math.ceil(len(loader) / args.gradient_accumulation_steps) != updates_per_epoch:
         raise RuntimeError(f"{len(loader)} batches per process after sharding, expected {updates_per_epoch}")
-    lookback = accelerator.unwrap_model(model)
+    lookback = accelerator.unwrap_model(prepared)
+    text_encoder = accelerator.unwrap_model(components.text_encoder)
     # the EMA follows every trained weight: the temporal modules and, with --train_backbone, the UNet
     # (and with --train_text_encoder the text encoder)
     trained = [p for p in lookback.parameters() if p.requires_grad]
     trained += [p for p in text_encoder.parameters() if p.requires_grad]
-    ema = EMAModel(trained, decay=args.ema_decay) if args.use_ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
-
-    @contextlib.contextmanager
-    def averaged_weights() -> Iterator[None]:
-        """The EMA's weights in the model for the duration (the trained ones without --use_ema)."""
-        if ema is None:
-            yield
-            return
-        ema.store(trained)
-        ema.copy_to(trained)
-        try:
-            yield
-        finally:
-            ema.restore(trained)
+    averaged = AveragedWeights(trained, args.ema_decay if args.use_ema else None, accelerator.device)
 
     noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
     num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -403,78 +491,103 @@ def train(args) -> Path:
     empty_text = encode_prompt(components.tokenizer, components.text_encoder, [""], accelerator.device)[
         0
     ].float()
-    facts = {
-        "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
-        "preset": args.preset, "objective": args.objective, "learning_rate": lr, "text_dropout": args.text_dropout,
-        "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
-        "train_backbone": args.train_backbone, "train_text_encoder": args.train_text_encoder,
-        "processes": accelerator.num_processes,
-        "effective_batch_size": scale,
-        "timestep_bias": None if draw_weights is None else _timestep_bias_facts(args),  # None: uniform
-        "motion_loss_weight": args.motion_loss_weight,
-        # the base's facts a front end checks the weights against (lookback_core.weights.base_problems)
-        "latent_scale": latent_scale(components.vae), "context_dim": components.unet.config.cross_attention_dim,
-        "settings": run_config.recorded_settings(args, parser),  # every flag, paths by name only
-    }  # fmt: skip
-    if args.train_backbone:
-        facts["backbone_learning_rate"] = backbone_lr  # not groups[1]["lr"]: 0 while warming up
+    facts = _training_facts(args, accelerator, components, rates, batch_scale, draw_weights, parser)
+    return Run(
+        accelerator=accelerator, model=prepared, lookback=lookback, components=components, dataset=dataset,
+        loader=loader, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, averaged=averaged,
+        rng=rng, noise_scheduler=noise_scheduler, draw_weights=draw_weights, cache=cache, empty_text=empty_text,
+        weight_dtype=weight_dtype, facts=facts, updates_per_epoch=updates_per_epoch, max_steps=max_steps,
+        epochs=math.ceil(max_steps / updates_per_epoch),
+    )  # fmt: skip
+
+
+def _batch_loss(args, run: Run, batch: dict, step: int) -> torch.Tensor:
+    """The look-back loss of one batch (``step``: the update it is for, named if the loss is not finite)."""
+    device = run.accelerator.device
+    latents, text = _encode_batch(batch, run.components, run.cache, device, run.weight_dtype)
+    drop = torch.rand(len(text), device=text.device, generator=run.rng) < args.text_dropout
+    # with --train_text_encoder the captions go through the encoder being trained ("" if dropped)
     if args.train_text_encoder:
-        facts["text_encoder_learning_rate"] = text_lr
-    if args.init_lookback_weights is not None:  # the modules are the file's, not a preset's
-        del facts["preset"]
-        facts["init_lookback_weights"] = Path(args.init_lookback_weights).name
+        captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
+        text = encode_prompt(
+            run.components.tokenizer, run.components.text_encoder, captions, device, grad=True
+        )
+    else:
+        text = torch.where(drop[:, None, None], run.empty_text, text)
+    with run.accelerator.autocast():
+        loss = lookback_loss(
+            run.model, latents, text.to(run.weight_dtype), run.noise_scheduler, run.rng, run.weight_dtype,
+            args.objective, run.draw_weights, args.motion_loss_weight,
+        )  # fmt: skip
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"the loss became {loss.item()} at step {step}; stopping. The last good "
+            f"checkpoint is kept in {args.output_dir}; try a lower --learning_rate or fp32/bf16"
+        )
+    return loss
+
+
+def _optimise(args, run: Run, loss: torch.Tensor) -> None:
+    run.accelerator.backward(loss)
+    if run.accelerator.sync_gradients and args.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _validate(args, run: Run, metrics: MetricsLog, step: int) -> None:
+    """The validation videos of the weights as deployed (EMA-averaged), from the main process."""
+    if args.validation_image and run.accelerator.is_main_process:
+        run.model.eval()
+        with run.averaged.in_model():
+            result = run_validation(
+                args, run.lookback, run.components, Path(args.output_dir) / "validation", step
+            )
+        run.model.train()
+        metrics(step, result)
+
+
+class SkippedSamples:
+    """Unusable samples the loader skipped: each named once, counted every time."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def note(self, batch: dict) -> None:
+        for path, reason in batch["skipped"]:
+            if self.counts[path] == 0:
+                logger.warning("skipped %s (%s)", path, reason)
+            self.counts[path] += 1
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def train(args) -> Path:
+    output_dir = Path(args.output_dir)
+    log_with = trackers(args.report_to)
+    accelerator = _accelerator(args, output_dir, log_with)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.report_to != "none" and not log_with:
+        logger.info("--report_to %s: no such tracker is installed; logging to JSONL only", args.report_to)
+    set_seed(args.seed)
+    parser = build_parser()  # the flags' groups, for the resolved config and the recorded settings
+    run = prepare(args, accelerator, parser)
+    saver = RunSaver(args, accelerator, run.lookback, accelerator.unwrap_model(run.components.text_encoder),
+                     run.averaged, run.rng, run.facts)  # fmt: skip
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        found, global_step = resume(args, accelerator, lookback, ema, rng, output_dir, facts)
+        found, global_step = resume(
+            args, accelerator, run.lookback, run.averaged.ema, run.rng, output_dir, run.facts
+        )
         if found is None:
             logger.info("no complete checkpoint in %s yet; starting from step 0", output_dir)
         else:
-            first_epoch = global_step // updates_per_epoch
-            skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+            first_epoch = global_step // run.updates_per_epoch
+            skip_batches = (global_step % run.updates_per_epoch) * args.gradient_accumulation_steps
             logger.info("resumed from %s at step %d", found, global_step)
-
-    def save(step: int) -> None:
-        tmp = checkpoints.temporary_dir(output_dir, step)
-        if accelerator.is_main_process:
-            checkpoints.begin(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        checkpoints.save_rng(tmp, accelerator.process_index, rng)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if ema is not None:
-                checkpoints.save_ema(tmp, ema)
-            with averaged_weights():
-                write_weights(tmp / checkpoints.WEIGHTS_NAME, step)
-            final = checkpoints.commit(tmp, {"global_step": step}, args.checkpoints_total_limit)
-            export(step)
-            logger.info("saved %s", final)
-        accelerator.wait_for_everyone()
-
-    exported_step = None
-
-    def export(step: int) -> None:
-        """The deployable files in ``output_dir``: the weights and, with --train_backbone, the checkpoint."""
-        nonlocal exported_step
-        with averaged_weights():
-            write_weights(output_dir / checkpoints.WEIGHTS_NAME, step)
-            if args.train_backbone:
-                replace_unet(
-                    args.pretrained_model, lookback.unet, output_dir / checkpoints.BACKBONE_NAME,
-                    text_encoder if args.train_text_encoder else None,
-                )  # fmt: skip
-        exported_step = step
-
-    def write_weights(path: Path, step: int) -> Path:
-        return save_temporal_weights(
-            path,
-            lookback.temporal,
-            training={**facts, "steps": step},
-            recommended_sampler=recommended_sampler(args),
-            horizon_frames=args.horizon_frames,
-            context_frames=args.context_frames,
-        )
 
     metrics = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl")
     if log_with:  # wandb's run folder beside tensorboard's, not in the folder the run was started from
@@ -483,105 +596,63 @@ def train(args) -> Path:
             config={k: v for k, v in vars(args).items() if v is not None},
             init_kwargs={"wandb": {"dir": str(output_dir / "logs")}},
         )
-    skipped = Counter()
-    bar = tqdm(
-        total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
-    )
-
-    def validate(step: int) -> None:
-        """The validation videos of the weights as deployed (EMA-averaged), from the main process."""
-        if args.validation_image and accelerator.is_main_process:
-            model.eval()
-            with averaged_weights():
-                result = run_validation(args, lookback, components, output_dir / "validation", step)
-            model.train()
-            metrics(step, result)
 
     if args.validation_at_start and global_step == 0:
-        validate(0)
+        _validate(args, run, metrics, 0)
+    skipped = SkippedSamples()
+    bar = tqdm(
+        total=run.max_steps,
+        initial=global_step,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
     started, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-    model.train()
+    run.model.train()
     # a run resumed at its last step has nothing left to train (in mid-epoch the loop would take one more)
-    for epoch in range(first_epoch, epochs if global_step < max_steps else first_epoch):
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch else loader
+    for epoch in range(first_epoch, run.epochs if global_step < run.max_steps else first_epoch):
+        run.dataset.set_epoch(epoch)
+        run.loader.set_epoch(epoch)
+        batches = (
+            accelerator.skip_first_batches(run.loader, skip_batches) if epoch == first_epoch else run.loader
+        )
         for batch in batches:
-            for path, reason in batch["skipped"]:
-                if skipped[path] == 0:
-                    logger.warning("skipped %s (%s)", path, reason)
-                skipped[path] += 1
-            with accelerator.accumulate(model):
-                latents, text = _encode_batch(batch, components, cache, accelerator.device, weight_dtype)
-                drop = torch.rand(len(text), device=text.device, generator=rng) < args.text_dropout
-                # with --train_text_encoder the captions go through the encoder being trained ("" if dropped)
-                if args.train_text_encoder:
-                    captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
-                    text = encode_prompt(
-                        components.tokenizer, components.text_encoder, captions, accelerator.device, grad=True
-                    )
-                else:
-                    text = torch.where(drop[:, None, None], empty_text, text)
-                with accelerator.autocast():
-                    loss = lookback_loss(
-                        model,
-                        latents,
-                        text.to(weight_dtype),
-                        noise_scheduler,
-                        rng,
-                        weight_dtype,
-                        args.objective,
-                        draw_weights,
-                        args.motion_loss_weight,
-                    )
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"the loss became {loss.item()} at step {global_step + 1}; stopping. The last good "
-                        f"checkpoint is kept in {output_dir}; try a lower --learning_rate or fp32/bf16"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().item()
-            loss_count += 1
+            skipped.note(batch)
+            with accelerator.accumulate(run.model):
+                loss = _batch_loss(args, run, batch, global_step + 1)
+                _optimise(args, run, loss)
+            loss_sum, loss_count = loss_sum + loss.detach().item(), loss_count + 1
             samples_seen += len(batch["keys"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(trained)
+            run.averaged.step()
             global_step += 1
             bar.update(1)
             elapsed = max(time.time() - started, 1e-9)
             values = {
                 "loss": loss_sum / loss_count,
-                "lr": lr_scheduler.get_last_lr()[0],
+                "lr": run.lr_scheduler.get_last_lr()[0],
                 "clips_per_s": samples_seen / elapsed,
                 "frames_per_s": samples_seen * args.num_frames / elapsed,
-                "skipped_samples": sum(skipped.values()),
+                "skipped_samples": skipped.total(),
             }
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
             metrics(global_step, values)
             loss_sum, loss_count = 0.0, 0
-            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                save(global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == run.max_steps:
+                saver.checkpoint(global_step)
             if global_step % args.validation_steps == 0:
-                validate(global_step)
-            if global_step >= max_steps:
+                _validate(args, run, metrics, global_step)
+            if global_step >= run.max_steps:
                 break
         skip_batches = 0
-        if global_step >= max_steps:
+        if global_step >= run.max_steps:
             break
     bar.close()
-    if accelerator.is_main_process and global_step >= max_steps and exported_step != global_step:
-        # a resumed run that found the last checkpoint already written: a kill between that
-        # checkpoint and the deployable files' rewrite must not leave older files in place
-        export(global_step)
+    if global_step >= run.max_steps:
+        saver.finish(global_step)
     accelerator.wait_for_everyone()
-    if skipped:
-        logger.warning("skipped %d unusable samples %d times in all", len(skipped), sum(skipped.values()))
+    if skipped.counts:
+        logger.warning("skipped %d unusable samples %d times in all", len(skipped.counts), skipped.total())
     accelerator.end_training()
     return output_dir / checkpoints.WEIGHTS_NAME
 
