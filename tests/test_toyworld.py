@@ -294,3 +294,18 @@ def test_a_failed_stage_ends_the_toy_command_with_its_name_not_a_traceback(
     assert "error: toyworld.base_model stopped (exit status 2); its message is above" in err
     assert "resume" in err and "Traceback" not in err
     assert len(calls) == 1  # nothing ran after the failed stage
+
+
+def test_a_plot_legend_wraps_long_names_inside_the_image() -> None:
+    """The eval's plot names are long ("look-back (lookback_toy.safetensors), chunks of 16 frames, 5
+    of context"): they wrap inside the legend instead of running off the image's right edge."""
+    from toyworld.pictures import plot_curves
+
+    name = "look-back (lookback_toy.safetensors), chunks of 16 frames, 5 of context"
+    image = np.asarray(
+        plot_curves({name: [1.0, 0.5, 0.4], "base without look-back, one piece": [1.0, 0.2, 0.1]})
+    )
+    assert (image[:, -8:] == 255).all()  # nothing drawn at the right edge
+    legend = image[:, -190:]
+    rows_with_text = np.flatnonzero((legend < 128).all(axis=2).any(axis=1))
+    assert np.ptp(rows_with_text) > 3 * 12  # the two names took at least four lines

@@ -41,13 +41,27 @@ def plot_curves(
         draw.text((point(i, 0)[0] - 4, height - bottom + 6), str(i), fill="black")
     draw.text((left, height - 16), "frame", fill="black")
     draw.text((left, 4), title, fill="black")
+    y = top
     for k, (name, curve) in enumerate(curves.items()):
         colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
         draw.line([point(i, v) for i, v in enumerate(curve)], fill=colour, width=2)
-        y = top + 16 * k
         draw.line([(width - right + 10, y + 6), (width - right + 30, y + 6)], fill=colour, width=3)
-        draw.text((width - right + 36, y), name, fill="black")
+        for line in _wrapped(draw, name, right - 40):  # a long name takes lines, not the image's edge
+            draw.text((width - right + 36, y), line, fill="black")
+            y += 12
+        y += 6
     return image
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` px (at word breaks; a single longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _nice_ceiling(value: float) -> float:
