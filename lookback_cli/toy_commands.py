@@ -13,7 +13,7 @@ from lookback_core.rules import NUMBERS, Rule, whole
 from lookback_core.sampler import InvalidSetting, check_setting
 from lookback_core.weights import read_temporal_header
 from toyworld import world
-from toyworld.ablate import VARIANTS
+from toyworld.ablate import STUDY, VARIANTS
 from toyworld.build import StageFailed, ToyRecipe
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 
@@ -52,8 +52,10 @@ def toy_build_command(args: argparse.Namespace) -> int:
 def toy_ablate_command(args: argparse.Namespace) -> int:
     from toyworld.ablate import ablate
 
-    try:
-        ablate(Path(args.out), _recipe(args), args.variants)  # unknown variants: a ValueError before any work
+    _check_rules(args)
+    try:  # unknown variants, repeated seeds: a ValueError before any work
+        ablate(Path(args.out), _recipe(args), args.variants, seeds=tuple(args.seeds), test_clips=args.test_clips,
+               workers=args.workers)  # fmt: skip
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -68,6 +70,7 @@ TOY_RULES = {
         f"0 or more (clip N is seed {world.HELD_OUT_SEED} + N, of the validation split)",
     ),
     "clips": NUMBERS["eval_clips"],
+    "test_clips": NUMBERS["eval_clips"],
     "workers": whole(1, 64),
     "frames": whole(2, world.MAX_FRAMES, "the object must stay inside the frame"),
 }
@@ -183,7 +186,7 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--rebuild",
         action="store_true",
-        help="first rebuild the toy model from nothing (toyworld build; about 85 min on 2 CPU cores)",
+        help="first rebuild the toy model from nothing (toyworld build; about 2.5-3 hours on 2 CPU cores)",
     )
     demo.set_defaults(func=demo_command)
 
@@ -200,9 +203,23 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
     )
     toy_ablate.add_argument("--out", required=True, help="folder for the data, the variants and the results")
     toy_ablate.add_argument(
-        "--variants", nargs="+", default=None, metavar="NAME", help="a subset of the variants (default: all): "
-        + "; ".join(f"'{name}'" for name in VARIANTS),
+        "--variants", nargs="+", default=None, metavar="NAME",
+        help="the variants to train and measure (default: the study's: " + "; ".join(f"'{name}'" for name in STUDY)
+        + "); the others: " + "; ".join(f"'{name}'" for name in VARIANTS if name not in STUDY),
     )  # fmt: skip
+    toy_ablate.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED",
+        help="training seeds: each variant is trained once per seed, for the spread (default 0 1)",
+    )  # fmt: skip
+    toy_ablate.add_argument(
+        "--test-clips",
+        type=int,
+        default=64,
+        help="clips of the test split each run is measured on (default 64)",
+    )
+    toy_ablate.add_argument(
+        "--workers", type=int, default=2, help="processes of one thread each sharing the clips (default 2)"
+    )
     toy_ablate.set_defaults(func=toy_ablate_command)
     for command in (toy_build, toy_ablate):
         for f in fields(ToyRecipe):

@@ -1,14 +1,22 @@
 """``python -m lookback_cli toyworld ablate``: the paper's ablations, measured in the toy world.
 
-Every variant is trained by the product's trainer from the same base model, data, steps and seed
-(the toy build's look-back stage, :func:`toyworld.build.train_lookback`, plus the
-variant's flags), and evaluated on the same held-out clips with the same sampler. Written to
-``out``: ``ablation.md`` and ``ablation.json`` (the table), ``isim.png`` (the ISIM curve of every
-variant, as the paper plots it) and ``contact_sheet.png`` (one held-out start image, every
-variant's frames in rows, the truth last). Each variant's training resumes where it stopped, and
-its evaluation (``variants/<name>/row.json``) is kept while its files (by content) and the recipe
-stand, so a rerun after an interruption only does what is left. A variant's training time comes
-from the trainer's step log, so it counts every run of an interrupted training, not the pause.
+Every variant is trained by the product's trainer from the same base model, data, steps and
+training seeds (the toy build's look-back stage, :func:`toyworld.build.train_lookback`, plus the
+variant's flags), once per seed, and evaluated on the same clips of the *test* split with the same
+sampler, with the colour match to the first frame on and off. Written to ``out``:
+
+- ``ablation.md`` and ``ablation.json``: per variant the mean over its seeds and the spread (the
+  lowest and highest seed), its trainable parameters, step time and training time; each variant's
+  difference from the paper's look-back marked where it is larger than both spreads (the seeds'
+  ranges do not overlap);
+- ``isim.png`` and ``drift.png``: ISIM and background drift per frame, one curve per variant;
+- ``contact_sheet.png``: the first test clip's start image, every variant's frames in rows (its
+  first seed), the truth last.
+
+Each training resumes where it stopped, and each evaluation (``variants/<name>/seed-<s>/row.json``)
+is kept while its files (by content), the recipe and the evaluation's settings stand, so a rerun
+after an interruption only does what is left. A training's time comes from the trainer's step log,
+so it counts every run of an interrupted training, not the pause.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -32,12 +41,15 @@ from .build import (
     lookback_phases,
     machine,
     prepare,
+    step_durations,
     train_lookback,
     training_seconds,
 )
-from .evaluate import ToyModel, evaluate, generate_clip, load_toy_model
+from .evaluate import EvalJob, evaluate, evaluate_files, generate_clip, load_toy_model
 from .pictures import contact_sheet, plot_curves
 
+# An AnimateDiff-style motion module in place of the look-back (lookback_core.temporal_attention)
+ATTENTION_ONLY = ("--no_lookback_conv", "--no_adapter", "--no_channel_mix", "--temporal_attention")
 # name -> the trainer's flags for it: those that choose the modules, and the others (None: the
 # base model alone, no temporal modules)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
@@ -49,12 +61,27 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
     "d=2": (("--lookback_depth", "2"), ()),
     "d=5": (("--lookback_depth", "5"), ()),
     "add noise (ddpm objective)": ((), ("--objective", "ddpm")),
-    # beyond the paper
-    "+ first-frame anchor": (("--first_frame_anchor",), ()),
+    # beyond the paper: the shipped recipe's modules are the paper's with the anchor
+    "+ first-frame anchor (shipped)": (("--first_frame_anchor",), ()),
     "+ noisier timesteps (later x4)": ((), (
         "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "4", "--timestep_bias_portion", "0.3",
     )),
+    # the alternative the paper argues against, full and masked to the past
+    "temporal attention (AnimateDiff-style)": ((*ATTENTION_ONLY, "full"), ()),
+    "causal temporal attention": ((*ATTENTION_ONLY, "causal"), ()),
 }  # fmt: skip
+# What the study runs by default: the paper's claim (look-back against temporal attention) and
+# the rows that explain it; the other variants are there to be asked for by name.
+STUDY = [
+    "base only",
+    "adapter only (normal 3D conv)",
+    "look-back + adapter (paper)",
+    "+ first-frame anchor (shipped)",
+    "temporal attention (AnimateDiff-style)",
+    "causal temporal attention",
+]
+REFERENCE = "look-back + adapter (paper)"  # what every other row's difference is measured against
+COLOUR_MATCHES = ("first_frame", "off")  # a sampler setting: every variant is measured with both
 COLUMNS = [  # summary key, header, format
     ("frame0_psnr", "frame-0 PSNR (dB)", "{:.1f}"),
     ("persistence", "persistence", "{:.2f}"),
@@ -72,51 +99,96 @@ def _folder_name(variant: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in variant).strip("_")
 
 
-def ablate(out: str | Path, recipe: ToyRecipe | None = None, variants: list[str] | None = None) -> list[dict]:
-    """Train and evaluate ``variants`` (default: all of :data:`VARIANTS`) with ``recipe`` (default: the
-    toy build's, with the paper's modules: the first-frame anchor is a variant of its own);
-    returns the table's rows."""
+def ablate(
+    out: str | Path,
+    recipe: ToyRecipe | None = None,
+    variants: list[str] | None = None,
+    *,
+    seeds: tuple[int, ...] = (0, 1),
+    test_clips: int = 64,
+    workers: int = 2,
+) -> list[dict]:
+    """Train ``variants`` (default: :data:`STUDY`) once per training seed in ``seeds`` with
+    ``recipe`` (default: the toy build's, with the paper's modules: the first-frame anchor is a
+    variant of its own), evaluate each on ``test_clips`` clips of the test split with the colour
+    match on and off (``workers`` one-thread processes); returns the table's rows."""
     recipe = replace(recipe or ToyRecipe(), first_frame_anchor=False)
-    variants = list(VARIANTS) if variants is None else variants
+    variants = list(STUDY) if variants is None else variants
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds must be distinct whole numbers 0 or more, got {list(seeds)}")
+    if test_clips < 1:
+        raise ValueError(f"--test-clips must be 1 or more, got {test_clips}")
     out = Path(out).resolve()
     for name in variants:  # before any work: no stage of another recipe is reused
-        check_reusable(out, recipe, out / "variants" / _folder_name(name))
+        for seed in seeds:
+            check_reusable(out, recipe, _run_folder(out, name, seed))
     out.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     base, _ = prepare(out, recipe, StageTimer())
-    rows, sheet = [], {}
-    clip = world.make_clip(world.HELD_OUT_SEED)
-    for name in variants:
-        flags = VARIANTS[name]
-        folder = out / "variants" / _folder_name(name)
-        if flags is None:
-            checkpoint, weights, train_s = base, None, 0
-        else:
-            final = train_lookback(out, base, folder, recipe, *flags)
-            checkpoint, weights = (
-                final / "base_checkpoint.safetensors",
-                final / "lookback_weights.safetensors",
-            )
-            train_s = round(sum(
-                training_seconds(phase / "logs" / "metrics.jsonl") for phase in lookback_phases(folder, recipe).values()
-            ))  # fmt: skip
-        toy = load_toy_model(
-            checkpoint, weights, steps=recipe.sampler_steps, cfg_scale=recipe.sampler_cfg_scale
-        )
-        rows.append(_evaluated(toy, name, folder / "row.json", [checkpoint, weights], recipe, train_s))
-        sheet[name] = generate_clip(toy, clip, world.HELD_OUT_SEED)[0]
-    sheet["truth"] = clip.frames
-    facts = {"commit": commit, "machine": machine(), "recipe": asdict(recipe), "caption": clip.caption}
+    # the base alone trains nothing: one run, whatever the seeds
+    runs = {name: [_trained(out, base, name, seed, recipe) for seed in (seeds if VARIANTS[name] else seeds[:1])]
+            for name in variants}  # fmt: skip
+    rows = [
+        _row(name, [_evaluated(run, recipe, test_clips, workers) for run in runs[name]]) for name in variants
+    ]
+    facts = {
+        "commit": commit, "machine": machine(), "recipe": asdict(recipe), "seeds": list(seeds),
+        "split": "test", "test_clips": test_clips,
+    }  # fmt: skip
     write_text(out / "ablation.json", json.dumps({**facts, "rows": rows}, indent=2))
     table = markdown_table(rows)
     write_text(out / "ablation.md", table + "\n")
+    clip = world.make_clip(world.split_seeds("test", 1)[0])
+    sheet = {}
+    for name in variants:
+        run = runs[name][0]
+        toy = load_toy_model(run["checkpoint"], run["weights"], steps=recipe.sampler_steps,
+                             cfg_scale=recipe.sampler_cfg_scale, colour_match=COLOUR_MATCHES[0])  # fmt: skip
+        sheet[name] = generate_clip(toy, clip, clip.seed)[0]
+    sheet["truth"] = clip.frames
     write_image(out / "contact_sheet.png", contact_sheet(sheet))
-    write_image(out / "isim.png", plot_curves({r["variant"]: r["isim_curve"] for r in rows}))
+    on = COLOUR_MATCHES[0]
+    write_image(out / "isim.png", plot_curves({r["variant"]: r["curves"][on]["isim"] for r in rows}))
+    write_image(
+        out / "drift.png",
+        plot_curves({r["variant"]: r["curves"][on]["drift"] for r in rows}, "background drift (levels of 255)",
+                    y_max=None),
+    )  # fmt: skip
     print(table)
     return rows
+
+
+def _run_folder(out: Path, name: str, seed: int) -> Path:
+    return out / "variants" / _folder_name(name) / f"seed-{seed}"
+
+
+def _trained(out: Path, base: Path, name: str, seed: int, recipe: ToyRecipe) -> dict:
+    """One variant trained with one training seed (resumed where it stopped): its files and costs."""
+    flags = VARIANTS[name]
+    folder = _run_folder(out, name, seed)
+    if flags is None:
+        return {"name": name, "seed": seed, "folder": folder, "checkpoint": base, "weights": None,
+                "train_s": 0, "step_s": 0.0, "parameters": 0}  # fmt: skip
+    final = train_lookback(out, base, folder, recipe, *flags, seed=seed)
+    phases = lookback_phases(folder, recipe).values()
+    durations = np.concatenate([step_durations(p / "logs" / "metrics.jsonl") for p in phases])
+    weights = final / "lookback_weights.safetensors"
+    return {
+        "name": name, "seed": seed, "folder": folder, "checkpoint": final / "base_checkpoint.safetensors",
+        "weights": weights,
+        "train_s": round(sum(training_seconds(p / "logs" / "metrics.jsonl") for p in phases)),
+        "step_s": float(np.median(durations)) if len(durations) else float("nan"),
+        "parameters": _parameters(weights),
+    }  # fmt: skip
+
+
+def _parameters(weights: Path) -> int:
+    """The temporal modules' parameters: the weights file's tensor elements."""
+    with safe_open(weights, framework="pt") as f:
+        return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
 
 
 def _digest(path: Path) -> str:
@@ -131,29 +203,94 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _evaluated(
-    toy: ToyModel, name: str, saved: Path, files: list[Path | None], recipe: ToyRecipe, train_s: int
-) -> dict:
-    """The variant's row: evaluated now, or as ``saved`` holds it while its files and the recipe
-    are the ones it was evaluated with (it keeps the wall time of the run that trained it)."""
-    key = {"files": [_digest(p) for p in files if p is not None], "recipe": asdict(recipe)}
+def _evaluated(run: dict, recipe: ToyRecipe, test_clips: int, workers: int) -> dict:
+    """One trained run's figures with each colour match: evaluated now, or as its ``row.json`` holds
+    them while its files, the recipe and the evaluation are the ones they were measured with (it
+    keeps the wall time of the run that trained it)."""
+    files = [run["checkpoint"], run["weights"]]
+    key = {
+        "files": [_digest(p) for p in files if p is not None], "recipe": asdict(recipe),
+        "split": "test", "clips": test_clips, "colour_matches": list(COLOUR_MATCHES),
+    }  # fmt: skip
+    saved = run["folder"] / "row.json"
     if saved.is_file():
         row = json.loads(saved.read_text())
         if row.get("key") == key:
             return row
-    report = evaluate(toy, recipe.eval_clips)
-    row = {"variant": name, "flags": [f for group in VARIANTS[name] or () for f in group], "train_s": train_s, "key": key,
-           "summary": report.summary, "isim_curve": report.isim_curve}  # fmt: skip
+    sampler = {"steps": recipe.sampler_steps, "cfg_scale": recipe.sampler_cfg_scale}
+    if workers == 1:  # in this process (as toyworld eval --workers 1)
+        reports = [
+            evaluate(load_toy_model(run["checkpoint"], run["weights"], **sampler, colour_match=match), test_clips,
+                     split="test", progress=False)
+            for match in COLOUR_MATCHES
+        ]  # fmt: skip
+    else:
+        jobs = [EvalJob(run["checkpoint"], run["weights"], test_clips, split="test",
+                        sampler={**sampler, "colour_match": match}) for match in COLOUR_MATCHES]  # fmt: skip
+        reports = evaluate_files(jobs, workers=workers)
+    row = {
+        "variant": run["name"], "seed": run["seed"], "key": key,
+        "flags": [f for group in VARIANTS[run["name"]] or () for f in group],
+        **{k: run[k] for k in ("train_s", "step_s", "parameters")},
+        "summary": {m: r.summary for m, r in zip(COLOUR_MATCHES, reports, strict=True)},
+        "curves": {m: {"isim": r.isim_curve, "drift": r.drift_curve} for m, r in zip(COLOUR_MATCHES, reports, strict=True)},
+    }  # fmt: skip
     write_text(saved, json.dumps(row, indent=2))
     return row
 
 
+def _row(name: str, runs: list[dict]) -> dict:
+    """A variant's row: each figure's mean over its seeds and its spread (lowest, highest)."""
+    figures = {}
+    for match in COLOUR_MATCHES:
+        figures[match] = {}
+        for key in runs[0]["summary"][match]:
+            values = [r["summary"][match][key] for r in runs]
+            figures[match][key] = {"mean": float(np.mean(values)), "low": min(values), "high": max(values)}
+    curves = {
+        match: {kind: np.mean([r["curves"][match][kind] for r in runs], axis=0).round(4).tolist() for kind in ("isim", "drift")}
+        for match in COLOUR_MATCHES
+    }  # fmt: skip
+    return {
+        "variant": name, "flags": runs[0]["flags"], "seeds": [r["seed"] for r in runs],
+        "parameters": runs[0]["parameters"],
+        "step_s": float(np.mean([r["step_s"] for r in runs])), "train_s": float(np.mean([r["train_s"] for r in runs])),
+        "figures": figures, "curves": curves, "runs": runs,
+    }  # fmt: skip
+
+
+def _beyond_spread(row: dict, reference: dict | None, match: str, key: str) -> bool:
+    """Whether ``row``'s figure differs from ``reference``'s by more than both spreads (their seeds'
+    ranges do not overlap)."""
+    if reference is None or reference is row:
+        return False
+    a, b = row["figures"][match][key], reference["figures"][match][key]
+    return a["low"] > b["high"] or a["high"] < b["low"]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| variant | " + " | ".join(header for _, header, _ in COLUMNS) + " | training |",
-        "|---|" + "---|" * (len(COLUMNS) + 1),
-    ]
-    for row in rows:
-        cells = [fmt.format(row["summary"][key]) for key, _, fmt in COLUMNS]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {row['train_s'] / 60:.1f} min |")
-    return "\n".join(lines)
+    """One table per colour match: mean (lowest-highest seed) per figure; a figure in bold differs
+    from :data:`REFERENCE`'s by more than both spreads; then parameters, step and training time."""
+    reference = next((r for r in rows if r["variant"] == REFERENCE), None)
+    seeds = len(rows[0]["seeds"]) if rows else 0
+    parts = []
+    for match in COLOUR_MATCHES:
+        lines = [
+            f"Colour match {match}; mean over {seeds} training seed(s), in brackets the lowest and highest "
+            f"seed; **bold**: beyond both spreads from '{REFERENCE}'.",
+            "",
+            "| variant | "
+            + " | ".join(header for _, header, _ in COLUMNS)
+            + " | parameters | step | training |",
+            "|---|" + "---|" * (len(COLUMNS) + 3),
+        ]
+        for row in rows:
+            cells = []
+            for key, _, fmt in COLUMNS:
+                f = row["figures"][match][key]
+                text = f"{fmt.format(f['mean'])} ({fmt.format(f['low'])}-{fmt.format(f['high'])})"
+                cells.append(f"**{text}**" if _beyond_spread(row, reference, match, key) else text)
+            costs = [f"{row['parameters']:,}", f"{row['step_s']:.2f} s", f"{row['train_s'] / 60:.1f} min"]
+            lines.append(f"| {row['variant']} | " + " | ".join(cells + costs) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

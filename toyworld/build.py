@@ -341,6 +341,7 @@ def train_lookback(
     modules: tuple[str, ...] = (),
     training: tuple[str, ...] = (),
     stage: StageTimer | None = None,
+    seed: int | None = None,
 ) -> Path:
     """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable),
     first on ``lookback_frames``-frame clips, then (``full_clip_steps``, into ``folder/full_clips``)
@@ -349,12 +350,13 @@ def train_lookback(
     the others (the second phase takes its modules from the first's file). A variant without the
     look-back conv has no first-frame anchor either, the anchor being part of that conv. Each
     phase records the recipe in its folder (:data:`LOOKBACK_RECIPE`) for :func:`check_reusable`
-    and is timed in ``stage`` under its :func:`lookback_phases` name."""
+    and is timed in ``stage`` under its :func:`lookback_phases` name. ``seed``: the trainer's (default
+    the recipe's, which also seeds the base stage; the ablation trains each variant with several)."""
     stage = stage or StageTimer()
     anchor = recipe.first_frame_anchor and not {"--no_lookback_conv", "--first_frame_anchor"} & set(modules)
     phases = lookback_phases(folder, recipe)
     with stage("lookback"):
-        _train_phase(out, folder, recipe, False, [
+        _train_phase(out, folder, recipe, False, seed, [
             "--pretrained_model", str(base),
             "--preset", recipe.preset,
             *(["--first_frame_anchor"] if anchor else []),
@@ -368,7 +370,7 @@ def train_lookback(
     if FULL_CLIPS not in phases:
         return folder
     with stage(FULL_CLIPS):
-        _train_phase(out, phases[FULL_CLIPS], recipe, True, [
+        _train_phase(out, phases[FULL_CLIPS], recipe, True, seed, [
             "--pretrained_model", str(folder / "base_checkpoint.safetensors"),
             "--init_lookback_weights", str(folder / "lookback_weights.safetensors"),
             "--num_frames", str(world.FRAMES),
@@ -383,7 +385,9 @@ def train_lookback(
     return phases[FULL_CLIPS]
 
 
-def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, flags: list[str]) -> None:
+def _train_phase(
+    out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, seed: int | None, flags: list[str]
+) -> None:
     steps = recipe.full_clip_steps if full_clips else recipe.lookback_steps
     record = folder / LOOKBACK_RECIPE
     if not record.is_file():
@@ -407,7 +411,7 @@ def _train_phase(out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, f
         "--validation_inference_steps", str(recipe.sampler_steps),
         "--validation_guidance_scale", str(recipe.sampler_cfg_scale),
         "--report_to", "none",
-        "--seed", str(recipe.seed),
+        "--seed", str(recipe.seed if seed is None else seed),
         "--horizon_frames", str(recipe.horizon_frames),
         *flags,
         ]
