@@ -47,6 +47,7 @@ from lookback_core.atomic import save_safetensors, write_text
 from lookback_core.config import PRESETS
 from lookback_core.rules import NUMBERS
 from lookback_core.sampler import SETTING_RULES
+from lookback_core.weights import TemporalWeightsError, read_temporal_header
 
 from . import decoder, world
 from .base_model import FACTS_FILE as BASE_FACTS
@@ -385,10 +386,25 @@ def train_lookback(
     return phases[FULL_CLIPS]
 
 
+def _finished(folder: Path, steps: int) -> bool:
+    """Whether the trainer finished this phase in ``folder``: its deployable weights record the last
+    step (the trainer writes them after the trained checkpoint, training.saver.RunSaver.export)."""
+    weights = folder / "lookback_weights.safetensors"
+    if not weights.is_file():
+        return False
+    try:
+        return read_temporal_header(weights).training.get("steps") == steps
+    except TemporalWeightsError:  # half-written or damaged: the trainer redoes what is needed
+        return False
+
+
 def _train_phase(
     out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, seed: int | None, flags: list[str]
 ) -> None:
     steps = recipe.full_clip_steps if full_clips else recipe.lookback_steps
+    if _finished(folder, steps):  # the recipe it was trained with: check_reusable, before any work
+        print(f"{folder} holds this phase's weights at step {steps}: skipped")
+        return
     record = folder / LOOKBACK_RECIPE
     if not record.is_file():
         fields = _lookback_fields(recipe, full_clips)

@@ -101,14 +101,15 @@ class RunSaver:
         accelerator.wait_for_everyone()
 
     def export(self, step: int) -> None:
-        """The deployable files in ``output_dir``: the weights and, with --train_backbone, the checkpoint."""
+        """The deployable files in ``output_dir``: with --train_backbone the checkpoint, then the weights,
+        last, so weights that record a step mean every file of that step is written."""
         with self.averaged.in_model():
-            self.write_weights(self.output_dir / checkpoints.WEIGHTS_NAME, step)
             if self.args.train_backbone:
                 replace_unet(
                     self.args.pretrained_model, self.lookback.unet, self.output_dir / checkpoints.BACKBONE_NAME,
                     self.text_encoder if self.args.train_text_encoder else None,
                 )  # fmt: skip
+            self.write_weights(self.output_dir / checkpoints.WEIGHTS_NAME, step)
         self.exported_step = step
 
     def finish(self, step: int) -> None:
