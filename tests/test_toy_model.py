@@ -25,6 +25,7 @@ from toyworld.ablate import ablate
 from toyworld.build import BUDGET_MINUTES, StageMismatch, ToyRecipe, build
 from toyworld.evaluate import EvalJob, bars, evaluate_files
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
+from training.train import main as train_main
 
 EVAL_CLIPS = 12
 
@@ -246,7 +247,19 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     )  # fmt: skip
     variants = ["base only", "temporal attention (AnimateDiff-style)", "causal temporal attention"]
     out = tmp_path / "ablate"
+    # the trainer in this process, with the flags the study gives it (a trainer process of its own
+    # is the build smoke test's): four trainings without four interpreters starting
+    commands, real_run = [], toybuild._run
+
+    def trainer_here(command: list[str]) -> None:
+        commands.append(command)
+        if not command[1].endswith("train.py"):
+            return real_run(command)
+        assert train_main(command[2:]) == 0, command
+
+    monkeypatch.setattr(toybuild, "_run", trainer_here)
     rows = ablate(out, recipe, variants, seeds=(0, 1), test_clips=1, workers=1)
+    assert sum(c[1].endswith("train.py") for c in commands) == 4  # 2 variants x 2 seeds
     assert [r["variant"] for r in rows] == variants
     assert [r["seeds"] for r in rows] == [[0], [0, 1], [0, 1]]  # the base alone trains nothing
     for folder, mode in (
