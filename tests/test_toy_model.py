@@ -300,7 +300,7 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     # a rerun does only what is left: finished trainings are not started again, evaluations are kept
     evaluations = []
     monkeypatch.setattr(
-        toyablate, "evaluate", lambda *a, **k: evaluations.append(a) or pytest.fail("re-evaluated")
+        toyablate, "evaluate_files", lambda *a, **k: evaluations.append(a) or pytest.fail("re-evaluated")
     )
     monkeypatch.setattr(toybuild, "_run", lambda command: pytest.fail(f"ran {command}"))
     again = ablate(out, recipe, variants, seeds=(0, 1), test_clips=1, workers=1)

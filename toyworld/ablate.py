@@ -45,7 +45,7 @@ from .build import (
     train_lookback,
     training_seconds,
 )
-from .evaluate import EvalJob, evaluate, evaluate_files, generate_clip, load_toy_model
+from .evaluate import EvalJob, evaluate_files, generate_clip, load_toy_model
 from .pictures import contact_sheet, plot_curves
 
 # An AnimateDiff-style motion module in place of the look-back (lookback_core.temporal_attention)
@@ -218,16 +218,9 @@ def _evaluated(run: dict, recipe: ToyRecipe, test_clips: int, workers: int) -> d
         if row.get("key") == key:
             return row
     sampler = {"steps": recipe.sampler_steps, "cfg_scale": recipe.sampler_cfg_scale}
-    if workers == 1:  # in this process (as toyworld eval --workers 1)
-        reports = [
-            evaluate(load_toy_model(run["checkpoint"], run["weights"], **sampler, colour_match=match), test_clips,
-                     split="test", progress=False)
-            for match in COLOUR_MATCHES
-        ]  # fmt: skip
-    else:
-        jobs = [EvalJob(run["checkpoint"], run["weights"], test_clips, split="test",
-                        sampler={**sampler, "colour_match": match}) for match in COLOUR_MATCHES]  # fmt: skip
-        reports = evaluate_files(jobs, workers=workers)
+    jobs = [EvalJob(run["checkpoint"], run["weights"], test_clips, split="test",
+                    sampler={**sampler, "colour_match": match}) for match in COLOUR_MATCHES]  # fmt: skip
+    reports = evaluate_files(jobs, workers=workers)
     row = {
         "variant": run["name"], "seed": run["seed"], "key": key,
         "flags": [f for group in VARIANTS[run["name"]] or () for f in group],

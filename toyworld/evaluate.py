@@ -280,7 +280,12 @@ class EvalJob:
 
 
 def _run_job(job: EvalJob) -> EvalReport:
+    """A worker's job: one thread (the workers share the cores)."""
     torch.set_num_threads(1)
+    return _job_report(job)
+
+
+def _job_report(job: EvalJob) -> EvalReport:
     toy = load_toy_model(job.checkpoint, job.weights, settings_from=job.settings_from, **job.sampler)
     chunking = default_chunking(toy, job.frames, job.chunk_frames, job.context_frames)
     return evaluate(
@@ -313,7 +318,10 @@ def evaluate_files(jobs: list[EvalJob], workers: int = 2) -> list[EvalReport]:
     """The jobs' reports, in order, from ``workers`` processes of one thread each; each job's clips
     are shared out between the workers (the longest jobs first keeps them evenly busy). On this
     project's 2 cores two one-thread samplers make about 1.45x the clips per second of one
-    two-thread sampler (toy videos are too small to keep two threads busy)."""
+    two-thread sampler (toy videos are too small to keep two threads busy). ``workers`` 1: in this
+    process, with its threads, one job after another."""
+    if workers == 1:
+        return [_job_report(job) for job in jobs]
     shards = [_shards(job, workers) for job in jobs]
     tasks = [shard for parts in shards for shard in parts]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
