@@ -218,7 +218,11 @@ def add_toy_commands(commands: argparse._SubParsersAction) -> None:
         help="clips of the test split each run is measured on (default 64)",
     )
     toy_ablate.add_argument(
-        "--workers", type=int, default=2, help="processes of one thread each sharing the clips (default 2)"
+        "--workers",
+        type=int,
+        default=2,
+        help="trainings, then evaluation processes, run side by side with one thread each; 1: one at a time "
+        "with torch's threads (default 2)",
     )
     toy_ablate.set_defaults(func=toy_ablate_command)
     for command in (toy_build, toy_ablate):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 from dataclasses import replace
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -251,8 +254,9 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     # is the build smoke test's): four trainings without four interpreters starting
     commands, real_run = [], toybuild._run
 
-    def trainer_here(command: list[str]) -> None:
+    def trainer_here(command: list[str], threads: int | None = None, log: Path | None = None) -> None:
         commands.append(command)
+        assert (threads, log) == (None, None)  # one at a time (workers=1): torch's threads, output here
         if not command[1].endswith("train.py"):
             return real_run(command)
         assert train_main(command[2:]) == 0, command
@@ -302,9 +306,35 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(
         toyablate, "evaluate_files", lambda *a, **k: evaluations.append(a) or pytest.fail("re-evaluated")
     )
-    monkeypatch.setattr(toybuild, "_run", lambda command: pytest.fail(f"ran {command}"))
+    monkeypatch.setattr(toybuild, "_run", lambda command, *_: pytest.fail(f"ran {command}"))
     again = ablate(out, recipe, variants, seeds=(0, 1), test_clips=1, workers=1)
     assert evaluations == [] and toyablate.markdown_table(again) == toyablate.markdown_table(rows)
+
+
+def test_ablation_trains_its_runs_side_by_side_with_one_thread_each(tmp_path, monkeypatch) -> None:
+    """``workers`` 2: a variant's two seeds train at once (each would wait here for the other until
+    the barrier times out if they ran one after another), one thread each, the runs kept in order."""
+    barrier, calls = threading.Barrier(2, timeout=60), []
+
+    def trained(out, base, name, seed, recipe, threads=None) -> dict:
+        calls.append((name, seed, threads))
+        barrier.wait()
+        return {"name": name, "seed": seed}
+
+    monkeypatch.setattr(toyablate, "_trained", trained)
+    jobs = [("adapter only (normal 3D conv)", 0), ("adapter only (normal 3D conv)", 1)]
+    runs = toyablate._trainings(tmp_path, tmp_path / "base", jobs, ToyRecipe(), workers=2)
+    assert [(r["name"], r["seed"]) for r in runs] == jobs
+    assert sorted(calls) == [(name, seed, 1) for name, seed in jobs]
+
+
+def test_a_stage_run_beside_others_has_its_threads_and_its_own_log(tmp_path) -> None:
+    log = tmp_path / "seed-0" / "train.log"
+    program = "import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); sys.exit(int(sys.argv[1]))"
+    toybuild._run([sys.executable, "-c", program, "0"], 1, log)
+    with pytest.raises(toybuild.StageFailed, match=re.escape(f"its message is in {log}")):
+        toybuild._run([sys.executable, "-c", program, "3"], 1, log)
+    assert log.read_text().splitlines() == ["threads 1", "threads 1"]  # appended, not replaced
 
 
 def test_eval_measures_longer_videos_as_generate_samples_them(tmp_path, capsys) -> None:

@@ -13,7 +13,8 @@ sampler, with the colour match to the first frame on and off. Written to ``out``
 - ``contact_sheet.png``: the first test clip's start image, every variant's frames in rows (its
   first seed), the truth last.
 
-Each training resumes where it stopped, and each evaluation (``variants/<name>/seed-<s>/row.json``)
+With ``workers`` above 1 that many trainings run at once, one thread each (a variant's seeds
+side by side), each trainer's output in its folder's ``train.log``. Each training resumes where it stopped, and each evaluation (``variants/<name>/seed-<s>/row.json``)
 is kept while its files (by content), the recipe and the evaluation's settings stand, so a rerun
 after an interruption only does what is left. A training's time comes from the trainer's step log,
 so it counts every run of an interrupted training, not the pause.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -111,7 +113,8 @@ def ablate(
     """Train ``variants`` (default: :data:`STUDY`) once per training seed in ``seeds`` with
     ``recipe`` (default: the toy build's, with the paper's modules: the first-frame anchor is a
     variant of its own), evaluate each on ``test_clips`` clips of the test split with the colour
-    match on and off (``workers`` one-thread processes); returns the table's rows."""
+    match on and off; returns the table's rows. ``workers``: trainings and evaluation processes run
+    side by side, one thread each (1: one at a time, in this process's threads)."""
     recipe = replace(recipe or ToyRecipe(), first_frame_anchor=False)
     variants = list(STUDY) if variants is None else variants
     unknown = [v for v in variants if v not in VARIANTS]
@@ -129,14 +132,15 @@ def ablate(
     commit = git_commit()
     base, _ = prepare(out, recipe, StageTimer())
     # the base alone trains nothing: one run, whatever the seeds
-    runs = {name: [_trained(out, base, name, seed, recipe) for seed in (seeds if VARIANTS[name] else seeds[:1])]
-            for name in variants}  # fmt: skip
+    jobs = [(name, seed) for name in variants for seed in (seeds if VARIANTS[name] else seeds[:1])]
+    trained = _trainings(out, base, jobs, recipe, workers)
+    runs = {name: [run for run in trained if run["name"] == name] for name in variants}
     rows = [
         _row(name, [_evaluated(run, recipe, test_clips, workers) for run in runs[name]]) for name in variants
     ]
     facts = {
         "commit": commit, "machine": machine(), "recipe": asdict(recipe), "seeds": list(seeds),
-        "split": "test", "test_clips": test_clips,
+        "split": "test", "test_clips": test_clips, "workers": workers,
     }  # fmt: skip
     write_text(out / "ablation.json", json.dumps({**facts, "rows": rows}, indent=2))
     table = markdown_table(rows)
@@ -165,14 +169,30 @@ def _run_folder(out: Path, name: str, seed: int) -> Path:
     return out / "variants" / _folder_name(name) / f"seed-{seed}"
 
 
-def _trained(out: Path, base: Path, name: str, seed: int, recipe: ToyRecipe) -> dict:
-    """One variant trained with one training seed (resumed where it stopped): its files and costs."""
+def _trainings(
+    out: Path, base: Path, jobs: list[tuple[str, int]], recipe: ToyRecipe, workers: int
+) -> list[dict]:
+    """Each (variant, seed) of ``jobs`` trained, in order: one after another with torch's threads
+    (``workers`` 1), or ``workers`` at once with one thread each, each trainer's output in its
+    folder's ``train.log`` (a variant's seeds side by side: every step time is measured alike)."""
+    if workers == 1:
+        return [_trained(out, base, name, seed, recipe) for name, seed in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_trained, out, base, name, seed, recipe, 1) for name, seed in jobs]
+        return [future.result() for future in futures]
+
+
+def _trained(
+    out: Path, base: Path, name: str, seed: int, recipe: ToyRecipe, threads: int | None = None
+) -> dict:
+    """One variant trained with one training seed (resumed where it stopped; ``threads``: see
+    :func:`toyworld.build.train_lookback`): its files and costs."""
     flags = VARIANTS[name]
     folder = _run_folder(out, name, seed)
     if flags is None:
         return {"name": name, "seed": seed, "folder": folder, "checkpoint": base, "weights": None,
                 "train_s": 0, "step_s": 0.0, "parameters": 0}  # fmt: skip
-    final = train_lookback(out, base, folder, recipe, *flags, seed=seed)
+    final = train_lookback(out, base, folder, recipe, *flags, seed=seed, threads=threads)
     phases = lookback_phases(folder, recipe).values()
     durations = np.concatenate([step_durations(p / "logs" / "metrics.jsonl") for p in phases])
     weights = final / "lookback_weights.safetensors"

@@ -158,13 +158,22 @@ class StageFailed(RuntimeError):
     """A stage's own program (the base model's, the trainer) stopped with an error it has printed."""
 
 
-def _run(command: list[str]) -> None:
-    print("$", " ".join(command), flush=True)
-    returncode = subprocess.run(command, cwd=REPO).returncode
+def _run(command: list[str], threads: int | None = None, log: Path | None = None) -> None:
+    """Run one stage's program; ``threads``: its torch threads (default torch's own choice); ``log``:
+    a file its output is appended to instead of this process's (for programs run side by side)."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print("$", " ".join(command), *([f"> {log}"] if log else []), flush=True)
+    with contextlib.ExitStack() as stack:
+        output = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            output = stack.enter_context(log.open("a"))
+        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=output).returncode
     if returncode:
         program = command[2] if command[1] == "-m" else Path(command[1]).name
+        where = f"in {log}" if log else "above"
         raise StageFailed(
-            f"{program} stopped (exit status {returncode}); its message is above. Run the same command again to "
+            f"{program} stopped (exit status {returncode}); its message is {where}. Run the same command again to "
             "resume: the finished stages and the last checkpoint are kept"
         )
 
@@ -343,6 +352,7 @@ def train_lookback(
     training: tuple[str, ...] = (),
     stage: StageTimer | None = None,
     seed: int | None = None,
+    threads: int | None = None,
 ) -> Path:
     """The look-back stage: the product's trainer on ``out``'s data, into ``folder`` (resumable),
     first on ``lookback_frames``-frame clips, then (``full_clip_steps``, into ``folder/full_clips``)
@@ -352,12 +362,14 @@ def train_lookback(
     look-back conv has no first-frame anchor either, the anchor being part of that conv. Each
     phase records the recipe in its folder (:data:`LOOKBACK_RECIPE`) for :func:`check_reusable`
     and is timed in ``stage`` under its :func:`lookback_phases` name. ``seed``: the trainer's (default
-    the recipe's, which also seeds the base stage; the ablation trains each variant with several)."""
+    the recipe's, which also seeds the base stage; the ablation trains each variant with several).
+    ``threads``: the trainer's torch threads, its output then appended to ``folder/train.log`` (for
+    trainings run side by side; default: torch's choice, the output here)."""
     stage = stage or StageTimer()
     anchor = recipe.first_frame_anchor and not {"--no_lookback_conv", "--first_frame_anchor"} & set(modules)
     phases = lookback_phases(folder, recipe)
     with stage("lookback"):
-        _train_phase(out, folder, recipe, False, seed, [
+        _train_phase(out, folder, recipe, False, seed, threads, [
             "--pretrained_model", str(base),
             "--preset", recipe.preset,
             *(["--first_frame_anchor"] if anchor else []),
@@ -371,7 +383,7 @@ def train_lookback(
     if FULL_CLIPS not in phases:
         return folder
     with stage(FULL_CLIPS):
-        _train_phase(out, phases[FULL_CLIPS], recipe, True, seed, [
+        _train_phase(out, phases[FULL_CLIPS], recipe, True, seed, threads, [
             "--pretrained_model", str(folder / "base_checkpoint.safetensors"),
             "--init_lookback_weights", str(folder / "lookback_weights.safetensors"),
             "--num_frames", str(world.FRAMES),
@@ -399,7 +411,13 @@ def _finished(folder: Path, steps: int) -> bool:
 
 
 def _train_phase(
-    out: Path, folder: Path, recipe: ToyRecipe, full_clips: bool, seed: int | None, flags: list[str]
+    out: Path,
+    folder: Path,
+    recipe: ToyRecipe,
+    full_clips: bool,
+    seed: int | None,
+    threads: int | None,
+    flags: list[str],
 ) -> None:
     steps = recipe.full_clip_steps if full_clips else recipe.lookback_steps
     if _finished(folder, steps):  # the recipe it was trained with: check_reusable, before any work
@@ -430,7 +448,9 @@ def _train_phase(
         "--seed", str(recipe.seed if seed is None else seed),
         "--horizon_frames", str(recipe.horizon_frames),
         *flags,
-        ]
+        ],
+        threads,
+        None if threads is None else folder / "train.log",
     )  # fmt: skip
 
 
