@@ -18,7 +18,7 @@ import torch
 from conftest import assert_same_weights, make_tiny_unet, train_args, wait_for_checkpoint
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
-from toy_clips import toy_frames, write_toy_videos
+from toy_clips import square_dataset, toy_frames, write_toy_videos
 
 from lookback_core.config import preset
 from lookback_core.sd15 import SHIPPED_CONFIG_DIR
@@ -32,7 +32,7 @@ from lookback_core.weights import (
 )
 from training import checkpoints
 from training.cache import encoder_fingerprint
-from training.data import VideoClipDataset, collate, discover_samples
+from training.data import collate, discover_samples
 from training.objective import hybrid_noisy_latents, lookback_loss, motion_weights, timestep_weights
 from training.train import main as train_main
 
@@ -424,7 +424,7 @@ def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
         "short.mp4",
     ]
     assert {s.path.name: s.caption for s in samples}["frames_clip"] == "a folder of frames"
-    dataset = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
+    dataset = square_dataset(root)
     batch = collate([dataset[i] for i in range(len(dataset))])
     assert batch["pixels"].shape == (5, 4, 3, 32, 32)
     assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
@@ -442,16 +442,14 @@ def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
         writer.writerow(["clip_001", "second caption", "001_page"])
     samples = discover_samples(webvid, table)
     assert [s.caption for s in samples] == ["first caption", "second caption"]
-    assert VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)[1]["caption"] == "second caption"
+    assert square_dataset(webvid, table)[1]["caption"] == "second caption"
 
 
 def test_stride_follows_fps_when_a_reference_fps_is_given(tmp_path) -> None:
     write_video(toy_frames(0, frames=30, size=40), tmp_path / "fast.mp4", fps=16)
-    samples = discover_samples(tmp_path)
-    plain = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
-    scaled = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32, reference_fps=8)
-    assert plain._read(samples[0], 0)[2] == 2
-    assert scaled._read(samples[0], 0)[2] == 4
+    plain, scaled = square_dataset(tmp_path), square_dataset(tmp_path, reference_fps=8)
+    assert plain._read(plain.items[0], 0)[2] == 2
+    assert scaled._read(scaled.items[0], 0)[2] == 4
 
 
 def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:

@@ -19,13 +19,14 @@ import pytest
 import torch
 from conftest import assert_same_weights, train_args, wait_for_checkpoint
 from safetensors.torch import load_file
-from toy_clips import toy_frames, write_toy_videos
+from toy_clips import square_dataset, toy_frames, write_toy_videos
 
 from lookback_core.weights import read_temporal_header
 from training import checkpoints
 from training.args import parse_args
+from training.buckets import Bucket
 from training.cache import encoder_fingerprint
-from training.data import Sample, VideoClipDataset, clip_key, collate, discover_samples
+from training.data import Sample, clip_key, collate, discover_samples
 from training.train import main as train_main
 
 REPO = Path(__file__).parents[1]
@@ -244,8 +245,11 @@ def test_the_latent_cache_is_keyed_on_the_encoders_and_the_caption(setup) -> Non
     assert encoder_fingerprint(a.vae, a.text_encoder) != encoder_fingerprint(a.vae, b.text_encoder)
     assert encoder_fingerprint(a.vae) != encoder_fingerprint(a.vae.half())
     sample = Sample(Path("clip.mp4"))
-    assert clip_key(sample, "a cat", 0, 2, 4, 32) != clip_key(sample, "a dog", 0, 2, 4, 32)
-    assert clip_key(sample, "a cat", 0, 2, 4, 32) != clip_key(sample, "a cat", 0, 2, 4, 64)
+    key = clip_key(sample, "a cat", 0, 2, Bucket(32, 32, 4))
+    assert key != clip_key(sample, "a dog", 0, 2, Bucket(32, 32, 4))
+    assert key != clip_key(sample, "a cat", 0, 2, Bucket(64, 64, 4))
+    assert key != clip_key(sample, "a cat", 0, 2, Bucket(64, 32, 4))  # another aspect ratio
+    assert key != clip_key(sample, "a cat", 0, 2, Bucket(32, 32, 8))  # another frame count
 
 
 def test_bad_captions_are_skipped_and_any_image_mode_is_read(tmp_path) -> None:
@@ -262,7 +266,7 @@ def test_bad_captions_are_skipped_and_any_image_mode_is_read(tmp_path) -> None:
             image = image.convert("L").convert(mode) if mode == "I;16" else image.convert(mode)
             image.save(folder / f"{i:04d}.png")
     samples = discover_samples(root)  # reading a caption never stops discovery
-    dataset = VideoClipDataset(samples, num_frames=4, stride=2, resolution=32)
+    dataset = square_dataset(root)
     batch = collate([dataset[i] for i in range(len(dataset))])
     reasons = {Path(p).name: r for p, r in batch["skipped"]}
     assert reasons == {"clip_001.mp4": "unreadable caption"}

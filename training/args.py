@@ -22,11 +22,26 @@ from lookback_core.rules import NUMBERS
 from lookback_core.sampler import SETTING_RULES
 from lookback_core.weights import check_chunking, check_recommended_sampler, read_temporal_header
 from training import checkpoints
+from training.dataset_config import DatasetSpec, from_flags, read_dataset_config
 from training.objective import OBJECTIVES, TIMESTEP_BIAS_STRATEGIES
 from training.run_config import expand_config
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 DEFAULT_PRESET = "paper"  # the look-back modules when neither --preset nor --init_lookback_weights is given
+
+
+# the data flags' values when no --dataset_config is given (None until then: a dataset config and
+# these flags are one or the other)
+DATA_DEFAULTS = {"resolution": 256, "num_frames": 32, "frame_stride": 4, "video_extension": ".mp4"}
+DATA_FLAGS = (
+    "train_data_dir",
+    "csv",
+    "video_extension",
+    "resolution",
+    "num_frames",
+    "frame_stride",
+    "reference_fps",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,17 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument(
+        "--dataset_config", default=None,
+        help="a TOML file of one or more datasets, each with its own resolutions, frame counts, stride, repeats "
+        "and captions, trained in aspect-ratio and frame-count buckets (docs/training.md#dataset-configs); "
+        "instead of the five flags below",
+    )  # fmt: skip
+    data.add_argument(
         "--train_data_dir",
-        required=True,
         help="folder of videos (+ .txt captions) or of frame folders; WebVid root with --csv",
     )
     data.add_argument("--csv", default=None, help="WebVid-style CSV with columns videoid,name,page_dir")
-    data.add_argument("--video_extension", default=".mp4", help="file extension of WebVid videos")
-    data.add_argument("--resolution", type=int, default=256, help="square training size (centre crop)")
+    data.add_argument("--video_extension", help="file extension of WebVid videos (default .mp4)")
     data.add_argument(
-        "--num_frames", type=int, default=32, help="frames per clip, including the conditioning frame"
+        "--resolution",
+        type=int,
+        help=f"square training size (centre crop; default {DATA_DEFAULTS['resolution']})",
     )
-    data.add_argument("--frame_stride", type=int, default=4, help="take every N-th frame")
+    data.add_argument(
+        "--num_frames", type=int,
+        help=f"frames per clip, including the conditioning frame (default {DATA_DEFAULTS['num_frames']})",
+    )  # fmt: skip
+    data.add_argument(
+        "--frame_stride", type=int, help=f"take every N-th frame (default {DATA_DEFAULTS['frame_stride']})"
+    )
     data.add_argument(
         "--reference_fps", type=float, default=None,
         help="if set, --frame_stride is meant at this fps and is scaled to each video's fps",
@@ -401,8 +428,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_chunking(args.horizon_frames, args.context_frames)
     except ValueError as err:
         parser.error(f"--context_frames: {err}")
-    if args.resolution % 8:
-        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    _check_data(parser, args)
     try:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:
@@ -440,6 +466,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 f"{', '.join(f'{f} {value}' for f, value in doomed)}: --overwrite_output_dir would delete it with the "
                 f"earlier run in {args.output_dir}; copy it out of that folder first, or choose another --output_dir"
             )
+    return args
+
+
+def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The data: a dataset config (read and checked now) or the data flags (their defaults filled in)."""
+    given = [f"--{flag}" for flag in DATA_FLAGS if getattr(args, flag) is not None]
+    if args.dataset_config is not None:
+        if given:
+            parser.error(
+                f"--dataset_config describes the data; leave out {', '.join(given)} (set them in the file, per "
+                "dataset or under [general])"
+            )
+        try:
+            read_dataset_config(args.dataset_config)
+        except ValueError as err:
+            parser.error(f"--dataset_config: {err}")
+        return
+    if args.train_data_dir is None:
+        parser.error("the data: give --train_data_dir (a folder of videos) or --dataset_config (a TOML file)")
+    for flag, value in DATA_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.resolution % 8:
+        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     if not Path(args.train_data_dir).is_dir():
         parser.error(f"--train_data_dir: no such folder: {args.train_data_dir}")
-    return args
+
+
+def datasets(args: argparse.Namespace) -> list[DatasetSpec]:
+    """The run's datasets: its --dataset_config's, or the one the data flags describe."""
+    return read_dataset_config(args.dataset_config) if args.dataset_config else from_flags(args)

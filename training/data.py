@@ -1,10 +1,14 @@
-"""Training clips: a folder of videos (optional same-name ``.txt`` captions), a WebVid-style CSV,
-or a folder of frame folders.
+"""Training clips: from datasets (:mod:`training.dataset_config`), each a folder of videos
+(optional same-name caption files), a WebVid-style CSV, or a folder of frame folders.
 
-A clip is ``num_frames`` frames taken every ``stride`` frames from a random start, resized to
-cover ``resolution`` and centre-cropped. Clips that are too short or unreadable are skipped: the
-dataset moves on to the next sample and reports what it skipped with the batch, so the trainer
-can count and warn, and nothing hangs or crashes.
+Each video gives one item per resolution and frame count of its dataset (times its repeats), in
+a bucket (:mod:`training.buckets`): a clip is the bucket's frame count taken every ``frame_stride``
+frames from a random start, resized to cover the bucket's size and centre-cropped. A dataset with
+buckets is sized when the run starts (each video's size and length read from its container), so
+a video too short or too small for a bucket gets no item; a square dataset is not, and its clips
+that are too short are found when read. A clip that is too short or unreadable is skipped: the
+dataset moves on to the next item of the same bucket and reports what it skipped with the batch,
+so the trainer can count and warn, and nothing hangs or crashes.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from lookback_core.image_prep import fit_to_multiple
 from lookback_core.video_io import VideoReadError, read_frames, rgb_array, video_info
+from training.buckets import Bucket, bucket_for
+from training.dataset_config import DatasetSpec
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -60,8 +67,12 @@ class ClipTooShort(ValueError):
     """A sample with fewer frames than one clip needs."""
 
 
-def _caption_file(path: Path) -> Path | None:
-    for candidate in (path.with_suffix(".txt"), path / "caption.txt", path.parent / f"{path.name}.txt"):
+def _caption_file(path: Path, extension: str = ".txt") -> Path | None:
+    for candidate in (
+        path.with_suffix(extension),
+        path / f"caption{extension}",
+        path.parent / f"{path.name}{extension}",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -78,89 +89,158 @@ def _frame_files(folder: Path) -> list[Path]:
 
 
 def discover_samples(
-    root: str | Path, csv_path: str | Path | None = None, video_extension: str = ".mp4"
+    root: str | Path,
+    csv_path: str | Path | None = None,
+    video_extension: str = ".mp4",
+    caption_column: str = "name",
+    caption_extension: str = ".txt",
 ) -> list[Sample]:
-    """List the samples under ``root``: from a WebVid CSV if given, else videos and frame folders."""
+    """List the samples under ``root``: from a WebVid CSV if given (the caption from its
+    ``caption_column``), else videos and frame folders (the caption from a ``caption_extension``
+    file beside each)."""
     root = Path(root)
     if csv_path is not None:
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = {"videoid", "name", "page_dir"} - set(reader.fieldnames or [])
+            needed = ("videoid", caption_column, "page_dir")
+            missing = set(needed) - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(
-                    f"{csv_path}: the CSV needs the columns videoid, name, page_dir; missing {sorted(missing)}"
+                    f"{csv_path}: the CSV needs the columns {', '.join(needed)}; missing {sorted(missing)}"
                 )
             return [
                 Sample(
-                    root / row["page_dir"] / f"{row['videoid']}{video_extension}", (row["name"] or "").strip()
+                    root / row["page_dir"] / f"{row['videoid']}{video_extension}",
+                    (row[caption_column] or "").strip(),
                 )
                 for row in reader
             ]
     samples = []
     for path in sorted(root.iterdir()):
         if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES or path.is_dir() and _frame_files(path):
-            samples.append(Sample(path, caption_file=_caption_file(path)))
+            samples.append(Sample(path, caption_file=_caption_file(path, caption_extension)))
     if not samples:
         raise ValueError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders found")
     return samples
 
 
-def clip_key(sample: Sample, caption: str, start: int, stride: int, num_frames: int, resolution: int) -> str:
+def clip_key(sample: Sample, caption: str, start: int, stride: int, bucket: Bucket) -> str:
     """A stable name for one clip and its caption, used by the latent cache."""
-    text = f"{sample.path.resolve()}|{caption}|{start}|{stride}|{num_frames}|{resolution}"
+    text = (
+        f"{sample.path.resolve()}|{caption}|{start}|{stride}|{bucket.frames}|{bucket.width}x{bucket.height}"
+    )
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-class VideoClipDataset(Dataset):
-    """Clips as ``{"pixels": [f, 3, r, r] in [-1, 1], "caption", "key", "skipped"}``."""
+@dataclass(frozen=True)
+class ClipItem:
+    """One clip a sample gives each epoch: its bucket and the dataset it belongs to."""
 
-    def __init__(
-        self,
-        samples: list[Sample],
-        *,
-        num_frames: int,
-        stride: int,
-        resolution: int,
-        reference_fps: float | None = None,
-        seed: int = 0,
-        fixed_clips: bool = False,
-    ) -> None:
-        self.samples = samples
-        self.num_frames = num_frames
-        self.stride = stride
-        self.resolution = resolution
-        self.reference_fps = reference_fps
+    sample: Sample
+    bucket: Bucket
+    dataset: DatasetSpec
+
+
+def _stride(dataset: DatasetSpec, fps: float) -> int:
+    """The dataset's frame stride, scaled to a video's ``fps`` when it names a reference fps."""
+    if dataset.reference_fps is None or fps <= 0:
+        return dataset.frame_stride
+    return max(1, round(dataset.frame_stride * fps / dataset.reference_fps))
+
+
+def _size_and_length(sample: Sample) -> tuple[int, int, float]:
+    """A sample's (width, height, frames, fps), from its container or its frame files (fps 0: unknown)."""
+    if sample.is_frame_folder:
+        files = _frame_files(sample.path)
+        with Image.open(files[0]) as image:
+            return image.width, image.height, len(files), 0.0
+    info = video_info(sample.path)
+    return info.width, info.height, info.frames, info.fps
+
+
+def clip_items(datasets: list[DatasetSpec]) -> tuple[list[ClipItem], list[tuple[str, str]]]:
+    """Every dataset's items (see the module's text), and the samples that gave none, with why."""
+    items: list[ClipItem] = []
+    left_out: list[tuple[str, str]] = []
+    for dataset in datasets:
+        samples = discover_samples(
+            dataset.path,
+            dataset.csv,
+            dataset.video_extension,
+            dataset.caption_column,
+            dataset.caption_extension,
+        )
+        if not dataset.buckets:  # square crops: nothing to size; a clip too short is skipped when read
+            items += [
+                ClipItem(sample, Bucket(r, r, n), dataset)
+                for sample in samples for r in dataset.resolution for n in dataset.num_frames
+            ] * dataset.repeats  # fmt: skip
+            continue
+        for sample in tqdm(samples, desc=f"sizing {dataset.path}", unit="video", leave=False):
+            try:
+                width, height, length, fps = _size_and_length(sample)
+            except (VideoReadError, OSError, ValueError) as err:
+                left_out.append((str(sample.path), f"unreadable ({err})"))
+                continue
+            stride = _stride(dataset, fps)
+            counts = [n for n in dataset.num_frames if (n - 1) * stride + 1 <= length]
+            sizes = [s for r in dataset.resolution if (s := bucket_for(width, height, r)) is not None]
+            if not counts:
+                needed = (min(dataset.num_frames) - 1) * stride + 1
+                left_out.append(
+                    (str(sample.path), f"too short: {length} frames, the shortest clip needs {needed}")
+                )
+            elif not sizes:
+                left_out.append((str(sample.path), f"too small: {width}x{height}"))
+            items += [
+                ClipItem(sample, Bucket(w, h, n), dataset) for w, h in sizes for n in counts
+            ] * dataset.repeats  # fmt: skip
+    return items, left_out
+
+
+class VideoClipDataset(Dataset):
+    """Clips as ``{"pixels": [f, 3, h, w] in [-1, 1], "caption", "key", "skipped"}``, item ``i`` in
+    bucket ``items[i].bucket``."""
+
+    def __init__(self, items: list[ClipItem], *, seed: int = 0, fixed_clips: bool = False) -> None:
+        if not items:
+            raise ValueError("no clips to train on: every video was too short, too small or unreadable")
+        self.items = items
         self.seed = seed
         self.epoch = 0
         self.fixed_clips = fixed_clips  # one clip per video (the centre one), as the cache needs
+        self._peers: dict[Bucket, list[int]] = {}  # each bucket's items, to skip to the next of them
+        for index, item in enumerate(items):
+            self._peers.setdefault(item.bucket, []).append(index)
+        self._place = {index: k for peers in self._peers.values() for k, index in enumerate(peers)}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.items)
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [item.bucket for item in self.items]
 
     def set_epoch(self, epoch: int) -> None:
         """Clip starts are drawn from (seed, epoch, index): reproducible, and the same after resume."""
         self.epoch = epoch
 
-    def _stride_for(self, fps: float) -> int:
-        if self.reference_fps is None or fps <= 0:
-            return self.stride
-        return max(1, round(self.stride * fps / self.reference_fps))
-
-    def _read(self, sample: Sample, index: int) -> tuple[np.ndarray, int, int]:
+    def _read(self, item: ClipItem, index: int) -> tuple[np.ndarray, int, int]:
+        sample, frames_wanted = item.sample, item.bucket.frames
         if sample.is_frame_folder:
             files = _frame_files(sample.path)
-            total, stride = len(files), self.stride
+            total, stride = len(files), item.dataset.frame_stride
         else:
             info = video_info(sample.path)
-            total, stride = info.frames, self._stride_for(info.fps)
-        span = (self.num_frames - 1) * stride + 1
+            total, stride = info.frames, _stride(item.dataset, info.fps)
+        span = (frames_wanted - 1) * stride + 1
         if total < span:
             raise ClipTooShort(f"{sample.path}: {total} frames, a clip needs {span}")
         if self.fixed_clips:
             start = (total - span) // 2
         else:
             start = random.Random(f"{self.seed}|{self.epoch}|{index}").randint(0, total - span)
-        indices = [start + i * stride for i in range(self.num_frames)]
+        indices = [start + i * stride for i in range(frames_wanted)]
         if sample.is_frame_folder:
             try:
                 frames = np.stack([_read_rgb(files[i]) for i in indices])
@@ -172,31 +252,35 @@ class VideoClipDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         skipped: list[tuple[str, str]] = []
-        for attempt in range(min(MAX_SKIPS_PER_ITEM, len(self.samples))):
-            sample = self.samples[(index + attempt) % len(self.samples)]
+        peers = self._peers[self.items[index].bucket]
+        for attempt in range(min(MAX_SKIPS_PER_ITEM, len(peers))):
+            item = self.items[peers[(self._place[index] + attempt) % len(peers)]]
             try:
-                caption = sample.caption
+                caption = item.sample.caption
             except ValueError:
-                skipped.append((str(sample.path), "unreadable caption"))
+                skipped.append((str(item.sample.path), "unreadable caption"))
                 continue
             try:
-                frames, start, stride = self._read(sample, index)
+                frames, start, stride = self._read(item, index)
             except (ClipTooShort, VideoReadError, OSError, ValueError) as err:
                 skipped.append(
-                    (str(sample.path), "too short" if isinstance(err, ClipTooShort) else "unreadable")
+                    (str(item.sample.path), "too short" if isinstance(err, ClipTooShort) else "unreadable")
                 )
                 continue
             video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-            video, _ = fit_to_multiple(video, width=self.resolution, height=self.resolution, min_size=8)
+            bucket = item.bucket
+            video, _ = fit_to_multiple(video, width=bucket.width, height=bucket.height, min_size=8)
             return {
                 "pixels": video * 2 - 1,
                 "caption": caption,
-                "key": clip_key(sample, caption, start, stride, self.num_frames, self.resolution),
+                "key": clip_key(item.sample, caption, start, stride, bucket),
                 "skipped": skipped,
             }
+        bucket = self.items[index].bucket
         raise RuntimeError(
-            f"{len(skipped)} samples in a row could not give a {self.num_frames}-frame clip at stride "
-            f"{self.stride} (last: {skipped[-1][0]}, {skipped[-1][1]}); check the data and --num_frames/--frame_stride"
+            f"{len(skipped)} samples in a row could not give a clip of {bucket} at stride "
+            f"{self.items[index].dataset.frame_stride} (last: {skipped[-1][0]}, {skipped[-1][1]}); check the data "
+            "and the frame counts and strides"
         )
 
 

@@ -38,7 +38,7 @@ CONFIG_FLAG = "--config"
 # settings that name files or folders: the weights record them by name only (no folder of yours
 # travels in a shared weights file)
 PATH_SETTINGS = (
-    "pretrained_model", "config_dir", "init_lookback_weights", "train_data_dir", "csv", "cache_dir",
+    "pretrained_model", "config_dir", "init_lookback_weights", "dataset_config", "train_data_dir", "csv", "cache_dir",
     "output_dir", "validation_image", "isim_clip_model", "resume_from_checkpoint",
 )  # fmt: skip
 

@@ -51,9 +51,11 @@ from lookback_core.weights import (  # noqa: E402
     read_temporal_header,
 )
 from training import checkpoints, run_config  # noqa: E402
-from training.args import build_parser, module_config, parse_args  # noqa: E402
+from training.args import build_parser, datasets, module_config, parse_args  # noqa: E402
+from training.buckets import BucketBatchSampler, bucket_table  # noqa: E402
 from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
-from training.data import VideoClipDataset, collate, discover_samples  # noqa: E402
+from training.data import VideoClipDataset, clip_items, collate  # noqa: E402
+from training.dataset_config import DATASETS_NAME, DatasetSpec, resolved_toml  # noqa: E402
 from training.objective import lookback_loss, timestep_weights  # noqa: E402
 from training.saver import AveragedWeights, RunSaver  # noqa: E402
 from training.validation import check_validation_inputs, run_validation  # noqa: E402
@@ -177,6 +179,7 @@ RESUMED_FACTS = (
     "frames",
     "stride",
     "resolution",
+    "datasets",
     "train_backbone",
     "train_text_encoder",
 )
@@ -244,6 +247,7 @@ class Run:
     lookback: LookBackUNet  # the same, unwrapped
     components: SD15Components
     dataset: VideoClipDataset
+    batches: BucketBatchSampler  # every batch from one bucket; told each epoch
     loader: torch.utils.data.DataLoader
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -375,13 +379,27 @@ def _learning_rates(args, batch_scale: int) -> dict[str, float]:
     return rates
 
 
+def _data_facts(specs: list[DatasetSpec]) -> dict:
+    """The data as the weights record it: the longest clip, the largest resolution and the stride
+    (when the datasets share one), and with a dataset config every dataset."""
+    strides = {spec.frame_stride for spec in specs}
+    facts = {
+        "frames": max(n for spec in specs for n in spec.num_frames),
+        "resolution": max(r for spec in specs for r in spec.resolution),
+        **({"stride": strides.pop()} if len(strides) == 1 else {}),
+    }
+    if len(specs) > 1 or specs[0].buckets:  # not the one square dataset of the data flags
+        facts["datasets"] = [spec.recorded() for spec in specs]
+    return facts
+
+
 def _training_facts(
     args, accelerator: Accelerator, components: SD15Components, rates: dict[str, float], batch_scale: int,
-    draw_weights: torch.Tensor | None, parser,
+    draw_weights: torch.Tensor | None, parser, specs: list[DatasetSpec],
 ) -> dict:  # fmt: skip
     """What the weights record about their training (and what a resumed run must share: RESUMED_FACTS)."""
     facts = {
-        "frames": args.num_frames, "stride": args.frame_stride, "resolution": args.resolution,
+        **_data_facts(specs),
         "preset": args.preset, "objective": args.objective, "learning_rate": rates["temporal"],
         "text_dropout": args.text_dropout,
         "base_checkpoint": Path(args.pretrained_model).name, "ema": bool(args.use_ema),
@@ -413,11 +431,21 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
     if problem:
         raise ValueError(problem)
     _clear_output_dir(args, accelerator, output_dir)
-    samples = discover_samples(args.train_data_dir, args.csv, args.video_extension)
+    specs = datasets(args)
+    items, left_out = clip_items(specs)
+    for path, reason in left_out[:20]:
+        logger.warning("left out %s: %s", path, reason)
+    if len(left_out) > 20:
+        logger.warning("left out %d more videos (%d in all)", len(left_out) - 20, len(left_out))
+    dataset = VideoClipDataset(items, seed=args.seed, fixed_clips=args.cache_dir is not None)
+    logger.info("%d clips per epoch in %d buckets:\n%s", len(dataset), len(set(dataset.buckets)),
+                bucket_table(dataset.buckets, args.train_batch_size))  # fmt: skip
     check_validation_inputs(args, accelerator.device)
     _refuse_another_run(args, output_dir)
     if accelerator.is_main_process:  # what reruns this run: python training/train.py --config <it>
         write_text(output_dir / run_config.RESOLVED_NAME, run_config.resolved_toml(args, parser))
+        if args.dataset_config:
+            write_text(output_dir / DATASETS_NAME, resolved_toml(specs))
 
     weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
     components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
@@ -426,19 +454,10 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
     trainable += [p for p in components.text_encoder.parameters() if p.requires_grad]
     rng = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 
-    dataset = VideoClipDataset(
-        samples,
-        num_frames=args.num_frames,
-        stride=args.frame_stride,
-        resolution=args.resolution,
-        reference_fps=args.reference_fps,
-        seed=args.seed,
-        fixed_clips=args.cache_dir is not None,
-    )
+    batches = BucketBatchSampler(dataset.buckets, args.train_batch_size, args.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-    )  # fmt: skip
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.dataloader_num_workers
+    )
     # each process sees its share of the batches (accelerate's even_batches pads the last one)
     updates_per_epoch = math.ceil(
         math.ceil(len(loader) / accelerator.num_processes) / args.gradient_accumulation_steps
@@ -491,10 +510,10 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
     empty_text = encode_prompt(components.tokenizer, components.text_encoder, [""], accelerator.device)[
         0
     ].float()
-    facts = _training_facts(args, accelerator, components, rates, batch_scale, draw_weights, parser)
+    facts = _training_facts(args, accelerator, components, rates, batch_scale, draw_weights, parser, specs)
     return Run(
         accelerator=accelerator, model=prepared, lookback=lookback, components=components, dataset=dataset,
-        loader=loader, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, averaged=averaged,
+        batches=batches, loader=loader, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, averaged=averaged,
         rng=rng, noise_scheduler=noise_scheduler, draw_weights=draw_weights, cache=cache, empty_text=empty_text,
         weight_dtype=weight_dtype, facts=facts, updates_per_epoch=updates_per_epoch, max_steps=max_steps,
         epochs=math.ceil(max_steps / updates_per_epoch),
@@ -606,11 +625,12 @@ def train(args) -> Path:
         desc="training",
         disable=not accelerator.is_local_main_process,
     )
-    started, samples_seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+    started, samples_seen, frames_seen, loss_sum, loss_count = time.time(), 0, 0, 0.0, 0
     run.model.train()
     # a run resumed at its last step has nothing left to train (in mid-epoch the loop would take one more)
     for epoch in range(first_epoch, run.epochs if global_step < run.max_steps else first_epoch):
         run.dataset.set_epoch(epoch)
+        run.batches.set_epoch(epoch)
         run.loader.set_epoch(epoch)
         batches = (
             accelerator.skip_first_batches(run.loader, skip_batches) if epoch == first_epoch else run.loader
@@ -622,6 +642,7 @@ def train(args) -> Path:
                 _optimise(args, run, loss)
             loss_sum, loss_count = loss_sum + loss.detach().item(), loss_count + 1
             samples_seen += len(batch["keys"]) * accelerator.num_processes
+            frames_seen += batch["pixels"].shape[0] * batch["pixels"].shape[1] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             run.averaged.step()
@@ -632,7 +653,7 @@ def train(args) -> Path:
                 "loss": loss_sum / loss_count,
                 "lr": run.lr_scheduler.get_last_lr()[0],
                 "clips_per_s": samples_seen / elapsed,
-                "frames_per_s": samples_seen * args.num_frames / elapsed,
+                "frames_per_s": frames_seen / elapsed,
                 "skipped_samples": skipped.total(),
             }
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")

@@ -17,12 +17,27 @@ from lookback_core.sd15 import SD15Components
 from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.video_io import write_video
 from training.args import recommended_sampler
+from training.buckets import bucket_for
+from training.dataset_config import read_dataset_config
 
 
-def validation_shortfall(args, device: torch.device) -> str | None:
-    """Why the validation video (``--validation_frames`` sampled in one piece at ``--resolution``)
-    does not fit in ``device``'s memory, or ``None``; from the same estimate ``generate`` uses
-    (:mod:`lookback_core.memory`), before any model loads."""
+def validation_size(args, width: int, height: int) -> tuple[int, int]:
+    """The frame size of the validation video of a ``width`` x ``height`` image: square at
+    ``--resolution``, or with a dataset config the bucket its first dataset's first resolution
+    gives the image (training.buckets; square if that dataset has no buckets)."""
+    if args.dataset_config is None:
+        return args.resolution, args.resolution
+    spec = read_dataset_config(args.dataset_config)[0]
+    resolution = spec.resolution[0]
+    if not spec.buckets:
+        return resolution, resolution
+    return bucket_for(width, height, resolution) or (resolution, resolution)
+
+
+def validation_shortfall(args, device: torch.device, size: tuple[int, int]) -> str | None:
+    """Why the validation video (``--validation_frames`` sampled in one piece at ``size``, width and
+    height) does not fit in ``device``'s memory, or ``None``; from the same estimate ``generate``
+    uses (:mod:`lookback_core.memory`), before any model loads."""
     from lookback_core.checkpoint_file import CheckpointError, tensor_elements
     from lookback_core.memory import estimate_generate, shortfall
 
@@ -31,7 +46,7 @@ def validation_shortfall(args, device: torch.device) -> str | None:
     except (CheckpointError, OSError):  # named when the checkpoint loads
         parameters = 0
     needed = estimate_generate(
-        width=args.resolution, height=args.resolution, frames=args.validation_frames,
+        width=size[0], height=size[1], frames=args.validation_frames,
         frames_at_once=args.validation_frames, guidance=args.validation_guidance_scale != 1,
         parameters=parameters, file_bytes=0, dtype=torch.float32,
     )  # fmt: skip
@@ -40,7 +55,7 @@ def validation_shortfall(args, device: torch.device) -> str | None:
         return None
     return (
         f"--validation_frames {args.validation_frames}: the validation video ({args.validation_frames} frames of "
-        f"{args.resolution}x{args.resolution} in one piece) {problem} ({needed.describe()}); use fewer "
+        f"{size[0]}x{size[1]} in one piece) {problem} ({needed.describe()}); use fewer "
         "--validation_frames or leave out --validation_image"
     )
 
@@ -49,13 +64,17 @@ def check_validation_inputs(args, device: torch.device | None = None) -> None:
     """Read ``--validation_image`` and load ``--isim_clip_model`` once, before training starts, so
     that a bad one is named at once instead of at the first validation step; and refuse a
     validation video that cannot fit on ``device`` (default: the CPU) before the models load."""
+    sizes = []
     for image in args.validation_image:
         try:
-            load_image(image)
+            height, width = load_image(image).shape[-2:]
         except (OSError, ValueError) as err:
             raise ValueError(f"--validation_image: {err}") from None
-    if args.validation_image:
-        problem = validation_shortfall(args, device or torch.device("cpu"))
+        sizes.append(validation_size(args, width, height))
+    if sizes:
+        problem = validation_shortfall(
+            args, device or torch.device("cpu"), max(sizes, key=lambda s: s[0] * s[1])
+        )
         if problem:
             raise ValueError(problem)
     if args.isim_clip_model:
@@ -99,12 +118,19 @@ GRID_COLUMNS = 4
 
 
 def grid(videos: list[torch.Tensor]) -> torch.Tensor:
-    """Videos ``[f, h, w, 3]`` of one size side by side, ``GRID_COLUMNS`` to a row (a short last row
-    is filled with black)."""
+    """Videos ``[f, h, w, 3]`` side by side, ``GRID_COLUMNS`` to a row, each centred on black in a
+    cell of the largest height and width (their aspect ratios may differ); a short last row is
+    filled with black."""
     columns = min(len(videos), GRID_COLUMNS)
-    blank = torch.zeros_like(videos[0])
-    padded = videos + [blank] * (-len(videos) % columns)
-    return rearrange(torch.stack(padded), "(r c) f h w ch -> f (r h) (c w) ch", c=columns)
+    height, width = max(v.shape[1] for v in videos), max(v.shape[2] for v in videos)
+    cells = []
+    for video in videos:
+        cell = video.new_zeros(video.shape[0], height, width, video.shape[3])
+        top, left = (height - video.shape[1]) // 2, (width - video.shape[2]) // 2
+        cell[:, top : top + video.shape[1], left : left + video.shape[2]] = video
+        cells.append(cell)
+    cells += [torch.zeros_like(cells[0])] * (-len(cells) % columns)
+    return rearrange(torch.stack(cells), "(r c) f h w ch -> f (r h) (c w) ch", c=columns)
 
 
 def _validation_video(
@@ -119,9 +145,9 @@ def _validation_video(
     ``clip``, else in latent space)."""
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
-    image, _ = fit_to_multiple(
-        load_image(image_path), width=args.resolution, height=args.resolution, min_size=8
-    )
+    image = load_image(image_path)
+    width, height = validation_size(args, image.shape[-1], image.shape[-2])
+    image, _ = fit_to_multiple(image, width=width, height=height, min_size=8)
     z0 = encode_image_latent(components.vae, image).to(dtype)
     texts = encode_prompt(components.tokenizer, components.text_encoder, [prompt, ""], device)
     settings = SamplerSettings(**recommended_sampler(args), seed=args.seed)
