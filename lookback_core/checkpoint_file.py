@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .atomic import file_problem
 from .metadata import parse_json
@@ -27,6 +26,8 @@ from .metadata import parse_json
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+# the VAE's encoding half: what only turns images into latents
+VAE_ENCODER_PREFIXES = (VAE_PREFIX + "encoder.", VAE_PREFIX + "quant_conv.")
 _MAX_HEADER_BYTES = 100_000_000
 SHOWN = 3  # mismatches named in one message
 
@@ -227,10 +228,26 @@ def _check_values(path: Path, state: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _placeholder(tensor_slice) -> torch.Tensor:
+    """A ``meta`` tensor of a safetensors slice's shape and dtype: nothing is read."""
+    return torch.empty(
+        tensor_slice.get_shape(), dtype=_SAFETENSORS_DTYPES[tensor_slice.get_dtype()], device="meta"
+    )
+
+
+def read_checkpoint(path: Path, skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint once, refusing other model families before its tensors are loaded when possible.
 
-    Returns the state dict and the file's safetensors metadata (empty for ``.ckpt``)."""
+    Returns the state dict and the file's safetensors metadata (empty for ``.ckpt``). Tensors whose
+    names start with one of ``skip`` are not read (from a ``.safetensors`` file) and come back as
+    ``meta`` tensors of their shape and dtype: the parts a caller will not run."""
     problem = file_problem(path)
     if problem:
         problem = "no such checkpoint file" if problem == "no such file" else problem
@@ -240,10 +257,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         shapes, metadata = _read_safetensors_header(path)
         _refuse_other_families(path, shapes)
         try:
-            state = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                state = {
+                    k: _placeholder(f.get_slice(k)) if skip and k.startswith(skip) else f.get_tensor(k)
+                    for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+                }
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{path}: could not read the safetensors data ({err})") from err
-        _check_values(path, state)
+        _check_values(path, {k: v for k, v in state.items() if not v.is_meta})
         return state, metadata
     if suffix not in (".ckpt", ".pt", ".pth"):
         raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
@@ -268,4 +289,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         )
     _refuse_other_families(path, state)
     _check_values(path, state)
+    if skip:
+        state = {k: v.to("meta") if k.startswith(skip) else v for k, v in state.items()}
     return state, {}

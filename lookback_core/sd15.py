@@ -26,6 +26,7 @@ from .checkpoint_file import (
     SHOWN,
     TEXT_PREFIX,
     UNET_PREFIX,
+    VAE_ENCODER_PREFIXES,
     CheckpointError,
     checkpoint_header,
     part_elements,
@@ -62,8 +63,8 @@ class SD15Components:
     """The parts of an SD1.5 checkpoint, as diffusers and transformers models."""
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    vae: AutoencoderKL  # its encoder and quant_conv None when loaded without (load_sd15)
+    text_encoder: CLIPTextModel | None  # None when loaded without (load_sd15)
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     path: Path
@@ -299,8 +300,11 @@ def _load_diffusers_model(
         raise CheckpointError(f"{path}: {source} cannot be built ({type(err).__name__}: {err})") from None
     _check_fits(path, cls.__name__, source, converted, model.state_dict())
     # Cast before assigning: diffusers' Module.to(dtype) warns about fp32-pinned modules it has none of.
+    # (Weights left unread, load_sd15's skipped parts, stay on the meta device.)
     model.load_state_dict(
-        {k: v.to(device=device, dtype=dtype) for k, v in converted.items()}, strict=True, assign=True
+        {k: v.to(dtype=dtype) if v.is_meta else v.to(device=device, dtype=dtype) for k, v in converted.items()},
+        strict=True,
+        assign=True,
     )
     return model.eval()
 
@@ -346,8 +350,14 @@ def load_sd15(
     config_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    vae_encoder: bool = True,
+    text_encoder: bool = True,
 ) -> SD15Components:
     """Load an SD1.5 single-file checkpoint into diffusers/transformers models, fully offline.
+
+    ``vae_encoder=False`` and ``text_encoder=False`` leave those parts out: their weights are not
+    read from a ``.safetensors`` file, the VAE's ``encoder`` and ``quant_conv`` are ``None`` and
+    so is ``text_encoder`` (a trainer whose latents and captions are cached needs neither).
 
     ``config_dir`` is a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``,
     ``tokenizer/``, ``scheduler/``). Without it, a checkpoint that carries its own model configs
@@ -360,18 +370,25 @@ def load_sd15(
     path = Path(path)
     if config_dir is not None:
         ModelConfigs.from_folder(Path(config_dir))  # a bad folder is named before the file is read
-    state, metadata = read_checkpoint(path)
+    skip = (*(() if vae_encoder else VAE_ENCODER_PREFIXES), *(() if text_encoder else (TEXT_PREFIX,)))
+    state, metadata = read_checkpoint(path, skip)
     configs = ModelConfigs.for_checkpoint(
         path, None if config_dir is None else Path(config_dir), metadata, part_elements(state)
     )
     unet = _load_diffusers_model(path, UNet2DConditionModel, configs, "unet", state, device, dtype)
     vae = _load_diffusers_model(path, AutoencoderKL, configs, "vae", state, device, dtype)
-    text_encoder = _load_text_encoder(path, configs, state)
+    if not vae_encoder:  # built on the meta device from the unread weights' shapes: dropped
+        vae.encoder = vae.quant_conv = None
+    text = (
+        _load_text_encoder(path, configs, state).to(device=device, dtype=dtype).eval()
+        if text_encoder
+        else None
+    )
     tokenizer = CLIPTokenizer.from_pretrained(configs.folder / "tokenizer", local_files_only=True)
     return SD15Components(
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder.to(device=device, dtype=dtype).eval(),
+        text_encoder=text,
         tokenizer=tokenizer,
         scheduler_config=dict(configs.scheduler),
         path=path,

@@ -31,7 +31,7 @@ from lookback_core.weights import (
     save_temporal_weights,
 )
 from training import checkpoints
-from training.cache import encoder_fingerprint
+from training.cache import checkpoint_fingerprint
 from training.data import collate, discover_samples
 from training.objective import hybrid_noisy_latents, lookback_loss, motion_weights, timestep_weights
 from training.train import main as train_main
@@ -448,8 +448,8 @@ def test_data_sources_and_skipped_samples(setup, tmp_path) -> None:
 def test_stride_follows_fps_when_a_reference_fps_is_given(tmp_path) -> None:
     write_video(toy_frames(0, frames=30, size=40), tmp_path / "fast.mp4", fps=16)
     plain, scaled = square_dataset(tmp_path), square_dataset(tmp_path, reference_fps=8)
-    assert plain._read(plain.items[0], 0)[2] == 2
-    assert scaled._read(scaled.items[0], 0)[2] == 4
+    assert plain.locate(plain.items[0], 0)[1] == 2
+    assert scaled.locate(scaled.items[0], 0)[1] == 4
 
 
 def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
@@ -461,14 +461,15 @@ def test_latent_cache_is_used_on_the_second_epoch(setup, tmp_path) -> None:
     assert entry["latents"].shape == (4, 4, 4, 4) and entry["text"].shape == (77, 32)
 
 
-def test_latent_cache_folder_changes_with_the_latent_scale(setup) -> None:
+def test_latent_cache_folder_changes_with_the_latent_scale(setup, tmp_path) -> None:
     """Latents cached at one VAE scaling factor are never reused at another."""
-    from lookback_core.sd15 import load_sd15
+    import shutil
 
-    components = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
-    before = encoder_fingerprint(components.vae, components.text_encoder)
-    components.vae.register_to_config(scaling_factor=0.779)
-    assert encoder_fingerprint(components.vae, components.text_encoder) != before
+    config_dir = shutil.copytree(setup["config_dir"], tmp_path / "configs")
+    vae_config = config_dir / "vae" / "config.json"
+    before = checkpoint_fingerprint(setup["checkpoint"], config_dir, torch.float32)
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.779}))
+    assert checkpoint_fingerprint(setup["checkpoint"], config_dir, torch.float32) != before
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(

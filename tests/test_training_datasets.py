@@ -293,3 +293,18 @@ def test_the_example_dataset_config_is_valid_where_its_folders_exist(tmp_path, m
     assert (phone.num_frames, phone.repeats, phone.reference_fps) == ((16, 32), 4, 24.0)
     assert (landscape.resolution, landscape.caption_extension) == ((256, 384), ".caption")
     assert all(spec.buckets for spec in (webvid, phone, landscape))
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_each_process_gets_whole_one_bucket_batches_from_accelerates_sharding(processes) -> None:
+    """Several processes: accelerate's shard of the batches (what ``prepare`` wraps the loader's
+    batch sampler in) deals out whole batches and pads the last round with whole ones too."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    buckets = ["a"] * 7 + ["b"] * 3 + ["c"] * 2
+    sampler = BucketBatchSampler(buckets, batch_size=2, seed=0)
+    shards = [list(BatchSamplerShard(sampler, processes, rank)) for rank in range(processes)]
+    assert len({len(shard) for shard in shards}) == 1  # every process takes the same number of steps
+    dealt = [batch for shard in shards for batch in shard]
+    assert all(len(batch) == 2 and len({buckets[i] for i in batch}) == 1 for batch in dealt)
+    assert set().union(*dealt) == set(range(len(buckets)))

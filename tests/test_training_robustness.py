@@ -25,7 +25,7 @@ from lookback_core.weights import read_temporal_header
 from training import checkpoints
 from training.args import parse_args
 from training.buckets import Bucket
-from training.cache import encoder_fingerprint
+from training.cache import checkpoint_fingerprint
 from training.data import Sample, clip_key, collate, discover_samples
 from training.train import main as train_main
 
@@ -231,19 +231,30 @@ def test_ablation_flags_shape_the_trained_modules(setup, tmp_path) -> None:
         parse_args(train_args(setup, out, "--lookback_depth", "0"))
 
 
-def test_the_latent_cache_is_keyed_on_the_encoders_and_the_caption(setup) -> None:
-    from lookback_core.sd15 import load_sd15
+def test_the_latent_cache_is_keyed_on_the_encoders_and_the_caption(setup, tmp_path) -> None:
+    """The cache's folder: the VAE's and text encoder's weights as the file holds them, and the dtype
+    they encode in; a backbone trained on (another UNet in the same file) keeps the cache."""
+    from safetensors.torch import save_file
+
+    from lookback_core.checkpoint_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
     from lookback_core.tiny import write_tiny_sd15_checkpoint
 
-    a = load_sd15(setup["checkpoint"], config_dir=setup["config_dir"])
-    other = write_tiny_sd15_checkpoint(
-        setup["root"] / "other.safetensors", config_dir=setup["config_dir"], seed=9
-    )
-    b = load_sd15(other, config_dir=setup["config_dir"])
-    assert encoder_fingerprint(a.vae, a.text_encoder) == encoder_fingerprint(a.vae, a.text_encoder)
-    assert encoder_fingerprint(a.vae, a.text_encoder) != encoder_fingerprint(b.vae, a.text_encoder)
-    assert encoder_fingerprint(a.vae, a.text_encoder) != encoder_fingerprint(a.vae, b.text_encoder)
-    assert encoder_fingerprint(a.vae) != encoder_fingerprint(a.vae.half())
+    checkpoint, config_dir = setup["checkpoint"], setup["config_dir"]
+    state = load_file(checkpoint)
+
+    def fingerprint_changed(prefix: str) -> str:
+        name = next(k for k in sorted(state) if k.startswith(prefix) and state[k].is_floating_point())
+        changed = tmp_path / f"{prefix.split('.')[0]}.safetensors"
+        save_file({**state, name: state[name] + 0.5}, changed)
+        return checkpoint_fingerprint(changed, config_dir, torch.float32)
+
+    same = checkpoint_fingerprint(checkpoint, config_dir, torch.float32)
+    assert checkpoint_fingerprint(checkpoint, config_dir, torch.float32) == same
+    assert fingerprint_changed(VAE_PREFIX) != same and fingerprint_changed(TEXT_PREFIX) != same
+    assert fingerprint_changed(UNET_PREFIX) == same
+    assert checkpoint_fingerprint(checkpoint, config_dir, torch.bfloat16) != same
+    other = write_tiny_sd15_checkpoint(tmp_path / "other.safetensors", config_dir=config_dir, seed=9)
+    assert checkpoint_fingerprint(other, config_dir, torch.float32) != same
     sample = Sample(Path("clip.mp4"))
     key = clip_key(sample, "a cat", 0, 2, Bucket(32, 32, 4))
     assert key != clip_key(sample, "a dog", 0, 2, Bucket(32, 32, 4))

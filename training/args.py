@@ -144,8 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="if set, --frame_stride is meant at this fps and is scaled to each video's fps",
     )  # fmt: skip
     data.add_argument(
-        "--cache_dir", default=None, help="cache VAE latents and text embeddings here (one clip per video)"
-    )
+        "--cache_dir", default=None,
+        help="cache VAE latents and text embeddings here; filled as clips come, or first by --cache_only",
+    )  # fmt: skip
+    data.add_argument(
+        "--cache_only", action="store_true",
+        help="the cache step: encode every clip window of the data (and the empty caption, the validation prompts "
+        "and images) into --cache_dir, then stop; a run of the same settings then trains from the cache without "
+        "loading the VAE encoder or the text encoder (docs/training.md#the-cache-step)",
+    )  # fmt: skip
+    data.add_argument(
+        "--cache_clips_per_video", type=int, default=1,
+        help="with --cache_dir: clip windows cached per video and resolution and frame count; epoch e takes "
+        "window (e + i) %% N of item i (default 1: the centre clip)",
+    )  # fmt: skip
+    data.add_argument(
+        "--cache_windows", choices=("spread", "random"), default="spread",
+        help="the windows' starts: spread evenly over the video, or drawn once from --seed (default spread)",
+    )  # fmt: skip
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     opt = p.add_argument_group("optimisation")
@@ -289,6 +305,7 @@ NUMBER_RULES = {
     "num_frames": NUMBERS["frames_at_once"],
     "resolution": at_least(8),
     "frame_stride": at_least(1),
+    "cache_clips_per_video": at_least(1),
     "reference_fps": (lambda v: v > 0, "> 0"),
     "dataloader_num_workers": at_least(0),
     "train_batch_size": NUMBERS["batch_size"],
@@ -429,6 +446,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(f"--context_frames: {err}")
     _check_data(parser, args)
+    if args.cache_dir is None:
+        for flag, given in (
+            ("cache_only", args.cache_only),
+            ("cache_clips_per_video", args.cache_clips_per_video != 1),
+        ):
+            if given:
+                parser.error(f"--{flag} is about the latent cache: add --cache_dir")
     try:
         check_recommended_sampler(recommended_sampler(args))
     except ValueError as err:

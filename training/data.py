@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,30 @@ class ClipItem:
     bucket: Bucket
     dataset: DatasetSpec
 
+    @property
+    def name(self) -> str:
+        """Stable across processes and runs: what the cache step's manifest lists it by."""
+        text = json.dumps(
+            [str(self.sample.path.resolve()), asdict(self.bucket), asdict(self.dataset)], default=str
+        )
+        return hashlib.sha1(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClipWindows:
+    """With a latent cache, the clips a video gives: ``count`` windows, their starts spread evenly
+    over the video (``spread``; one window: the centre) or drawn once from the seed (``random``).
+    Epoch ``e`` takes item ``i``'s window ``(e + i) % count``, so the epochs see different clips."""
+
+    count: int = 1
+    mode: str = "spread"
+
+    def start(self, total: int, span: int, seed: int, item: ClipItem, window: int) -> int:
+        room = total - span
+        if self.mode == "random":
+            return random.Random(f"{seed}|{item.sample.path.resolve()}|{window}").randint(0, room)
+        return room // 2 if self.count == 1 else round(window * room / (self.count - 1))
+
 
 def _stride(dataset: DatasetSpec, fps: float) -> int:
     """The dataset's frame stride, scaled to a video's ``fps`` when it names a reference fps."""
@@ -198,17 +223,34 @@ def clip_items(datasets: list[DatasetSpec]) -> tuple[list[ClipItem], list[tuple[
     return items, left_out
 
 
+class CacheGone(RuntimeError):
+    """A cache entry the cache step's manifest lists is no longer there."""
+
+
 class VideoClipDataset(Dataset):
     """Clips as ``{"pixels": [f, 3, h, w] in [-1, 1], "caption", "key", "skipped"}``, item ``i`` in
-    bucket ``items[i].bucket``."""
+    bucket ``items[i].bucket``; from a complete cache (``cache`` and its ``manifest``) as
+    ``{"latents", "text", ...}`` instead, without opening a video.
 
-    def __init__(self, items: list[ClipItem], *, seed: int = 0, fixed_clips: bool = False) -> None:
+    ``windows``: the clips each video gives (:class:`ClipWindows`, with a cache); ``None``: a
+    start drawn from (seed, epoch, index) each epoch."""
+
+    def __init__(
+        self,
+        items: list[ClipItem],
+        *,
+        seed: int = 0,
+        windows: ClipWindows | None = None,
+        cache=None,  # training.cache.LatentCache, with manifest
+        manifest: dict[str, list[str]] | None = None,
+    ) -> None:
         if not items:
             raise ValueError("no clips to train on: every video was too short, too small or unreadable")
         self.items = items
         self.seed = seed
         self.epoch = 0
-        self.fixed_clips = fixed_clips  # one clip per video (the centre one), as the cache needs
+        self.windows = windows
+        self.cache, self.manifest = cache, manifest
         self._peers: dict[Bucket, list[int]] = {}  # each bucket's items, to skip to the next of them
         for index, item in enumerate(items):
             self._peers.setdefault(item.bucket, []).append(index)
@@ -225,30 +267,50 @@ class VideoClipDataset(Dataset):
         """Clip starts are drawn from (seed, epoch, index): reproducible, and the same after resume."""
         self.epoch = epoch
 
-    def _read(self, item: ClipItem, index: int) -> tuple[np.ndarray, int, int]:
+    def locate(self, item: ClipItem, index: int, window: int | None = None) -> tuple[int, int]:
+        """The ``(start, stride)`` of item ``items[index]``'s clip this epoch (or of its cache
+        ``window``), from the video's container or the frame files' count; raises ClipTooShort."""
         sample, frames_wanted = item.sample, item.bucket.frames
         if sample.is_frame_folder:
-            files = _frame_files(sample.path)
-            total, stride = len(files), item.dataset.frame_stride
+            total, stride = len(_frame_files(sample.path)), item.dataset.frame_stride
         else:
             info = video_info(sample.path)
             total, stride = info.frames, _stride(item.dataset, info.fps)
         span = (frames_wanted - 1) * stride + 1
         if total < span:
             raise ClipTooShort(f"{sample.path}: {total} frames, a clip needs {span}")
-        if self.fixed_clips:
-            start = (total - span) // 2
-        else:
-            start = random.Random(f"{self.seed}|{self.epoch}|{index}").randint(0, total - span)
-        indices = [start + i * stride for i in range(frames_wanted)]
-        if sample.is_frame_folder:
+        if self.windows is not None:
+            window = (self.epoch + index) % self.windows.count if window is None else window
+            return self.windows.start(total, span, self.seed, item, window), stride
+        return random.Random(f"{self.seed}|{self.epoch}|{index}").randint(0, total - span), stride
+
+    def decode(self, item: ClipItem, start: int, stride: int) -> torch.Tensor:
+        """The clip's frames ``[f, 3, h, w]`` in [-1, 1], fitted to its bucket."""
+        indices = [start + i * stride for i in range(item.bucket.frames)]
+        if item.sample.is_frame_folder:
+            files = _frame_files(item.sample.path)
             try:
                 frames = np.stack([_read_rgb(files[i]) for i in indices])
             except (OSError, ValueError) as err:  # unreadable images, or frames of different sizes
-                raise VideoReadError(sample.path, str(err)) from None
+                raise VideoReadError(item.sample.path, str(err)) from None
         else:
-            frames = read_frames(sample.path, indices)
-        return frames, start, stride
+            frames = read_frames(item.sample.path, indices)
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+        video, _ = fit_to_multiple(video, width=item.bucket.width, height=item.bucket.height, min_size=8)
+        return video * 2 - 1
+
+    def _cached(self, item: ClipItem, index: int) -> dict | None:
+        keys = self.manifest.get(item.name) if self.manifest is not None else None
+        if not keys:
+            return None
+        key = keys[(self.epoch + index) % len(keys)]
+        entry = self.cache.get(key)
+        if entry is None:
+            raise CacheGone(
+                f"the cache entry {key} of {item.sample.path} is gone from {self.cache.folder}; run the cache "
+                "step again (--cache_only): it encodes only what is missing"
+            )
+        return {"latents": entry["latents"], "text": entry["text"], "key": key}
 
     def __getitem__(self, index: int) -> dict:
         skipped: list[tuple[str, str]] = []
@@ -260,20 +322,24 @@ class VideoClipDataset(Dataset):
             except ValueError:
                 skipped.append((str(item.sample.path), "unreadable caption"))
                 continue
+            if self.manifest is not None:
+                cached = self._cached(item, index)
+                if cached is None:  # the cache step found no clip in it
+                    skipped.append((str(item.sample.path), "too short or unreadable (cache step)"))
+                    continue
+                return {**cached, "caption": caption, "skipped": skipped}
             try:
-                frames, start, stride = self._read(item, index)
+                start, stride = self.locate(item, index)
+                pixels = self.decode(item, start, stride)
             except (ClipTooShort, VideoReadError, OSError, ValueError) as err:
                 skipped.append(
                     (str(item.sample.path), "too short" if isinstance(err, ClipTooShort) else "unreadable")
                 )
                 continue
-            video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-            bucket = item.bucket
-            video, _ = fit_to_multiple(video, width=bucket.width, height=bucket.height, min_size=8)
             return {
-                "pixels": video * 2 - 1,
+                "pixels": pixels,
                 "caption": caption,
-                "key": clip_key(item.sample, caption, start, stride, bucket),
+                "key": clip_key(item.sample, caption, start, stride, item.bucket),
                 "skipped": skipped,
             }
         bucket = self.items[index].bucket
@@ -285,8 +351,12 @@ class VideoClipDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
+    """A batch: the clips' ``pixels`` stacked, or (from a complete cache) their ``latents`` and ``text``."""
+    cached = "latents" in items[0]
+    tensors = ("latents", "text") if cached else ("pixels",)
     return {
-        "pixels": torch.stack([item["pixels"] for item in items]),
+        **{name: torch.stack([item[name] for item in items]) for name in tensors},
+        "frames": sum(item["latents"].shape[1] if cached else item["pixels"].shape[0] for item in items),
         "captions": [item["caption"] for item in items],
         "keys": [item["key"] for item in items],
         "skipped": [s for item in items for s in item["skipped"]],

@@ -53,7 +53,8 @@ from lookback_core.weights import (  # noqa: E402
 from training import checkpoints, run_config  # noqa: E402
 from training.args import build_parser, datasets, module_config, parse_args  # noqa: E402
 from training.buckets import BucketBatchSampler, bucket_table  # noqa: E402
-from training.cache import LatentCache, encoder_fingerprint  # noqa: E402
+from training.cache import Encoders, LatentCache  # noqa: E402
+from training.cache_step import clip_windows, fill_cache, open_cache  # noqa: E402
 from training.data import VideoClipDataset, clip_items, collate  # noqa: E402
 from training.dataset_config import DATASETS_NAME, DatasetSpec, resolved_toml  # noqa: E402
 from training.objective import lookback_loss, timestep_weights  # noqa: E402
@@ -117,7 +118,9 @@ def trackers(report_to: str) -> list[str]:
 
 def _encode_batch(batch: dict, components, cache: LatentCache | None, device, weight_dtype):
     """VAE latents ``[b, c, f, h, w]`` and caption embeddings (of the frozen text encoder), from the
-    cache where possible."""
+    cache where possible (a batch from a complete cache holds them already)."""
+    if "latents" in batch:
+        return batch["latents"].to(device), batch["text"].to(device)
     latents, texts = [], []
     for pixels, caption, key in zip(batch["pixels"], batch["captions"], batch["keys"], strict=True):
         entry = cache.get(key) if cache is not None else None
@@ -260,6 +263,7 @@ class Run:
     noise_scheduler: DDPMScheduler
     draw_weights: torch.Tensor | None  # the timestep bias (None: uniform)
     cache: LatentCache | None
+    encoders: Encoders  # the VAE encoder and text encoder, or the cache step's entries (validation)
     empty_text: torch.Tensor  # the empty caption's embedding, for text dropout
     weight_dtype: torch.dtype
     facts: dict  # what the weights record about the training (training.saver.RunSaver)
@@ -350,11 +354,12 @@ def _build_model(
             )
         model = create_lookback_unet(components.unet, config)
     components.vae.requires_grad_(False)
-    components.text_encoder.requires_grad_(args.train_text_encoder)
+    if components.text_encoder is not None:  # None: the captions come from a complete cache
+        components.text_encoder.requires_grad_(args.train_text_encoder)
     model.unet.requires_grad_(args.train_backbone)
     if weight_dtype != torch.float32:
         components.vae.to(dtype=weight_dtype)
-        if not args.train_text_encoder:
+        if components.text_encoder is not None and not args.train_text_encoder:
             components.text_encoder.to(dtype=weight_dtype)
         if not args.train_backbone:
             model.unet.to(dtype=weight_dtype)
@@ -437,7 +442,23 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
         logger.warning("left out %s: %s", path, reason)
     if len(left_out) > 20:
         logger.warning("left out %d more videos (%d in all)", len(left_out) - 20, len(left_out))
-    dataset = VideoClipDataset(items, seed=args.seed, fixed_clips=args.cache_dir is not None)
+    weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
+    cache, settings, manifest = (
+        open_cache(args, specs, weight_dtype) if args.cache_dir else (None, None, None)
+    )
+    if cache is not None and manifest is None:
+        logger.info(
+            "the cache %s holds no finished cache step of these settings (%s): clips are encoded as they come. "
+            "Run the same command with --cache_only first to train without the VAE encoder and the text encoder",
+            cache.folder, settings,
+        )  # fmt: skip
+    dataset = VideoClipDataset(
+        items,
+        seed=args.seed,
+        windows=clip_windows(args),
+        cache=cache,
+        manifest=manifest and manifest["clips"],
+    )
     logger.info("%d clips per epoch in %d buckets:\n%s", len(dataset), len(set(dataset.buckets)),
                 bucket_table(dataset.buckets, args.train_batch_size))  # fmt: skip
     check_validation_inputs(args, accelerator.device)
@@ -447,11 +468,19 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
         if args.dataset_config:
             write_text(output_dir / DATASETS_NAME, resolved_toml(specs))
 
-    weight_dtype = dtype_named(accelerator.mixed_precision, default=torch.float32)  # "no": fp32
-    components = load_sd15(args.pretrained_model, config_dir=args.config_dir, device=accelerator.device)
+    # a complete cache holds every clip's latents and caption: neither encoder is loaded (the text
+    # encoder is, when it trains)
+    components = load_sd15(
+        args.pretrained_model, config_dir=args.config_dir, device=accelerator.device,
+        vae_encoder=manifest is None, text_encoder=manifest is None or args.train_text_encoder,
+    )  # fmt: skip
+    if manifest is not None:
+        logger.info("training from the cache step's clips in %s: the VAE encoder and text encoder are not loaded",
+                    cache.folder)  # fmt: skip
     model = _build_model(args, components, accelerator.device, weight_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable += [p for p in components.text_encoder.parameters() if p.requires_grad]
+    if args.train_text_encoder:
+        trainable += [p for p in components.text_encoder.parameters() if p.requires_grad]
     rng = torch.Generator(accelerator.device).manual_seed(args.seed + accelerator.process_index)
 
     batches = BucketBatchSampler(dataset.buckets, args.train_batch_size, args.seed)
@@ -484,11 +513,13 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
     if math.ceil(len(loader) / args.gradient_accumulation_steps) != updates_per_epoch:
         raise RuntimeError(f"{len(loader)} batches per process after sharding, expected {updates_per_epoch}")
     lookback = accelerator.unwrap_model(prepared)
-    text_encoder = accelerator.unwrap_model(components.text_encoder)
     # the EMA follows every trained weight: the temporal modules and, with --train_backbone, the UNet
     # (and with --train_text_encoder the text encoder)
     trained = [p for p in lookback.parameters() if p.requires_grad]
-    trained += [p for p in text_encoder.parameters() if p.requires_grad]
+    if args.train_text_encoder:
+        trained += [
+            p for p in accelerator.unwrap_model(components.text_encoder).parameters() if p.requires_grad
+        ]
     averaged = AveragedWeights(trained, args.ema_decay if args.use_ema else None, accelerator.device)
 
     noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
@@ -502,19 +533,14 @@ def prepare(args, accelerator: Accelerator, parser) -> Run:
         num_timesteps, args.timestep_bias_strategy, args.timestep_bias_multiplier,
         args.timestep_bias_portion, args.timestep_bias_begin, args.timestep_bias_end,
     )  # fmt: skip
-    cache = (
-        LatentCache(args.cache_dir, encoder_fingerprint(components.vae, components.text_encoder))
-        if args.cache_dir
-        else None
-    )
-    empty_text = encode_prompt(components.tokenizer, components.text_encoder, [""], accelerator.device)[
-        0
-    ].float()
+    encoders = Encoders(components, cache)
+    empty_text = encoders.prompts([""], accelerator.device)[0].float()
     facts = _training_facts(args, accelerator, components, rates, batch_scale, draw_weights, parser, specs)
     return Run(
         accelerator=accelerator, model=prepared, lookback=lookback, components=components, dataset=dataset,
         batches=batches, loader=loader, optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, averaged=averaged,
-        rng=rng, noise_scheduler=noise_scheduler, draw_weights=draw_weights, cache=cache, empty_text=empty_text,
+        rng=rng, noise_scheduler=noise_scheduler, draw_weights=draw_weights, cache=cache, encoders=encoders,
+        empty_text=empty_text,
         weight_dtype=weight_dtype, facts=facts, updates_per_epoch=updates_per_epoch, max_steps=max_steps,
         epochs=math.ceil(max_steps / updates_per_epoch),
     )  # fmt: skip
@@ -561,7 +587,7 @@ def _validate(args, run: Run, metrics: MetricsLog, step: int) -> None:
         run.model.eval()
         with run.averaged.in_model():
             result = run_validation(
-                args, run.lookback, run.components, Path(args.output_dir) / "validation", step
+                args, run.lookback, run.components, Path(args.output_dir) / "validation", step, run.encoders
             )
         run.model.train()
         metrics(step, result)
@@ -593,8 +619,8 @@ def train(args) -> Path:
     set_seed(args.seed)
     parser = build_parser()  # the flags' groups, for the resolved config and the recorded settings
     run = prepare(args, accelerator, parser)
-    saver = RunSaver(args, accelerator, run.lookback, accelerator.unwrap_model(run.components.text_encoder),
-                     run.averaged, run.rng, run.facts)  # fmt: skip
+    text_encoder = accelerator.unwrap_model(run.components.text_encoder) if args.train_text_encoder else None
+    saver = RunSaver(args, accelerator, run.lookback, text_encoder, run.averaged, run.rng, run.facts)
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -642,7 +668,7 @@ def train(args) -> Path:
                 _optimise(args, run, loss)
             loss_sum, loss_count = loss_sum + loss.detach().item(), loss_count + 1
             samples_seen += len(batch["keys"]) * accelerator.num_processes
-            frames_seen += batch["pixels"].shape[0] * batch["pixels"].shape[1] * accelerator.num_processes
+            frames_seen += batch["frames"] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             run.averaged.step()
@@ -689,6 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with sigterm_as_exit():  # a stopped run removes the files it was writing
+            if args.cache_only:
+                logging.basicConfig(
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+                )
+                manifest = fill_cache(args, _accelerator(args, Path(args.output_dir), []))
+                print(f"cache manifest: {manifest}")
+                return 0
             weights = train(args)
     except NonFiniteLoss as err:
         logger.error("%s", err)

@@ -10,14 +10,14 @@ from einops import rearrange
 
 from lookback_core.image_prep import fit_to_multiple, load_image
 from lookback_core.metrics import ClipImageFeatures, isim_curve, isim_summary, latent_features
-from lookback_core.pipeline import decode_latents, encode_image_latent
-from lookback_core.prompts import encode_prompt
+from lookback_core.pipeline import decode_latents
 from lookback_core.sampler import SamplerSettings, sample_video
 from lookback_core.sd15 import SD15Components
 from lookback_core.temporal_unet import LookBackUNet
 from lookback_core.video_io import write_video
 from training.args import recommended_sampler
 from training.buckets import bucket_for
+from training.cache import Encoders
 from training.dataset_config import read_dataset_config
 
 
@@ -89,7 +89,7 @@ def check_validation_inputs(args, device: torch.device | None = None) -> None:
 
 @torch.no_grad()
 def run_validation(
-    args, model: LookBackUNet, components: SD15Components, folder: Path, step: int
+    args, model: LookBackUNet, components: SD15Components, folder: Path, step: int, inputs: Encoders
 ) -> dict[str, float]:
     """Write ``folder/step-<step>.mp4`` (the pairs' videos side by side, in rows of up to
     :data:`GRID_COLUMNS`) and, for several pairs, each alone as ``folder/step-<step>/<k>.mp4``;
@@ -100,7 +100,7 @@ def run_validation(
     clip = ClipImageFeatures(args.isim_clip_model, device) if args.isim_clip_model else None  # once a step
     videos, figures = [], []
     for image_path, prompt in zip(args.validation_image, args.validation_prompt, strict=True):
-        frames, isim = _validation_video(args, model, components, image_path, prompt, clip)
+        frames, isim = _validation_video(args, model, components, inputs, image_path, prompt, clip)
         videos.append(frames)
         figures.append(isim)
     if len(videos) > 1:
@@ -137,6 +137,7 @@ def _validation_video(
     args,
     model: LookBackUNet,
     components: SD15Components,
+    inputs: Encoders,
     image_path: str,
     prompt: str,
     clip: ClipImageFeatures | None,
@@ -148,8 +149,8 @@ def _validation_video(
     image = load_image(image_path)
     width, height = validation_size(args, image.shape[-1], image.shape[-2])
     image, _ = fit_to_multiple(image, width=width, height=height, min_size=8)
-    z0 = encode_image_latent(components.vae, image).to(dtype)
-    texts = encode_prompt(components.tokenizer, components.text_encoder, [prompt, ""], device)
+    z0 = inputs.image_latent(image_path, image).to(device, dtype)
+    texts = inputs.prompts([prompt, ""], device)
     settings = SamplerSettings(**recommended_sampler(args), seed=args.seed)
     latents = sample_video(
         model,
