@@ -50,3 +50,30 @@ def test_training_step_profile_groups_the_time_and_compares_the_anchor(tmp_path)
     assert re.search(r"without the first-frame anchor \d+ ms, with it \d+ ms \([\d.]+x\)", out), out
     data = json.loads(report.read_text())
     assert data["batch"] == 1 and set(data["step_s"]) == {"no_anchor", "anchor"}
+
+
+def test_cache_memory_benchmark_loads_less_without_the_encoders(tmp_path) -> None:
+    from lookback_core.tiny import tiny_config_dir
+
+    configs = tiny_config_dir(tmp_path / "configs")
+    out = _run(
+        "cache_memory.py", "--work", str(tmp_path), "--configs", str(configs), "--frames", "2", "--size", "32"
+    )
+    report = json.loads(out[: out.rindex("}") + 1])
+    full, cached = report["modes"]["encoders loaded"], report["modes"]["from a complete cache"]
+    assert full["loaded_mib"] > 0 and cached["loaded_mib"] > 0 and "encode_peak_mib" not in cached
+    assert full["encode_peak_mib"] >= full["loaded_mib"]
+    assert re.search(
+        r"resident after loading: \d+ MiB with the encoders, \d+ without \(-?\d+ MiB saved\)", out
+    ), out
+
+
+def test_ablation_step_benchmark_builds_each_variant_as_its_flags_do() -> None:
+    out = _run("ablation_steps.py", "--batch", "1", "--frames", "2", "--rounds", "1", "--threads", "1", "--variants",
+               "look-back + adapter (paper)", "temporal attention (AnimateDiff-style)")  # fmt: skip
+    rows = dict(re.findall(r"^\| (.+?) \| ([\d.]+) M \| \d+ \([\d.]+x\) \|$", out, re.M))
+    assert set(rows) == {"look-back + adapter (paper)", "temporal attention (AnimateDiff-style)"}, out
+    assert re.search(r"^\| look-back \+ adapter \(paper\) \| [\d.]+ M \| \d+ \(1\.00x\) \|$", out, re.M), out
+    assert (
+        rows["look-back + adapter (paper)"] != rows["temporal attention (AnimateDiff-style)"]
+    )  # other modules
