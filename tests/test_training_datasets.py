@@ -18,7 +18,7 @@ from toy_clips import shaped_frames
 from lookback_core.video_io import video_info, write_video
 from lookback_core.weights import read_temporal_header
 from training import checkpoints
-from training.args import parse_args
+from training.args import build_parser, parse_args
 from training.buckets import STEP, Bucket, BucketBatchSampler, bucket_for, bucket_sizes
 from training.data import VideoClipDataset, clip_items, collate
 from training.dataset_config import DATASETS_NAME, read_dataset_config
@@ -308,3 +308,26 @@ def test_each_process_gets_whole_one_bucket_batches_from_accelerates_sharding(pr
     dealt = [batch for shard in shards for batch in shard]
     assert all(len(batch) == 2 and len({buckets[i] for i in batch}) == 1 for batch in dealt)
     assert set().union(*dealt) == set(range(len(buckets)))
+
+
+def test_a_run_is_two_toml_files_the_run_naming_its_datasets(setup, tmp_path, shapes) -> None:
+    from training.run_config import resolved_toml
+
+    datasets = _config(tmp_path, shapes)
+    run = tmp_path / "run.toml"
+    run.write_text(f"""
+[model]
+pretrained_model = "{setup["checkpoint"]}"
+config_dir = "{setup["config_dir"]}"
+preset = "light"
+
+[data]
+dataset_config = "{datasets}"
+
+[output]
+output_dir = "{tmp_path / "out"}"
+""")
+    args = parse_args(["--config", str(run)])
+    assert args.dataset_config == str(datasets) and args.train_data_dir is None and args.resolution is None
+    resolved = resolved_toml(args, build_parser())
+    assert f'dataset_config = "{datasets}"' in resolved and "train_data_dir" not in resolved
