@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset_config", default=None,
         help="a TOML file of one or more datasets, each with its own resolutions, frame counts, stride, repeats "
         "and captions, trained in aspect-ratio and frame-count buckets (docs/training.md#dataset-configs); "
-        "instead of the five flags below",
+        "instead of the seven flags below, --train_data_dir to --reference_fps",
     )  # fmt: skip
     data.add_argument(
         "--train_data_dir",
