@@ -53,6 +53,10 @@ def main() -> None:
     parser.add_argument("--config_dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--stop_after", type=int, default=None, help="sharded: save the shards after this step, stop"
+    )
+    parser.add_argument("--resume", default=None, help="sharded: a --stop_after run's --out, to go on from")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -76,8 +80,10 @@ def main() -> None:
     scheduler = DDPMScheduler.from_config(components.scheduler_config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     share = BATCH // HALVES
-    losses = []
-    for step in range(args.steps):
+    losses, first = [], 0
+    if args.resume:
+        first, losses = _load_shards(Path(args.resume), rank, model, optimizer)
+    for step in range(first, args.steps):
         halves = [rank] if world > 1 else range(HALVES)
         total = torch.zeros(())
         for half in halves:
@@ -92,6 +98,10 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total.item())
+        if step + 1 == args.stop_after:
+            _save_shards(Path(args.out), rank, model, optimizer, step + 1, losses)
+            dist.destroy_process_group()
+            return
     if world > 1:
         # Each parameter gathered whole (a collective: every process). Not torch's
         # get_model_state_dict: it runs the modules' state-dict hook, which reshapes the look-back
@@ -115,6 +125,50 @@ def main() -> None:
                 json.dumps({"losses": losses, "world": world, "held": report})
             )
         dist.destroy_process_group()
+
+
+def _save_shards(out: Path, rank: int, model, optimizer, steps: int, losses: list[float]) -> None:
+    """A sharded checkpoint as a trainer could write it: each process its own part of every trained
+    weight and of its AdamW state, in a safetensors file of its own."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            tensors[f"weight/{name}"] = p.to_local().detach().clone()
+            for key, value in optimizer.state[p].items():
+                local = value.to_local() if hasattr(value, "to_local") else value
+                tensors[f"adam/{key}/{name}"] = local.detach().clone().reshape(local.shape)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / f"shard-{rank}.safetensors")
+    (out / f"state-{rank}.json").write_text(json.dumps({"steps": steps, "losses": losses}))
+
+
+def _load_shards(folder: Path, rank: int, model, optimizer) -> tuple[int, list[float]]:
+    """This process's part of :func:`_save_shards`'s checkpoint, into the freshly sharded model and
+    its optimiser; returns the steps done and their losses."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    tensors = load_file(folder / f"shard-{rank}.safetensors")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            p.to_local().copy_(tensors[f"weight/{name}"])
+            state = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                local = tensors[f"adam/{key}/{name}"]
+                state[key] = (
+                    local
+                    if key == "step"
+                    else DTensor.from_local(
+                        local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
+                )
+            optimizer.state[p] = state
+    saved = json.loads((folder / f"state-{rank}.json").read_text())
+    return saved["steps"], saved["losses"]
 
 
 if __name__ == "__main__":
