@@ -173,7 +173,7 @@ def _stride(dataset: DatasetSpec, fps: float) -> int:
     return max(1, round(dataset.frame_stride * fps / dataset.reference_fps))
 
 
-def _size_and_length(sample: Sample) -> tuple[int, int, float]:
+def _size_and_length(sample: Sample) -> tuple[int, int, int, float]:
     """A sample's (width, height, frames, fps), from its container or its frame files (fps 0: unknown)."""
     if sample.is_frame_folder:
         files = _frame_files(sample.path)
@@ -209,7 +209,8 @@ def clip_items(datasets: list[DatasetSpec]) -> tuple[list[ClipItem], list[tuple[
                 continue
             stride = _stride(dataset, fps)
             counts = [n for n in dataset.num_frames if (n - 1) * stride + 1 <= length]
-            sizes = [s for r in dataset.resolution if (s := bucket_for(width, height, r)) is not None]
+            # (two resolutions can give a small video the same bucket of its own size: once)
+            sizes = list(dict.fromkeys(s for r in dataset.resolution if (s := bucket_for(width, height, r))))
             if not counts:
                 needed = (min(dataset.num_frames) - 1) * stride + 1
                 left_out.append(
