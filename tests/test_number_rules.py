@@ -118,7 +118,7 @@ def test_a_validation_video_that_cannot_fit_is_refused_before_the_models_load(se
     iio.imwrite(image, np.zeros((32, 32, 3), dtype=np.uint8))
     args = argparse.Namespace(
         validation_image=[str(image)], isim_clip_model=None, pretrained_model=str(setup["checkpoint"]),
-        resolution=2048, validation_frames=4096, validation_guidance_scale=7.5,
+        resolution=2048, dataset_config=None, validation_frames=4096, validation_guidance_scale=7.5,
     )  # fmt: skip
     with pytest.raises(
         ValueError, match=r"--validation_frames 4096: the validation video \(4096 frames of 2048x2048"
