@@ -410,3 +410,17 @@ def test_replacing_the_unet_or_vae_keeps_everything_else(files, tmp_path, part, 
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(loaded[key], value.half().float())
     assert {v.dtype for k, v in after.items() if k.startswith(prefix)} == {torch.float16}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_loading_without_the_encoders_leaves_them_out_and_the_rest_as_loaded(files, loaded, fmt) -> None:
+    """What a run from a complete latent cache loads: no VAE encoder, no text encoder; the UNet and
+    the VAE's decoder as a full load has them."""
+    parts = load_sd15(files[fmt], config_dir=files["config_dir"], vae_encoder=False, text_encoder=False)
+    assert parts.text_encoder is None and parts.vae.encoder is None and parts.vae.quant_conv is None
+    assert not any(p.is_meta for p in [*parts.unet.parameters(), *parts.vae.parameters()])
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(parts.vae.decode(latent).sample, loaded.vae.decode(latent).sample)
+    state, full = parts.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(state[k], full[k]) for k in full)
