@@ -302,7 +302,10 @@ def _load_diffusers_model(
     # Cast before assigning: diffusers' Module.to(dtype) warns about fp32-pinned modules it has none of.
     # (Weights left unread, load_sd15's skipped parts, stay on the meta device.)
     model.load_state_dict(
-        {k: v.to(dtype=dtype) if v.is_meta else v.to(device=device, dtype=dtype) for k, v in converted.items()},
+        {
+            k: v.to(dtype=dtype) if v.is_meta else v.to(device=device, dtype=dtype)
+            for k, v in converted.items()
+        },
         strict=True,
         assign=True,
     )

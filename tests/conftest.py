@@ -11,7 +11,10 @@ from diffusers import UNet2DConditionModel
 from lookback_core.tiny import TINY_UNET_CONFIG
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not os.environ.get("OMP_NUM_THREADS"):  # set: as asked (one thread beside a long training run)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes (pytest -n): one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes a test starts too, so none oversubscribes the cores
+    torch.set_num_threads(1)
+elif not os.environ.get("OMP_NUM_THREADS"):  # set: as asked (one thread beside a long training run)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -77,6 +77,7 @@ FLOORS = {"frame0_psnr": 29.5, "persistence": 0.9, "direction_accuracy": 0.83, "
 DRIFT_CEILING = 7.0
 
 
+@pytest.mark.xdist_group("toy_guard")  # one process evaluates the 12 clips for both
 def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     summary = lookback_report.summary
     for key, floor in FLOORS.items():
@@ -91,6 +92,7 @@ def test_shipped_toy_model_holds_its_measured_quality(lookback_report) -> None:
     assert max(curve) < 9.5, curve
 
 
+@pytest.mark.xdist_group("toy_guard")  # one process evaluates the 12 clips for both
 def test_the_base_alone_loses_the_image_that_look_back_keeps(reports, lookback_report) -> None:
     """The baseline row: same checkpoint and sampler (colour match included), no look-back
     modules. What the modules add is the image held through the clip (on these clips: 5.7 against

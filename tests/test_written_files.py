@@ -97,6 +97,7 @@ _WRITES = re.compile(
 _ALLOWED = {
     ("training/train.py", 'probe.write_bytes(b"")'): "a probe of a folder's permissions, removed at once",
     ("training/train.py", 'self.path.open("a")'): "the step log, appended line by line",
+    ("toyworld/build.py", 'log.open("a")'): "a trainer's output, appended as it comes",
     ("training/checkpoints.py", "(tmp / STATE_FILE).write_text"): "inside a temporary folder renamed whole",
     ("training/checkpoints.py", "(tmp / COMPLETE_MARKER).write_text"): "the same folder's marker",
     ("lookback_core/video_io.py", "target.write_bytes(data)"): "target is atomic_path's temporary file",
