@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lookback_core.atomic import file_problem
+from training.run_config import read_toml
 
 DATASETS_NAME = "dataset_config.toml"  # the resolved datasets, written into the output folder
 # key -> what it is, as said in errors and docs
@@ -140,16 +139,7 @@ def _unknown(table: dict[str, Any], where: str) -> None:
 def read_dataset_config(path: str) -> list[DatasetSpec]:
     """The datasets of the TOML file at ``path``; raises ValueError naming the file, the dataset and
     the key that is wrong (before any work)."""
-    problem = file_problem(path)
-    if problem:
-        raise ValueError(f"no such file: {path}" if problem == "no such file" else f"{path} {problem}")
-    tomllib = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
-    try:
-        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    table = read_toml(path)
     extra = set(table) - {"general", "datasets"}
     if extra:
         raise ValueError(

@@ -93,10 +93,9 @@ def _flatten(table: dict[str, Any], options: dict, where: str) -> dict[str, Any]
     return settings
 
 
-def config_arguments(path: str, parser: argparse.ArgumentParser, given: set[str] = frozenset()) -> list[str]:
-    """The command-line arguments the TOML file at ``path`` stands for, less the flags ``given`` on
-    the command line (by their names without the dashes: those override the file, a repeatable
-    flag's values included); raises ValueError naming the file and the key that is wrong."""
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML file at ``path`` as a table; raises ValueError naming the file when it is missing, not
+    a file, not UTF-8 or not valid TOML."""
     problem = file_problem(path)
     if problem:
         raise ValueError(f"no such file: {path}" if problem == "no such file" else f"{path} {problem}")
@@ -104,11 +103,18 @@ def config_arguments(path: str, parser: argparse.ArgumentParser, given: set[str]
     # installed (toyworld.base_model), without the trainer's own packages
     tomllib = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
     try:
-        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
+
+
+def config_arguments(path: str, parser: argparse.ArgumentParser, given: set[str] = frozenset()) -> list[str]:
+    """The command-line arguments the TOML file at ``path`` stands for, less the flags ``given`` on
+    the command line (by their names without the dashes: those override the file, a repeatable
+    flag's values included); raises ValueError naming the file and the key that is wrong."""
+    table = read_toml(path)
     options = _options(parser)
     arguments: list[str] = []
     for key, (value, named) in _flatten(table, options, path).items():
