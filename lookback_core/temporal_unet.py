@@ -165,6 +165,12 @@ def create_lookback_unet(unet: nn.Module, config: LookBackConfig) -> LookBackUNe
 def temporal_parameter_count(unet: nn.Module, config: LookBackConfig) -> int:
     """Parameters of the look-back modules ``config`` would attach to ``unet``, counted without
     allocating them (on the meta device)."""
-    config = config.with_channels(site_channels(unet))
+    return module_parameter_count(config.with_channels(site_channels(unet)))
+
+
+def module_parameter_count(config: LookBackConfig) -> int:
+    """Parameters of the look-back modules of ``config`` (its channels given, as a weights file's
+    header gives them), counted on the meta device: the trained ones, not fixed buffers such as
+    temporal attention's positional encodings, which a weights file also holds."""
     with torch.device("meta"):
         return sum(p.numel() for p in TemporalModules(config).parameters())

@@ -26,7 +26,7 @@ from toyworld import build as toybuild
 from toyworld import world
 from toyworld.ablate import ablate
 from toyworld.build import BUDGET_MINUTES, StageMismatch, ToyRecipe, build
-from toyworld.evaluate import EvalJob, bars, evaluate_files
+from toyworld.evaluate import EvalJob, bars, evaluate_files, truth_report
 from toyworld.model import TOY_CHECKPOINT, TOY_WEIGHTS
 from training.train import main as train_main
 
@@ -107,6 +107,17 @@ def test_the_base_alone_loses_the_image_that_look_back_keeps(reports, lookback_r
     assert summary["background_drift"] > 2.5 * lookback_report.summary["background_drift"]
     assert lookback_report.summary["isim_latent_avg"] > 1.4 * summary["isim_latent_avg"]
     assert lookback_report.summary["direction_accuracy"] >= summary["direction_accuracy"] + 0.5
+
+
+def test_the_truth_through_the_vae_scores_what_the_world_makes() -> None:
+    """The ablation's reference row: the world's own clips through the shipped VAE move as the world
+    moves them (2 px per frame, the captioned way, evenly) and keep their background."""
+    truth = truth_report(TOY_CHECKPOINT, 4, split="validation")
+    summary = truth.summary
+    assert summary["direction_accuracy"] == 1.0 and summary["persistence"] > 0.95
+    assert 1.8 < summary["speed"] < 2.2 and 0.8 < summary["frame_jump"] < 1.2
+    assert summary["background_drift"] < 5 and summary["frame0_psnr"] > 28
+    assert truth.isim_curve[0] == pytest.approx(1.0) and min(truth.isim_curve) < 0.9  # the object moves
 
 
 def test_eval_command_reports_and_checks_the_bars(tmp_path, capsys) -> None:
@@ -282,7 +293,13 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
             assert header.training["steps"] == 2
         assert headers[0].training["settings"]["seed"] == 0 and headers[1].training["settings"]["seed"] == 1
     attention = rows[1]
-    assert attention["parameters"] > 0 and attention["step_s"] > 0 and attention["train_s"] >= 0
+    assert attention["step_s"] > 0 and attention["train_s"] >= 0
+    weights = (
+        out / "variants" / "temporal_attention__AnimateDiff_style" / "seed-0" / "lookback_weights.safetensors"
+    )
+    with safe_open(weights, framework="pt") as f:  # the file also holds the positional encodings
+        stored = sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
+    assert 0 < attention["parameters"] < stored
     for match in ("first_frame", "off"):
         direction = attention["figures"][match]["direction_accuracy"]
         assert direction["low"] <= direction["mean"] <= direction["high"]
@@ -293,11 +310,21 @@ def test_toyworld_ablate_smoke(tmp_path, monkeypatch) -> None:
     assert (
         table.count("| causal temporal attention |") == 2
         and "Colour match off" in table
+        and "mean over 2 training seed(s) (base only: one run, it trains nothing)" in table
+        and table.count(f"| {toyablate.TRUTH} |") == 2
         and "parameters" in table
     )
     facts = json.loads((out / "ablation.json").read_text())
     assert facts["split"] == "test" and facts["seeds"] == [0, 1] and facts["recipe"]["lookback_steps"] == 2
     assert len(facts["rows"][0]["curves"]["off"]["drift"]) == world.FRAMES
+    for row in facts["rows"]:  # each run's mean distance from the truth's ISIM curve
+        gap = row["figures"]["off"]["isim_truth_gap"]["mean"]
+        curves = [np.asarray(r["curves"]["off"]["isim"]) for r in row["runs"]]
+        truth_curve = np.asarray(facts["truth"]["curves"]["isim"])
+        assert gap == pytest.approx(np.mean([np.abs(c - truth_curve).mean() for c in curves])) and gap > 0
+    assert (
+        len(facts["truth"]["curves"]["isim"]) == world.FRAMES and facts["truth"]["summary"]["frame0_psnr"] > 0
+    )
     sheet = iio.imread(out / "contact_sheet.png")
     assert sheet.shape[0] == 2 * (len(variants) + 1) * (world.SIZE + 2)  # every variant and the truth
     assert iio.imread(out / "isim.png").shape == iio.imread(out / "drift.png").shape == (420, 720, 3)

@@ -8,8 +8,11 @@ sampler, with the colour match to the first frame on and off. Written to ``out``
 - ``ablation.md`` and ``ablation.json``: per variant the mean over its seeds and the spread (the
   lowest and highest seed), its trainable parameters, step time and training time; each variant's
   difference from the paper's look-back marked where it is larger than both spreads (the seeds'
-  ranges do not overlap);
-- ``isim.png`` and ``drift.png``: ISIM and background drift per frame, one curve per variant;
+  ranges do not overlap); last, the truth through the VAE (:func:`toyworld.evaluate.vae_round_trip`:
+  the test clips themselves, what a perfect model would score; a moving object lowers ISIM, so
+  each variant's ISIM curve is also given as its mean distance from the truth's);
+- ``isim.png`` and ``drift.png``: ISIM and background drift per frame, one curve per variant and
+  the truth's;
 - ``contact_sheet.png``: the first test clip's start image, every variant's frames in rows (its
   first seed), the truth last.
 
@@ -33,6 +36,8 @@ import torch
 from safetensors import safe_open
 
 from lookback_core.atomic import write_image, write_text
+from lookback_core.temporal_unet import module_parameter_count
+from lookback_core.weights import read_temporal_header
 
 from . import world
 from .build import (
@@ -47,7 +52,7 @@ from .build import (
     train_lookback,
     training_seconds,
 )
-from .evaluate import EvalJob, evaluate_files, generate_clip, load_toy_model
+from .evaluate import EvalJob, evaluate_files, generate_clip, load_toy_model, truth_report
 from .pictures import contact_sheet, plot_curves
 
 # An AnimateDiff-style motion module in place of the look-back (lookback_core.temporal_attention)
@@ -83,6 +88,7 @@ STUDY = [
     "causal temporal attention",
 ]
 REFERENCE = "look-back + adapter (paper)"  # what every other row's difference is measured against
+TRUTH = "truth through the VAE"  # the reference row: the test clips themselves, encoded and decoded
 COLOUR_MATCHES = ("first_frame", "off")  # a sampler setting: every variant is measured with both
 COLUMNS = [  # summary key, header, format
     ("frame0_psnr", "frame-0 PSNR (dB)", "{:.1f}"),
@@ -93,6 +99,7 @@ COLUMNS = [  # summary key, header, format
     ("isim_latent_first", "ISIM first", "{:.3f}"),
     ("isim_latent_avg", "ISIM avg", "{:.3f}"),
     ("isim_latent_decay", "ISIM decay", "{:.4f}"),
+    ("isim_truth_gap", "ISIM gap to truth", "{:.3f}"),
     ("frame_jump", "frame 0->1 jump", "{:.2f}"),
 ]
 
@@ -135,15 +142,21 @@ def ablate(
     jobs = [(name, seed) for name in variants for seed in (seeds if VARIANTS[name] else seeds[:1])]
     trained = _trainings(out, base, jobs, recipe, workers)
     runs = {name: [run for run in trained if run["name"] == name] for name in variants}
+    reference = truth_report(base, test_clips, split="test")
+    truth = {
+        "summary": {**reference.summary, "isim_truth_gap": 0.0},
+        "curves": {"isim": reference.isim_curve, "drift": reference.drift_curve},
+    }
     rows = [
-        _row(name, [_evaluated(run, recipe, test_clips, workers) for run in runs[name]]) for name in variants
+        _row(name, [_evaluated(run, recipe, test_clips, workers) for run in runs[name]], reference.isim_curve)
+        for name in variants
     ]
     facts = {
         "commit": commit, "machine": machine(), "recipe": asdict(recipe), "seeds": list(seeds),
         "split": "test", "test_clips": test_clips, "workers": workers,
     }  # fmt: skip
-    write_text(out / "ablation.json", json.dumps({**facts, "rows": rows}, indent=2))
-    table = markdown_table(rows)
+    write_text(out / "ablation.json", json.dumps({**facts, "rows": rows, "truth": truth}, indent=2))
+    table = markdown_table(rows, truth)
     write_text(out / "ablation.md", table + "\n")
     clip = world.make_clip(world.split_seeds("test", 1)[0])
     sheet = {}
@@ -155,12 +168,10 @@ def ablate(
     sheet["truth"] = clip.frames
     write_image(out / "contact_sheet.png", contact_sheet(sheet))
     on = COLOUR_MATCHES[0]
-    write_image(out / "isim.png", plot_curves({r["variant"]: r["curves"][on]["isim"] for r in rows}))
-    write_image(
-        out / "drift.png",
-        plot_curves({r["variant"]: r["curves"][on]["drift"] for r in rows}, "background drift (levels of 255)",
-                    y_max=None),
-    )  # fmt: skip
+    for kind, title, y_max in (("isim", "ISIM (latent) to frame 0", 1.0),
+                               ("drift", "background drift (levels of 255)", None)):  # fmt: skip
+        curves = {r["variant"]: r["curves"][on][kind] for r in rows} | {TRUTH: truth["curves"][kind]}
+        write_image(out / f"{kind}.png", plot_curves(curves, title, y_max=y_max))
     print(table)
     return rows
 
@@ -206,9 +217,8 @@ def _trained(
 
 
 def _parameters(weights: Path) -> int:
-    """The temporal modules' parameters: the weights file's tensor elements."""
-    with safe_open(weights, framework="pt") as f:
-        return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())  # noqa: SIM118
+    """The temporal modules' trained parameters, from the weights file's configuration."""
+    return module_parameter_count(read_temporal_header(weights).config)
 
 
 def _digest(path: Path) -> str:
@@ -235,8 +245,8 @@ def _evaluated(run: dict, recipe: ToyRecipe, test_clips: int, workers: int) -> d
     saved = run["folder"] / "row.json"
     if saved.is_file():
         row = json.loads(saved.read_text())
-        if row.get("key") == key:
-            return row
+        if row.get("key") == key:  # the costs are the run's own, counted again
+            return row | {k: run[k] for k in ("train_s", "step_s", "parameters")}
     sampler = {"steps": recipe.sampler_steps, "cfg_scale": recipe.sampler_cfg_scale}
     jobs = [EvalJob(run["checkpoint"], run["weights"], test_clips, split="test",
                     sampler={**sampler, "colour_match": match}) for match in COLOUR_MATCHES]  # fmt: skip
@@ -252,13 +262,19 @@ def _evaluated(run: dict, recipe: ToyRecipe, test_clips: int, workers: int) -> d
     return row
 
 
-def _row(name: str, runs: list[dict]) -> dict:
-    """A variant's row: each figure's mean over its seeds and its spread (lowest, highest)."""
+def _row(name: str, runs: list[dict], truth_isim: list[float]) -> dict:
+    """A variant's row: each figure's mean over its seeds and its spread (lowest, highest), with
+    each run's ISIM gap to the truth's curve ``truth_isim``."""
     figures = {}
     for match in COLOUR_MATCHES:
         figures[match] = {}
-        for key in runs[0]["summary"][match]:
-            values = [r["summary"][match][key] for r in runs]
+        for key in [*runs[0]["summary"][match], "isim_truth_gap"]:
+            values = [
+                _isim_gap(r["curves"][match]["isim"], truth_isim)
+                if key == "isim_truth_gap"
+                else r["summary"][match][key]
+                for r in runs
+            ]
             figures[match][key] = {"mean": float(np.mean(values)), "low": min(values), "high": max(values)}
     curves = {
         match: {kind: np.mean([r["curves"][match][kind] for r in runs], axis=0).round(4).tolist() for kind in ("isim", "drift")}
@@ -272,6 +288,12 @@ def _row(name: str, runs: list[dict]) -> dict:
     }  # fmt: skip
 
 
+def _isim_gap(curve: list[float], truth: list[float]) -> float:
+    """How far an ISIM curve is from the truth's: the mean over frames of their absolute difference
+    (ISIM alone rewards a still video: the truth's falls as its object moves away)."""
+    return float(np.mean(np.abs(np.asarray(curve) - np.asarray(truth))))
+
+
 def _beyond_spread(row: dict, reference: dict | None, match: str, key: str) -> bool:
     """Whether ``row``'s figure differs from ``reference``'s by more than both spreads (their seeds'
     ranges do not overlap)."""
@@ -281,16 +303,19 @@ def _beyond_spread(row: dict, reference: dict | None, match: str, key: str) -> b
     return a["low"] > b["high"] or a["high"] < b["low"]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], truth: dict | None = None) -> str:
     """One table per colour match: mean (lowest-highest seed) per figure; a figure in bold differs
-    from :data:`REFERENCE`'s by more than both spreads; then parameters, step and training time."""
+    from :data:`REFERENCE`'s by more than both spreads; then parameters, step and training time;
+    ``truth`` (its ``summary``), the test clips through the VAE, last in each."""
     reference = next((r for r in rows if r["variant"] == REFERENCE), None)
-    seeds = len(rows[0]["seeds"]) if rows else 0
+    seeds = max((len(r["seeds"]) for r in rows), default=0)
+    untrained = [r["variant"] for r in rows if VARIANTS[r["variant"]] is None]
+    one_run = f" ({', '.join(untrained)}: one run, it trains nothing)" if untrained and seeds > 1 else ""
     parts = []
     for match in COLOUR_MATCHES:
         lines = [
-            f"Colour match {match}; mean over {seeds} training seed(s), in brackets the lowest and highest "
-            f"seed; **bold**: beyond both spreads from '{REFERENCE}'.",
+            f"Colour match {match}; mean over {seeds} training seed(s){one_run}, in brackets the lowest and "
+            f"highest seed; **bold**: beyond both spreads from '{REFERENCE}'.",
             "",
             "| variant | "
             + " | ".join(header for _, header, _ in COLUMNS)
@@ -305,5 +330,8 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(f"**{text}**" if _beyond_spread(row, reference, match, key) else text)
             costs = [f"{row['parameters']:,}", f"{row['step_s']:.2f} s", f"{row['train_s'] / 60:.1f} min"]
             lines.append(f"| {row['variant']} | " + " | ".join(cells + costs) + " |")
+        if truth is not None:
+            cells = [fmt.format(truth["summary"][key]) for key, _, fmt in COLUMNS]
+            lines.append(f"| {TRUTH} | " + " | ".join(cells + ["-"] * 3) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

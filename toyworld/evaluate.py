@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lookback_core.atomic import write_image, write_text
 from lookback_core.image_prep import to_uint8_frames
-from lookback_core.latents import latent_scale
+from lookback_core.latents import encode_latents, latent_scale
 from lookback_core.long_video import resolve_chunking
 from lookback_core.metrics import isim_curve, isim_summary, latent_features
 from lookback_core.pipeline import decode_latents, generate_latents
@@ -355,6 +355,23 @@ def measure(
     return EvalReport(
         description, settings, results, seeds, [round(float(v), 5) for v in curve], frames, split=split
     )
+
+
+@torch.no_grad()
+def vae_round_trip(vae: torch.nn.Module, clip: world.ToyClip, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The truth as a model at its best could give it (a :data:`ClipGenerator`; ``seed`` unused):
+    ``clip``'s own frames encoded by ``vae`` and decoded again, and their scaled latents: the
+    reference every generated video's figures are read against (a moving object lowers ISIM)."""
+    pixels = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float() / 255
+    latents = encode_latents(vae, pixels * 2 - 1).permute(1, 0, 2, 3)  # [c, f, h/8, w/8]
+    return to_uint8_frames(decode_latents(vae, latents[None])[0]), latents
+
+
+def truth_report(checkpoint: str | os.PathLike, clips: int, *, split: str = "validation") -> EvalReport:
+    """:func:`vae_round_trip`'s figures on ``clips`` clips of ``split``, through ``checkpoint``'s VAE."""
+    vae = load_sd15(checkpoint).vae
+    generate = functools.partial(vae_round_trip, vae)
+    return measure(generate, "truth through the VAE", SamplerSettings(), clips, split=split, progress=False)
 
 
 def markdown_table(reports: list[EvalReport]) -> str:
