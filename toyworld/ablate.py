@@ -267,14 +267,13 @@ def _row(name: str, runs: list[dict], truth_isim: list[float]) -> dict:
     each run's ISIM gap to the truth's curve ``truth_isim``."""
     figures = {}
     for match in COLOUR_MATCHES:
+        summaries = [
+            {**r["summary"][match], "isim_truth_gap": _isim_gap(r["curves"][match]["isim"], truth_isim)}
+            for r in runs
+        ]
         figures[match] = {}
-        for key in [*runs[0]["summary"][match], "isim_truth_gap"]:
-            values = [
-                _isim_gap(r["curves"][match]["isim"], truth_isim)
-                if key == "isim_truth_gap"
-                else r["summary"][match][key]
-                for r in runs
-            ]
+        for key in summaries[0]:
+            values = [summary[key] for summary in summaries]
             figures[match][key] = {"mean": float(np.mean(values)), "low": min(values), "high": max(values)}
     curves = {
         match: {kind: np.mean([r["curves"][match][kind] for r in runs], axis=0).round(4).tolist() for kind in ("isim", "drift")}

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from lookback_core.atomic import write_image, write_text
 from lookback_core.image_prep import to_uint8_frames
-from lookback_core.latents import encode_latents, latent_scale
+from lookback_core.latents import latent_scale
 from lookback_core.long_video import resolve_chunking
 from lookback_core.metrics import isim_curve, isim_summary, latent_features
-from lookback_core.pipeline import decode_latents, generate_latents
+from lookback_core.pipeline import decode_latents, encode_image_latent, generate_latents
 from lookback_core.prompts import encode_prompt
 from lookback_core.sampler import SamplerSettings, resolve_settings
 from lookback_core.sd15 import SD15Components, load_sd15
@@ -363,13 +363,13 @@ def vae_round_trip(vae: torch.nn.Module, clip: world.ToyClip, seed: int) -> tupl
     ``clip``'s own frames encoded by ``vae`` and decoded again, and their scaled latents: the
     reference every generated video's figures are read against (a moving object lowers ISIM)."""
     pixels = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float() / 255
-    latents = encode_latents(vae, pixels * 2 - 1).permute(1, 0, 2, 3)  # [c, f, h/8, w/8]
+    latents = encode_image_latent(vae, pixels).permute(1, 0, 2, 3)  # [c, f, h/8, w/8]
     return to_uint8_frames(decode_latents(vae, latents[None])[0]), latents
 
 
 def truth_report(checkpoint: str | os.PathLike, clips: int, *, split: str = "validation") -> EvalReport:
     """:func:`vae_round_trip`'s figures on ``clips`` clips of ``split``, through ``checkpoint``'s VAE."""
-    vae = load_sd15(checkpoint).vae
+    vae = load_sd15(checkpoint, text_encoder=False).vae
     generate = functools.partial(vae_round_trip, vae)
     return measure(generate, "truth through the VAE", SamplerSettings(), clips, split=split, progress=False)
 
